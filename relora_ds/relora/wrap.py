@@ -1,0 +1,84 @@
+"""Swap nn.Linear modules for ReLoRALinear by name pattern, and back (merged) for export."""
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from relora_ds.relora import functional
+from relora_ds.relora.layer import ReLoRALinear
+
+# LLaMA's attention and MLP projections; embeddings, norms and lm_head are never matched.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _matches(name: str, patterns) -> bool:
+    """A pattern matches a module's last name component exactly, or its full dotted name by glob."""
+    leaf = name.rsplit(".", 1)[-1]
+    return any(leaf == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+         target_modules=DEFAULT_TARGETS, trainable_scaling: bool = False, kernels: str = "auto",
+         seed: int = 0) -> list[str]:
+    """Replace every nn.Linear whose name matches `target_modules` with a ReLoRALinear.
+
+    W (and bias) become frozen; A is drawn from `restart_generator(seed, 0, name)` so every rank
+    wraps identically; B is zero, so the model's output is unchanged. All other parameters keep
+    their requires_grad. Returns the wrapped module names, in model order.
+    """
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear)
+               and _matches(name, target_modules)]
+    if not targets:
+        raise ValueError(f"relora.target_modules {list(target_modules)} matched no nn.Linear in the model")
+    for name in targets:
+        linear = model.get_submodule(name)
+        if linear.weight.shape[0] < rank and linear.weight.shape[1] < rank:
+            raise ValueError(f"relora.rank {rank} is larger than both dims of {name} {tuple(linear.weight.shape)}")
+        module = ReLoRALinear.from_linear(linear, rank, alpha, dropout, trainable_scaling, kernels,
+                                          generator=functional.restart_generator(seed, 0, name))
+        _set_submodule(model, name, module)
+    return targets
+
+
+def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:
+    """Name → ReLoRALinear for every wrapped layer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ReLoRALinear)}
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """Full parameter names of every lora_A and lora_B (what the optimizer reset prunes)."""
+    names = []
+    for name in relora_modules(model):
+        names += [f"{name}.lora_A", f"{name}.lora_B"]
+    return names
+
+
+@torch.no_grad()
+def merge_and_reinit(model: nn.Module, *, seed: int, restart_index: int) -> float:
+    """Single-process restart of every wrapped layer; returns the total norm of the merged updates.
+
+    A is drawn from `restart_generator(seed, restart_index, name)`; restart_index starts at 1
+    (index 0 is the wrap-time draw).
+    """
+    total = 0.0
+    for name, module in relora_modules(model).items():
+        norm = module.merge_and_reinit(functional.restart_generator(seed, restart_index, name))
+        total += norm * norm
+    return total ** 0.5
+
+
+@torch.no_grad()
+def unwrap(model: nn.Module) -> list[str]:
+    """Replace every ReLoRALinear by a plain nn.Linear holding W + s*B*A. Returns the names."""
+    names = list(relora_modules(model))
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).merged_linear())
+    return names
