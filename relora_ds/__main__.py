@@ -1,0 +1,5 @@
+import sys
+
+from relora_ds.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""`relora-ds` — one console script, several subcommands (also `python -m relora_ds`).
+
+    relora-ds train --config RUN.yaml [--deepspeed_config DS.json] [--set key=value ...]
+    relora-ds validate-config RUN.yaml [--set key=value ...]
+    relora-ds tokenizer train --files a.jsonl b.txt --out DIR [--vocab-size 8192]
+    relora-ds pretokenize --source FILES --out DIR [--tokenizer DIR] [--seq-len 256]
+    relora-ds export CHECKPOINT --out DIR
+    relora-ds eval CHECKPOINT_OR_MODEL_DIR [--source sotu --split validation]
+    relora-ds demo
+"""
+
+import argparse
+import os
+import sys
+
+from relora_ds.train import add_train_arguments, run_train
+
+
+def project_errors() -> tuple:
+    """The error classes whose message is the whole story: print one line, exit 2, no traceback."""
+    from relora_ds.config import ConfigError
+    from relora_ds.data import DataError
+    from relora_ds.engine.checkpoint import CheckpointError
+    from relora_ds.engine.ds_config import DSConfigError
+    from relora_ds.trainer import RunError
+
+    return ConfigError, DataError, CheckpointError, DSConfigError, RunError
+
+
+def run_guarded(fn, args) -> int:
+    try:
+        return fn(args)
+    except project_errors() as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+# --- subcommands ------------------------------------------------------------------------------------------
+
+def cmd_validate_config(args) -> int:
+    from relora_ds.config import load_config
+
+    cfg = load_config(args.file, args.overrides)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from relora_ds.data.tokenize import train_tokenizer
+
+    out = train_tokenizer(args.files, args.out, vocab_size=args.vocab_size, text_column=args.text_column)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
+def cmd_pretokenize(args) -> int:
+    from relora_ds.data.pretokenize import pretokenize
+    from relora_ds.data.tokenize import load_tokenizer
+
+    manifest = pretokenize(args.source, args.out, tokenizer=load_tokenizer(args.tokenizer), seq_len=args.seq_len,
+                           format=args.format, text_column=args.text_column, split=args.split,
+                           hub_config=args.hub_config, streaming=args.streaming, max_tokens=args.max_tokens)
+    print(f"{manifest['num_sequences']} sequences of {manifest['seq_len']} tokens "
+          f"({manifest['num_tokens']} tokens) written to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from relora_ds.export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"exported a Hugging Face model to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def load_any_model(path: str):
+    """(model, tokenizer name) from a relora-ds checkpoint or an exported/HF model dir."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from relora_ds.model.hf import load_pretrained
+
+        return load_pretrained(path, attn_implementation="sdpa"), path
+    from relora_ds.export import load_checkpoint_model
+
+    model, cfg, _ = load_checkpoint_model(path)
+    return model, cfg.data.tokenizer
+
+
+def evaluate_model(model, tokenizer_name, *, source, split, seq_len, batch_size, max_batches, fmt="auto",
+                   text_column="text") -> dict:
+    """Held-out loss and perplexity of a plain model on `source`/`split` (single process)."""
+    import torch
+
+    from relora_ds.data import loader
+    from relora_ds.data.tokenize import load_tokenizer
+    from relora_ds.trainer import evaluate
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    dataset = loader.build_dataset(source, tokenizer=tokenizer, seq_len=seq_len, format=fmt,
+                                   text_column=text_column, split=split)
+    batches = loader.eval_batches(dataset, micro_batch_size=batch_size, max_batches=max_batches, rank=0,
+                                  world_size=1)
+    with torch.no_grad():
+        return evaluate(model, batches)
+
+
+def cmd_eval(args) -> int:
+    model, tokenizer_name = load_any_model(args.model)
+    result = evaluate_model(model, args.tokenizer or tokenizer_name, source=args.source, split=args.split,
+                            seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
+                            fmt=args.format, text_column=args.text_column)
+    print(f"held-out loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+          f"({args.source}:{args.split}, {args.max_batches} batches of {args.batch_size}x{args.seq_len})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train the tiny LLaMA on the shipped SOTU corpus with warm start → ReLoRA, evaluate, export."""
+    import time
+
+    from relora_ds.config import load_config
+    from relora_ds.trainer import train
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = args.output_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    overrides = [f"train.output_dir={out}"] + list(args.overrides)
+    cfg = load_config(os.path.join(here, "configs", "demo.yaml"), overrides)
+    if not os.path.isabs(cfg.train.deepspeed_config) and not os.path.isfile(cfg.train.deepspeed_config):
+        cfg.train.deepspeed_config = os.path.join(here, "..", cfg.train.deepspeed_config)
+    started = time.time()
+    summary = train(cfg)
+    summary["engine"].destroy()
+    export_dir = os.path.join(out, "export")
+    from relora_ds.export import export
+
+    export(summary["checkpoint"], export_dir)
+    first, last = summary["evals"][0], summary["evals"][-1]
+    print()
+    print(f"demo finished in {time.time() - started:.0f} s: {summary['step']} steps, "
+          f"{len(summary['restarts'])} ReLoRA restarts after {cfg.relora.warm_start_steps} warm-start steps")
+    print(f"held-out perplexity (SOTU 2000-2021): {first['perplexity']:.1f} at step {first['step']} -> "
+          f"{last['perplexity']:.1f} at step {last['step']}")
+    for what, path in (("run directory", out), ("metrics", os.path.join(out, "metrics.jsonl")),
+                       ("loss plot", os.path.join(out, "loss.png")), ("checkpoint", summary["checkpoint"]),
+                       ("exported model", export_dir)):
+        print(f"  {what:15s} {path}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relora-ds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (single process, torchrun, or under the deepspeed launcher)")
+    add_train_arguments(p)
+    p.set_defaults(fn=run_train)
+
+    p = sub.add_parser("validate-config", help="print the resolved run config, or its errors (exit 2)")
+    p.add_argument("file", help="run config (YAML/JSON)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set relora.rank=64 (repeatable)")
+    p.set_defaults(fn=cmd_validate_config)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tok.add_parser("train", help="train a byte-level BPE tokenizer on local text and save it as an HF dir")
+    t.add_argument("--files", nargs="+", required=True, help="local json/jsonl(.gz)/txt/parquet files")
+    t.add_argument("--out", required=True, help="output directory (an HF tokenizer dir)")
+    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
+    t.add_argument("--text-column", default="text", help="text field of json/parquet records (default text)")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+    p = sub.add_parser("pretokenize", help="tokenize + pack a dataset to disk with a manifest")
+    p.add_argument("--source", required=True, help="'sotu', local file/dir/glob, or a datasets hub name")
+    p.add_argument("--out", required=True, help="output directory (tokens + manifest.json)")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer dir or hub name (default: the shipped SOTU one)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (default 256)")
+    p.add_argument("--format", default="auto", choices=("auto", "json", "text", "parquet", "hub"),
+                   help="input format (default: from the file names)")
+    p.add_argument("--text-column", default="text", help="text field (default text)")
+    p.add_argument("--split", default="train", help="split to read (default train)")
+    p.add_argument("--hub-config", default=None, help="datasets config name for hub datasets")
+    p.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.set_defaults(fn=cmd_pretokenize)
+
+    p = sub.add_parser("export", help="merge adapters and write a plain HF LlamaForCausalLM (safetensors)")
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step_* checkpoint dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="held-out perplexity of a checkpoint or an exported model")
+    p.add_argument("model", help="a relora-ds checkpoint (run dir / step_* dir) or an HF model dir")
+    p.add_argument("--source", default="sotu", help="data source (default: the shipped SOTU corpus)")
+    p.add_argument("--split", default="validation", help="split (default validation)")
+    p.add_argument("--format", default="auto", help="data format (default auto)")
+    p.add_argument("--text-column", default="text", help="text field (default text)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the run's / the model dir's)")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--max-batches", type=int, default=50, help="number of batches (default 50)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="CPU demo: tiny LLaMA on the shipped SOTU corpus, warm start -> ReLoRA")
+    p.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of relora_ds/configs/demo.yaml (repeatable)")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

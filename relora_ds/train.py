@@ -1,0 +1,62 @@
+"""`deepspeed --module relora_ds.train --config RUN.yaml --deepspeed_config ds_configs/X.json [--set k=v ...]`.
+
+Also what `relora-ds train` and `torchrun -m relora_ds.train` run. Accepts the launcher's --local_rank.
+"""
+
+import argparse
+import sys
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="RUN.yaml", default=None,
+                        help="run config (YAML/JSON); defaults apply to every field it leaves out")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", metavar="DS.json", default=None,
+                        help="DeepSpeed JSON (batch sizes, precision, ZeRO, optimizer); overrides "
+                             "train.deepspeed_config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set relora.rank=64 (repeatable)")
+    parser.add_argument("--output_dir", "--output-dir", default=None, help="overrides train.output_dir")
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its "
+                        "latest complete checkpoint (sets train.resume=true)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the rank comes from the environment")
+
+
+def config_from_args(args):
+    from relora_ds.config import load_config
+
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append("train.resume=true")
+    return load_config(args.config, overrides)
+
+
+def run_train(args) -> int:
+    import os
+
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    cfg = config_from_args(args)
+    from relora_ds import trainer
+
+    summary = trainer.train(cfg)
+    summary["engine"].destroy()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="relora_ds.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    from relora_ds.cli import run_guarded
+
+    return run_guarded(run_train, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

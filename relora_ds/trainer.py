@@ -1,0 +1,290 @@
+"""The training loop: build → deepspeed.initialize → step → restart / eval / log / checkpoint.
+
+Reads top to bottom: `train(cfg)` sets up, then one loop over optimizer steps. Everything DeepSpeed-
+specific sits in relora_ds/engine/; the ReLoRA math in relora_ds/relora/.
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from relora_ds import dist
+from relora_ds.config import RunConfig
+from relora_ds.data import loader as data_loader
+from relora_ds.data.tokenize import load_tokenizer
+from relora_ds.engine import checkpoint, ds_config as dsc, runtime
+from relora_ds.engine.restart import relora_restart
+from relora_ds.metrics import Metrics
+from relora_ds.model.llama import build_model
+from relora_ds.plots import plot_loss
+from relora_ds.relora.wrap import wrap
+from relora_ds.schedule import multiplier_from_config
+
+
+class RunError(ValueError):
+    """A run that cannot start (output dir, checkpoint, data/model mismatch); one line."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resume needs; identical on every rank."""
+
+    step: int = 0                  # optimizer steps done
+    restart_index: int = 0         # merges done (A's generator index of the last draw)
+    wrapped: bool = False          # ReLoRA layers in place (after the warm-start switch)
+    relora_start: int = 0          # step at which ReLoRA started (S)
+    tokens_seen: int = 0
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- schedule of restarts ---------------------------------------------------------------------------
+
+def restart_action(cfg: RunConfig, state: TrainState) -> tuple[bool, bool]:
+    """(merge, reset) for the step about to run: merges every merge_every, resets every reset_every."""
+    if cfg.relora.mode != "relora" or not state.wrapped:
+        return False, False
+    since = state.step - state.relora_start
+    if since <= 0 or since % cfg.relora.merge_every:
+        return False, False
+    return True, since % cfg.relora.reset_every == 0
+
+
+def next_restart(cfg: RunConfig, state: TrainState) -> int | None:
+    if cfg.relora.mode != "relora":
+        return None
+    if not state.wrapped:
+        return cfg.relora.warm_start_steps
+    since = state.step - state.relora_start
+    return state.relora_start + (since // cfg.relora.merge_every + 1) * cfg.relora.merge_every
+
+
+# --- building blocks ----------------------------------------------------------------------------------
+
+def build_fresh_model(cfg: RunConfig, vocab_size: int):
+    if cfg.model.init_from:
+        from relora_ds.model.hf import load_pretrained
+
+        return load_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
+    return build_model(cfg.model.preset, vocab_size, attn_implementation=cfg.model.attn_implementation,
+                       seed=cfg.train.seed)
+
+
+def wrap_model(cfg: RunConfig, model) -> list[str]:
+    r = cfg.relora
+    return wrap(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
+                trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=cfg.train.seed)
+
+
+def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
+    """Warm start → ReLoRA in the same run: carry the full-rank weights into a wrapped model and a new engine.
+
+    The new optimizer covers the adapters (+ embeddings, norms, head) and starts fresh (algorithm.md).
+    """
+    full_state = runtime.gather_full_state(engine)
+    engine.destroy()
+    model = build_fresh_model(cfg, vocab_size)
+    model.load_state_dict(full_state)
+    wrap_model(cfg, model)
+    return runtime.make_engine(model, ds_config)
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[dict]) -> dict:
+    """Mean held-out loss over `batches` (this rank's share), averaged over ranks; and perplexity."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        loss = engine(**_move(batch, engine.device)).loss
+        total += torch.tensor([loss.item() * batch["input_ids"].numel(), batch["input_ids"].numel()],
+                              dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        import torch.distributed as tdist
+
+        tdist.all_reduce(total)
+    loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    tdist.all_reduce(t)
+    return t.item() / dist.world_size()
+
+
+def prepare_output_dir(cfg: RunConfig) -> str | None:
+    """Refuse a directory holding another run unless resuming; return the tag to resume from (or None)."""
+    out = cfg.train.output_dir
+    has_run = os.path.isfile(os.path.join(out, "config.yaml"))
+    if cfg.train.resume:
+        return checkpoint.find_checkpoint(out)
+    if has_run:
+        raise RunError(f"{out}: holds another run (config.yaml exists); choose a new train.output_dir or set "
+                       f"train.resume=true to continue it")
+    return None
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+def train(cfg: RunConfig) -> dict:
+    """Run training as configured; returns a summary (final step, losses, eval results, paths)."""
+    runtime.init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    resume_tag = prepare_output_dir(cfg)
+    dist.barrier()
+    out = cfg.train.output_dir
+    ckpt_dir = os.path.join(out, "checkpoints")
+
+    ds_config = dsc.reconcile(dsc.load_ds_config(cfg.train.deepspeed_config), lr=cfg.schedule.lr,
+                              world_size=world, max_grad_norm=cfg.train.max_grad_norm,
+                              source=cfg.train.deepspeed_config)
+    micro_bs, grad_accum = dsc.micro_batch_size(ds_config), dsc.grad_accum_steps(ds_config)
+
+    # Data and tokenizer.
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    vocab_size = cfg.model.vocab_size or len(tokenizer)
+    if len(tokenizer) > vocab_size:
+        raise RunError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary "
+                       f"({len(tokenizer)} tokens, data.tokenizer); raise it or leave it unset")
+    train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=os.path.join(out, "cache"))
+    val_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="validation", cache_dir=os.path.join(out, "cache"))
+    batches = data_loader.DistributedBatches(train_set, micro_batch_size=micro_bs, rank=rank, world_size=world,
+                                             seed=cfg.train.seed)
+    eval_set = (data_loader.eval_batches(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
+                                         rank=rank, world_size=world) if val_set is not None else [])
+
+    # Model, adapters, engine.
+    state = TrainState()
+    start_tag = resume_tag or (checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)
+                               if cfg.relora.warm_start_checkpoint else None)
+    saved = checkpoint.read_state(start_tag) if start_tag else None
+    if saved is not None and not resume_tag:  # ReLoRA from a saved full-rank checkpoint
+        if saved["wrapped"]:
+            raise RunError(f"relora.warm_start_checkpoint {start_tag}: is already a ReLoRA checkpoint; "
+                           f"use train.resume to continue it")
+        if cfg.relora.warm_start_steps == 0:
+            cfg.relora.warm_start_steps = saved["step"]
+        elif cfg.relora.warm_start_steps != saved["step"]:
+            raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
+                           f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
+    model = build_fresh_model(cfg, vocab_size)
+    if cfg.data.seq_len > model.config.max_position_embeddings:
+        raise RunError(f"data.seq_len {cfg.data.seq_len} is longer than model.preset {cfg.model.preset!r} supports "
+                       f"({model.config.max_position_embeddings} positions)")
+    if saved is not None and resume_tag and saved["wrapped"]:
+        wrap_model(cfg, model)
+    elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:
+        wrap_model(cfg, model)
+    engine = runtime.make_engine(model, ds_config)
+    if saved is not None:
+        checkpoint.load(engine, start_tag, module_only=not resume_tag)
+        state = TrainState(**{k: saved[k] for k in TrainState().to_dict()})
+        batches.load_state_dict(state.data)
+    state.wrapped = any(n.endswith("lora_A") for n, _ in engine.module.named_parameters())
+
+    lr_multiplier = multiplier_from_config(cfg)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        cfg.save(os.path.join(out, "config.yaml"))
+        import json
+
+        with open(os.path.join(out, "ds_config.json"), "w") as f:
+            json.dump(ds_config, f, indent=2)
+    metrics = Metrics(out, total_steps=cfg.train.total_steps, rank=rank, every=cfg.log.every,
+                      progress=cfg.log.progress, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                      wandb_entity=cfg.log.wandb_entity, run_name=cfg.log.run_name, tags=cfg.log.tags,
+                      tensorboard=cfg.log.tensorboard, config=cfg.to_dict())
+    if resume_tag:
+        metrics.truncate_after(state.step)
+    tokens_per_step = micro_bs * grad_accum * world * cfg.data.seq_len
+    summary = {"evals": [], "losses": {}, "restarts": []}
+
+    def run_eval():
+        if not eval_set:
+            return
+        result = evaluate(engine, eval_set)
+        metrics.log_event("eval", state.step, **result)
+        summary["evals"].append({"step": state.step, **result})
+        if rank == 0:
+            plot_loss(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+
+    def save_checkpoint():
+        state.data = batches.state_dict()
+        tag_dir = checkpoint.save(engine, ckpt_dir, step=state.step, keep_last=cfg.checkpoint.keep_last,
+                                  state={**state.to_dict(), "config": cfg.to_dict()})
+        metrics.log_event("checkpoint", state.step, path=tag_dir)
+
+    if state.step == 0 and cfg.train.eval_every > 0:
+        run_eval()
+    last_log_step, last_log_time = state.step, time.perf_counter()
+    data_iter = iter(batches)
+    while state.step < cfg.train.total_steps:
+        # Warm start → ReLoRA (also when resuming from, or starting at, the switch step).
+        if cfg.relora.mode != "full" and not state.wrapped and state.step >= cfg.relora.warm_start_steps:
+            engine = switch_to_relora(cfg, engine, ds_config, vocab_size)
+            state.wrapped, state.relora_start = True, state.step
+            metrics.log_event("switch", state.step)
+
+        merge, reset = restart_action(cfg, state)
+        if merge:
+            state.restart_index += 1
+            record = relora_restart(engine, restart_index=state.restart_index, step=state.step,
+                                    seed=cfg.train.seed, merge=True, reset_optimizer=reset,
+                                    method=cfg.relora.optimizer_reset, ratio=cfg.relora.prune_ratio,
+                                    zero3_merge=cfg.relora.zero3_merge)
+            metrics.log_event("restart", state.step, **record.to_dict())
+            summary["restarts"].append(record.to_dict())
+
+        lr = cfg.schedule.lr * lr_multiplier(state.step)
+        runtime.set_lr(engine, lr)
+        loss_sum = 0.0
+        for _ in range(grad_accum):
+            batch = _move(next(data_iter), engine.device)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        local_loss = loss_sum / grad_accum
+        if not math.isfinite(local_loss):
+            raise FloatingPointError(f"loss is {local_loss} at step {state.step}; lower schedule.lr or check "
+                                     f"relora.prune_ratio / schedule.restart_warmup_steps")
+
+        if state.step % cfg.log.every == 0 or state.step == cfg.train.total_steps:
+            loss_value = _mean_over_ranks(local_loss)
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * (state.step - last_log_step) / max(now - last_log_time, 1e-9)
+            metrics.log_step(state.step, loss=loss_value, lr=lr, tokens_seen=state.tokens_seen,
+                             tokens_per_s=tokens_per_s, next_restart=next_restart(cfg, state))
+            summary["losses"][state.step] = loss_value
+            last_log_step, last_log_time = state.step, now
+        if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
+            run_eval()
+        if cfg.checkpoint.every > 0 and state.step % cfg.checkpoint.every == 0:
+            save_checkpoint()
+
+    if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every != 0:
+        run_eval()
+    if cfg.checkpoint.save_final and (cfg.checkpoint.every == 0 or state.step % cfg.checkpoint.every != 0):
+        save_checkpoint()
+    if rank == 0:
+        plot_loss(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    metrics.close()
+    summary.update(step=state.step, output_dir=out, checkpoint=checkpoint.find_checkpoint(ckpt_dir)
+                   if checkpoint.complete_tags(ckpt_dir) else None, engine=engine)
+    return summary
