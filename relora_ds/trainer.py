@@ -142,6 +142,7 @@ def prepare_output_dir(cfg: RunConfig) -> str | None:
 
 def train(cfg: RunConfig) -> dict:
     """Run training as configured; returns a summary (final step, losses, eval results, paths)."""
+    cfg = cfg.resolved()
     runtime.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     resume_tag = prepare_output_dir(cfg)

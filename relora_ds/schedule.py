@@ -1,0 +1,152 @@
+"""The learning-rate multiplier λ(t) on the peak LR: warm-up, cosine to a floor, ReLoRA's jagged restarts.
+
+Notation (reference/algorithm.md): t step (0 where training starts), N total steps, W0 first warm-up,
+Wr restart warm-up, C cycle length (relora.reset_every), m min LR ratio, S restart offset
+(relora.warm_start_steps), env(p) = m + (1 − m)·½(1 + cos πp) with p clipped to [0, 1].
+
+    t < W0:                      λ = t / W0
+    t_r <= t < t_r + Wr:         λ = (t − t_r)/Wr · env((t_r + Wr − W0) / (N − W0))
+    otherwise:                   λ = env((t − W0) / (N − W0))
+
+Restart points t_r = S + k·C > 0 (k >= 0): the switch to adapters at S starts a fresh optimizer, so it
+re-warms too. With S = 0 this is exactly the authors' jagged cosine. Pure python; torch only in
+make_lambda_lr.
+"""
+
+import functools
+import math
+from typing import Callable
+
+from relora_ds.config import SCHEDULE_KINDS, RunConfig
+
+
+def check_schedule(*, total_steps: int, warmup_steps: int, restart_warmup_steps: int = 0,
+                   cycle_length: int | None = None, min_lr_ratio: float = 0.1, restart_offset: int = 0,
+                   kind: str = "jagged_cosine") -> None:
+    """Raise ValueError naming the first impossible setting (C <= Wr, W0 > C, N <= W0, ...)."""
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule kind must be one of {', '.join(SCHEDULE_KINDS)}, got {kind!r}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if restart_warmup_steps < 0:
+        raise ValueError(f"restart_warmup_steps must be >= 0, got {restart_warmup_steps}")
+    if restart_offset < 0:
+        raise ValueError(f"restart_offset must be >= 0, got {restart_offset}")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if total_steps <= warmup_steps:
+        raise ValueError(f"total_steps (N={total_steps}) must be > warmup_steps (W0={warmup_steps})")
+    if kind != "jagged_cosine":
+        return
+    if cycle_length is not None:
+        if cycle_length < 1:
+            raise ValueError(f"cycle_length must be >= 1, got {cycle_length}")
+        if cycle_length <= restart_warmup_steps:
+            raise ValueError(f"cycle_length (C={cycle_length}) must be > restart_warmup_steps "
+                             f"(Wr={restart_warmup_steps})")
+        if warmup_steps > cycle_length:
+            raise ValueError(f"warmup_steps (W0={warmup_steps}) must be <= cycle_length (C={cycle_length})")
+    if 0 < restart_offset < warmup_steps:
+        raise ValueError(f"restart_offset (S={restart_offset}) must be 0 or >= warmup_steps (W0={warmup_steps})")
+
+
+def envelope(progress: float, min_lr_ratio: float) -> float:
+    """env(p) = m + (1 − m)·½(1 + cos πp), p clipped to [0, 1]."""
+    p = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def last_restart(step: int, cycle_length: int | None, restart_offset: int = 0) -> int | None:
+    """The latest restart point t_r <= step (t_r = S + k·C > 0), or None before the first one.
+
+    cycle_length None: the only restart point is S itself (when S > 0)."""
+    if step < restart_offset:
+        return None
+    if cycle_length is None:
+        t_r = restart_offset
+    else:
+        t_r = restart_offset + (step - restart_offset) // cycle_length * cycle_length
+    return t_r if t_r > 0 else None
+
+
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, restart_warmup_steps: int = 0,
+                  cycle_length: int | None = None, min_lr_ratio: float = 0.1, restart_offset: int = 0,
+                  kind: str = "jagged_cosine") -> float:
+    """λ(step). kind "cosine": warm-up + cosine, no restarts; "constant": warm-up then 1.0.
+
+    cycle_length None with restart_offset 0: no restarts (plain warm-up + cosine). Steps past
+    total_steps stay on the floor m (no restarts there)."""
+    check_schedule(total_steps=total_steps, warmup_steps=warmup_steps, restart_warmup_steps=restart_warmup_steps,
+                   cycle_length=cycle_length, min_lr_ratio=min_lr_ratio, restart_offset=restart_offset, kind=kind)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup_steps:
+        return step / warmup_steps
+    if kind == "constant":
+        return 1.0
+    decay_steps = total_steps - warmup_steps
+    if kind == "jagged_cosine":
+        t_r = last_restart(step, cycle_length, restart_offset)
+        if t_r is not None and t_r < total_steps and step - t_r < restart_warmup_steps:
+            target = envelope((t_r + restart_warmup_steps - warmup_steps) / decay_steps, min_lr_ratio)
+            return (step - t_r) / restart_warmup_steps * target
+    return envelope((step - warmup_steps) / decay_steps, min_lr_ratio)
+
+
+def restart_points(total_steps: int, cycle_length: int | None, restart_offset: int = 0) -> list[int]:
+    """The LR restart points in [1, total_steps): S + k·C > 0 for k >= 0 (cycle_length None: just S)."""
+    if cycle_length is not None and cycle_length < 1:
+        raise ValueError(f"cycle_length must be >= 1, got {cycle_length}")
+    if restart_offset < 0:
+        raise ValueError(f"restart_offset must be >= 0, got {restart_offset}")
+    if cycle_length is None:
+        return [restart_offset] if 0 < restart_offset < total_steps else []
+    return [t for t in range(restart_offset, total_steps, cycle_length) if t > 0]
+
+
+def merge_points(total_steps: int, merge_every: int, restart_offset: int = 0) -> list[int]:
+    """Steps in [1, total_steps) before which ReLoRA merges: S + k·merge_every for k >= 1.
+
+    At S itself the adapters are created, not merged. The optimizer reset happens at the merge points
+    that are also restart points (merge_every divides reset_every; equal by default)."""
+    if merge_every < 1:
+        raise ValueError(f"merge_every must be >= 1, got {merge_every}")
+    if restart_offset < 0:
+        raise ValueError(f"restart_offset must be >= 0, got {restart_offset}")
+    return list(range(restart_offset + merge_every, total_steps, merge_every))
+
+
+def schedule_kwargs(cfg: RunConfig) -> dict:
+    """lr_multiplier's keyword arguments for a run: full → no restarts; lora → only the switch at
+    S = warm_start_steps (if S > 0); relora → cycle reset_every from offset S."""
+    r = cfg.relora
+    return dict(
+        total_steps=cfg.train.total_steps,
+        warmup_steps=cfg.schedule.warmup_steps,
+        restart_warmup_steps=cfg.schedule.restart_warmup_steps,
+        cycle_length=r.reset_every if r.mode == "relora" else None,
+        min_lr_ratio=cfg.schedule.min_lr_ratio,
+        restart_offset=0 if r.mode == "full" else r.warm_start_steps,
+        kind=cfg.schedule.kind,
+    )
+
+
+def multiplier_from_config(cfg: RunConfig) -> Callable[[int], float]:
+    """step → λ(step) for a run; raises ValueError now if the settings are impossible."""
+    kwargs = schedule_kwargs(cfg)
+    check_schedule(**kwargs)
+    return functools.partial(lr_multiplier, **kwargs)
+
+
+def make_lambda_lr(optimizer, fn: Callable[[int], float], last_step: int = -1):
+    """torch LambdaLR with lr = peak · fn(step). last_step = the last completed step (-1: fresh), so the
+    next update uses fn(last_step + 1); the groups' current "lr" must then be the peak LR (it becomes
+    "initial_lr" where that is missing), e.g. for the fresh optimizer made at the warm-start switch."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if last_step >= 0:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return LambdaLR(optimizer, lr_lambda=fn, last_epoch=last_step)
