@@ -94,6 +94,25 @@ def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
     return runtime.make_engine(model, ds_config)
 
 
+def build_datasets(cfg: RunConfig, tokenizer):
+    """(train, validation or None). Validation: data.validation_source if set; else the source's
+    validation split for the shipped corpus and hub datasets; else none (no eval)."""
+    d = cfg.data
+    cache_dir = os.path.join(cfg.train.output_dir, "cache")
+    common = dict(tokenizer=tokenizer, seq_len=d.seq_len, text_column=d.text_column, hub_config=d.hub_config,
+                  streaming=d.streaming, cache_dir=cache_dir)
+    train_set = data_loader.build_dataset(d.source, format=d.format, split=d.split, **common)
+    if d.validation_source:
+        val_set = data_loader.build_dataset(d.validation_source, format="auto", split=d.validation_split or "train",
+                                            **common)
+    elif d.source == "sotu" or d.format == "hub" or d.validation_split:
+        val_set = data_loader.build_dataset(d.source, format=d.format, split=d.validation_split or "validation",
+                                            **common)
+    else:
+        val_set = None
+    return train_set, val_set
+
+
 def _move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -161,8 +180,7 @@ def train(cfg: RunConfig) -> dict:
     if len(tokenizer) > vocab_size:
         raise RunError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({len(tokenizer)} tokens, data.tokenizer); raise it or leave it unset")
-    train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=os.path.join(out, "cache"))
-    val_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="validation", cache_dir=os.path.join(out, "cache"))
+    train_set, val_set = build_datasets(cfg, tokenizer)
     batches = data_loader.DistributedBatches(train_set, micro_batch_size=micro_bs, rank=rank, world_size=world,
                                              seed=cfg.train.seed)
     eval_set = (data_loader.eval_batches(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
@@ -211,6 +229,7 @@ def train(cfg: RunConfig) -> dict:
                       tensorboard=cfg.log.tensorboard, config=cfg.to_dict())
     if resume_tag:
         metrics.truncate_after(state.step)
+        metrics.log_event("resume", state.step, path=resume_tag)
     tokens_per_step = micro_bs * grad_accum * world * cfg.data.seq_len
     summary = {"evals": [], "losses": {}, "restarts": []}
 
@@ -247,7 +266,7 @@ def train(cfg: RunConfig) -> dict:
                                     seed=cfg.train.seed, merge=True, reset_optimizer=reset,
                                     method=cfg.relora.optimizer_reset, ratio=cfg.relora.prune_ratio,
                                     zero3_merge=cfg.relora.zero3_merge)
-            metrics.log_event("restart", state.step, **record.to_dict())
+            metrics.log_event("restart", state.step, **{k: v for k, v in record.to_dict().items() if k != "step"})
             summary["restarts"].append(record.to_dict())
 
         lr = cfg.schedule.lr * lr_multiplier(state.step)

@@ -1,0 +1,257 @@
+"""Run logging: a progress bar, `metrics.jsonl` (always), wandb and TensorBoard (optional).
+
+    with Metrics(run_dir, total_steps=1000, rank=rank, every=10) as metrics:
+        metrics.log_step(10, loss=4.2, lr=1e-3, tokens_seen=40960, tokens_per_s=5e3, next_restart=200)
+        metrics.log_event("restart", 200, restart=1, fraction_zeroed=0.99, merged_norm=1.3, seconds=0.4)
+
+Everything happens on global rank 0; on other ranks every method is a cheap no-op. wandb and
+TensorBoard are imported only when enabled. JSONL records: {"step", "time", ...values} for steps,
+{"event", "step", "time", ...values} for events.
+"""
+
+import json
+import numbers
+import os
+import sys
+import time
+
+EVENTS = ("switch", "restart", "eval", "checkpoint", "resume")
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _plain(value):
+    """A JSON-serialisable version of `value` (tensors and numpy scalars become Python numbers)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def _numeric(values: dict) -> dict:
+    """The finite-or-not numbers among `values` (what wandb and TensorBoard can plot)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def read_records(path: str) -> list[dict]:
+    """All records of a metrics.jsonl file, in order. Raises ValueError naming the line on corruption."""
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
+            records.append(record)
+    return records
+
+
+class Metrics:
+    """The logging sinks of one run. See the module docstring."""
+
+    def __init__(self, run_dir: str, *, total_steps: int, rank: int, every: int = 10, progress: bool = True,
+                 wandb: bool = False, wandb_project: str = "relora-ds", wandb_entity: str | None = None,
+                 run_name: str | None = None, tags=(), tensorboard: bool = False, config: dict | None = None):
+        if every < 1:
+            raise ValueError(f"log.every must be >= 1, got {every}")
+        if total_steps < 0:
+            raise ValueError(f"train.total_steps must be >= 0, got {total_steps}")
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.total_steps = total_steps
+        self.every = every
+        self.active = rank == 0
+        self._start_step = 0
+        self._file = None
+        self._bar = None
+        self._wandb_run = None
+        self._tb_writer = None
+        if not self.active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._file = open(self.path, "a")
+        self._progress = progress
+        name = run_name or os.path.basename(os.path.normpath(run_dir))
+        try:
+            if wandb:
+                self._wandb_run = self._start_wandb(wandb_project, wandb_entity, name, list(tags), config)
+            if tensorboard:
+                self._tb_writer = self._start_tensorboard()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- sinks ---------------------------------------------------------------------------------
+
+    def _start_wandb(self, project, entity, name, tags, config):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("log.wandb=true needs the wandb package: pip install 'relora-ds[wandb]'") from None
+        env_mode = os.environ.get("WANDB_MODE")
+        if env_mode == "disabled":
+            mode = "disabled"
+        elif not os.environ.get("WANDB_API_KEY") or env_mode == "offline":
+            mode = "offline"
+        else:
+            mode = "online"
+        # The run id is kept in the run dir so a resumed run continues the same wandb run.
+        id_path = os.path.join(self.run_dir, WANDB_ID_FILE)
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            with open(id_path, "w") as f:
+                f.write(run_id + "\n")
+        return wandb.init(project=project, entity=entity, name=name, tags=tags, config=config or {},
+                          dir=self.run_dir, id=run_id, resume="allow", mode=mode)
+
+    def _start_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("log.tensorboard=true needs the tensorboard package: "
+                             "pip install 'relora-ds[tensorboard]'") from None
+        return SummaryWriter(log_dir=os.path.join(self.run_dir, "tensorboard"))
+
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def _to_dashboards(self, prefix: str, step: int, values: dict) -> None:
+        numbers_only = {f"{prefix}/{k}": v for k, v in _numeric(values).items()}
+        if not numbers_only:
+            return
+        if self._wandb_run is not None:
+            self._wandb_run.log(numbers_only, step=step)
+        if self._tb_writer is not None:
+            for key, value in numbers_only.items():
+                self._tb_writer.add_scalar(key, value, step)
+
+    def _print(self, line: str) -> None:
+        """One line on stdout, above the progress bar (which lives on stderr)."""
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def _update_bar(self, step: int, values: dict) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=min(self._start_step, step), desc="train",
+                             unit="step", dynamic_ncols=True, file=sys.stderr)
+        self._bar.update(max(0, step - self._bar.n))
+        postfix = {}
+        for key, label, spec in (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("tokens_per_s", "tok/s", ".0f")):
+            if isinstance(values.get(key), (int, float)):
+                postfix[label] = format(values[key], spec)
+        if values.get("next_restart") is not None:
+            postfix["next restart"] = values["next_restart"]
+        self._bar.set_postfix(postfix, refresh=True)
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def log_step(self, step: int, **values) -> None:
+        """Record one training step: loss, lr, tokens_seen, tokens_per_s, grad_norm, next_restart, ...
+
+        The progress bar moves on every call; the JSONL/wandb/TensorBoard record is written when `step`
+        is a multiple of `every` or the last step.
+        """
+        if not self.active:
+            return
+        values = {k: _plain(v) for k, v in values.items()}
+        if self._progress:
+            self._update_bar(step, values)
+        if step % self.every != 0 and step != self.total_steps:
+            return
+        self._write({"step": step, "time": time.time(), **values})
+        self._to_dashboards("train", step, values)
+        if not self._progress:
+            shown = " ".join(f"{k} {_fmt(v)}" for k, v in values.items() if v is not None)
+            self._print(f"step {step}/{self.total_steps} {shown}")
+
+    def log_event(self, event: str, step: int, **values) -> None:
+        """Record one event (switch, restart, eval, checkpoint, resume) and print it on one line."""
+        if event not in EVENTS:
+            raise ValueError(f"metrics event must be one of {', '.join(EVENTS)}, got {event!r}")
+        if not self.active:
+            return
+        values = {k: _plain(v) for k, v in values.items()}
+        self._write({"event": event, "step": step, "time": time.time(), **values})
+        self._to_dashboards(event, step, values)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        self._print(f"[step {step}] {event} {shown}".rstrip())
+
+    def truncate_after(self, step: int) -> int:
+        """Resume at `step`: keep the records written up to that step's checkpoint, drop the rest.
+
+        Records with a larger step are dropped. Records at `step` written after its "checkpoint"
+        event (e.g. a restart at that step) are dropped too, since the resumed run writes them again;
+        without such an event every record at `step` is kept. The progress bar (and its ETA) starts at
+        `step`. Returns the number of records dropped.
+        """
+        if not self.active:
+            return 0
+        self._start_step = step
+        self._file.close()
+        records = read_records(self.path)
+        end = len(records)
+        for i in range(len(records) - 1, -1, -1):
+            if records[i].get("event") == "checkpoint" and records[i]["step"] == step:
+                end = i + 1
+                break
+        kept = [r for r in records[:end] if r["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for record in kept:
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        return len(records) - len(kept)
+
+    def close(self) -> None:
+        """Close the progress bar, the JSONL file and the dashboards. Safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+__all__ = ["Metrics", "EVENTS", "METRICS_FILE", "read_records"]
