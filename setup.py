@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["relora_ds", "relora_ds.*"]),
-    package_data={"relora_ds": ["data/sample/*", "configs/*.yaml"]},
+    package_data={"relora_ds": ["data/sample/*/*", "configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",

@@ -94,25 +94,6 @@ def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
     return runtime.make_engine(model, ds_config)
 
 
-def build_datasets(cfg: RunConfig, tokenizer):
-    """(train, validation or None). Validation: data.validation_source if set; else the source's
-    validation split for the shipped corpus and hub datasets; else none (no eval)."""
-    d = cfg.data
-    cache_dir = os.path.join(cfg.train.output_dir, "cache")
-    common = dict(tokenizer=tokenizer, seq_len=d.seq_len, text_column=d.text_column, hub_config=d.hub_config,
-                  streaming=d.streaming, cache_dir=cache_dir)
-    train_set = data_loader.build_dataset(d.source, format=d.format, split=d.split, **common)
-    if d.validation_source:
-        val_set = data_loader.build_dataset(d.validation_source, format="auto", split=d.validation_split or "train",
-                                            **common)
-    elif d.source == "sotu" or d.format == "hub" or d.validation_split:
-        val_set = data_loader.build_dataset(d.source, format=d.format, split=d.validation_split or "validation",
-                                            **common)
-    else:
-        val_set = None
-    return train_set, val_set
-
-
 def _move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -180,7 +161,9 @@ def train(cfg: RunConfig) -> dict:
     if len(tokenizer) > vocab_size:
         raise RunError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({len(tokenizer)} tokens, data.tokenizer); raise it or leave it unset")
-    train_set, val_set = build_datasets(cfg, tokenizer)
+    cache_dir = os.path.join(out, "cache")
+    train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=cache_dir)
+    val_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="validation", cache_dir=cache_dir)
     batches = data_loader.DistributedBatches(train_set, micro_batch_size=micro_bs, rank=rank, world_size=world,
                                              seed=cfg.train.seed)
     eval_set = (data_loader.eval_batches(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
