@@ -1,0 +1,13 @@
+"""Fused ReLoRA linear kernels (Triton) beside their pure-torch reference.
+
+Importing this package never imports triton: the kernels module loads on the first fused call.
+
+    triton_available() -> bool
+    fused_relora_linear(x, weight, bias, A, B, scale) -> Tensor     # Triton, autograd-aware
+    reference_relora_linear(x, weight, bias, A, B, scale) -> Tensor # pure torch, the ground truth
+"""
+
+from relora_ds.kernels.autograd import SUPPORTED_DTYPES, fused_relora_linear, triton_available
+from relora_ds.kernels.reference import reference_relora_linear
+
+__all__ = ["SUPPORTED_DTYPES", "fused_relora_linear", "reference_relora_linear", "triton_available"]
