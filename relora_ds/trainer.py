@@ -18,7 +18,7 @@ from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint, ds_config as dsc, runtime
 from relora_ds.engine.restart import relora_restart
 from relora_ds.metrics import Metrics
-from relora_ds.model.llama import build_model
+from relora_ds.model.llama import PRESETS, build_model
 from relora_ds.plots import plot_loss
 from relora_ds.relora.wrap import wrap
 from relora_ds.schedule import multiplier_from_config
@@ -94,6 +94,12 @@ def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
     return runtime.make_engine(model, ds_config)
 
 
+def check_seq_len(cfg: RunConfig, max_positions: int) -> None:
+    if cfg.data.seq_len > max_positions:
+        what = f"model.init_from {cfg.model.init_from}" if cfg.model.init_from else f"model.preset {cfg.model.preset!r}"
+        raise RunError(f"data.seq_len {cfg.data.seq_len} is longer than {what} supports ({max_positions} positions)")
+
+
 def _move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -155,6 +161,8 @@ def train(cfg: RunConfig) -> dict:
                               source=cfg.train.deepspeed_config)
     micro_bs, grad_accum = dsc.micro_batch_size(ds_config), dsc.grad_accum_steps(ds_config)
 
+    if not cfg.model.init_from:  # checked again on the built model; here before any data is read
+        check_seq_len(cfg, PRESETS[cfg.model.preset]["max_position_embeddings"])
     # Data and tokenizer.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
@@ -184,9 +192,7 @@ def train(cfg: RunConfig) -> dict:
             raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
                            f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
     model = build_fresh_model(cfg, vocab_size)
-    if cfg.data.seq_len > model.config.max_position_embeddings:
-        raise RunError(f"data.seq_len {cfg.data.seq_len} is longer than model.preset {cfg.model.preset!r} supports "
-                       f"({model.config.max_position_embeddings} positions)")
+    check_seq_len(cfg, model.config.max_position_embeddings)
     if saved is not None and resume_tag and saved["wrapped"]:
         wrap_model(cfg, model)
     elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:

@@ -1,0 +1,237 @@
+"""The ReLoRA restart on a DeepSpeed engine, ZeRO stages 0-3, fp32 and bf16.
+
+For every wrapped layer, in model order (so every rank runs the same collectives in the same order):
+  1. gather A and B from their fp32 masters (the rank's fragments, summed into full tensors);
+  2. W += s*B*A, computed in fp32 and added once: the whole W on stages 0-2; on ZeRO-3 only the
+     elements of W's flat partition this rank holds ("shard", the default), or on the gathered W
+     with modifier rank 0 ("gathered"); both give bitwise the same W;
+  3. A <- Kaiming-uniform from restart_generator(seed, restart_index, name) (same on every rank),
+     B <- 0, written into the module parameters *and* the fp32 masters (a module-only write is
+     overwritten from the master at the next step, so B*A would be counted twice);
+then, for the adapters only, prune exp_avg and exp_avg_sq in place on each rank's own fragment, with
+the threshold of the whole tensor (`reset.magnitude_threshold` over the gathered values, so the result
+is identical to the single-process reset). Adam's step counters are kept. Stage-specific access
+lives in `zero.py`.
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from relora_ds.engine import zero
+from relora_ds.relora import functional
+from relora_ds.relora.reset import MOMENT_KEYS, PRUNE_METHODS, magnitude_threshold, prune_
+from relora_ds.relora.wrap import relora_modules
+
+ZERO3_MERGES = ("shard", "gathered")
+
+
+class RestartError(RuntimeError):
+    """The restart cannot run on this engine now (e.g. before the first optimizer step)."""
+
+
+@dataclass
+class RestartRecord:
+    """What one restart did, identical on every rank (timings are rank 0's)."""
+
+    index: int
+    step: int
+    merged_norm: float       # Frobenius norm of all merged s*B*A together (0 without a merge)
+    fraction_zeroed: float   # of all adapter moment entries (0 without an optimizer reset)
+    seconds: float
+    merge_seconds: float
+    prune_seconds: float
+    stage: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_arguments(restart_index, method, ratio, zero3_merge) -> None:
+    if restart_index < 1:
+        raise ValueError(f"restart_index must be >= 1 (0 is the wrap-time draw of A), got {restart_index}")
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"relora.optimizer_reset must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"relora.prune_ratio must be in [0, 1], got {ratio}")
+    if zero3_merge not in ZERO3_MERGES:
+        raise ValueError(f"relora.zero3_merge must be one of {', '.join(ZERO3_MERGES)}, got {zero3_merge!r}")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """all_reduce a small float64 vector on the collective device; identity on a single process."""
+    if _world_size() == 1:
+        return values
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    on_device = values.to(get_accelerator().current_device_name())
+    dist.all_reduce(on_device, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return on_device.cpu()
+
+
+def _check_ready(engine, kind: str, modules: dict) -> None:
+    """Raise on every rank alike when there is no optimizer state to edit (no hang, no silent no-op)."""
+    if engine.global_steps == 0:
+        raise RestartError("relora restart before the first optimizer step: the optimizer has no state yet "
+                           "(restart only after at least one engine.step())")
+    params = [p for m in modules.values() for p in (m.lora_A, m.lora_B)]
+    missing = 0.0 if zero.has_state(engine, params, MOMENT_KEYS, kind) else 1.0
+    if _all_reduce(torch.tensor([missing], dtype=torch.float64), op="max").item() > 0:
+        raise RestartError("relora restart: the adapters' optimizer state (exp_avg, exp_avg_sq) is missing on "
+                           "some rank; restart only after an optimizer step on this engine")
+
+
+@torch.no_grad()
+def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, name: str = "weight",
+                      zero3_merge: str = "shard") -> float:
+    """W += scale * B @ A (fp32 math, one rounding to W's dtype); returns this rank's share of ||delta||^2.
+
+    Stages 0-2 (W whole on every rank): every rank adds the whole delta and returns the whole sum.
+    ZeRO-3 "shard": each rank adds the delta elements of its own flat slice of W (computing only the
+    rows the slice touches) and returns their sum, so the shares add up over ranks. ZeRO-3 "gathered":
+    W is gathered, rank 0 adds the delta and DeepSpeed re-partitions it; rank 0 returns the sum.
+    A and B are the full fp32 adapters, identical on every rank. Collective only for "gathered".
+    """
+    if not hasattr(W, "ds_tensor"):
+        delta = functional.lora_delta(A, B, scale).to(W.device)
+        W.data.copy_((W.data.float() + delta).to(W.dtype))
+        return float(delta.double().square().sum())
+    zero.check_zero3_weight(W, name)
+    if zero3_merge == "gathered":
+        import deepspeed
+        import torch.distributed as dist
+
+        share = 0.0
+        with deepspeed.zero.GatheredParameters([W], modifier_rank=0):
+            if dist.get_rank(group=W.ds_process_group) == 0:
+                delta = functional.lora_delta(A, B, scale).to(W.device)
+                W.data.copy_((W.data.float() + delta).to(W.dtype))
+                share = float(delta.double().square().sum())
+        return share
+    start, end = zero.zero3_slice(W)
+    share = 0.0
+    if end > start:
+        in_features = zero.full_shape(W)[1]
+        row_start, row_end = start // in_features, -(-end // in_features)
+        rows = functional.lora_delta_rows(A, B, scale, row_start, row_end).view(-1)
+        delta = rows[start - row_start * in_features:end - row_start * in_features]
+        local = W.ds_tensor.data.view(-1)[: end - start]
+        delta = delta.to(local.device)
+        local.copy_((local.float() + delta).to(local.dtype))
+        share = float(delta.double().square().sum())
+    zero.release_gathered(W)  # a gathered (persistent) copy would otherwise be used stale
+    return share
+
+
+@torch.no_grad()
+def _merge_and_reinit(engine, kind: str, name: str, module, *, seed: int, restart_index: int,
+                      zero3_merge: str) -> float:
+    """Merge one layer and re-init its adapters in module and masters; returns the local ||delta||^2 share."""
+    params = [module.lora_A, module.lora_B]
+    if module.lora_scaling is not None:
+        params.append(module.lora_scaling)
+    frags = [zero.fragment(engine, p, None, kind) for p in params]
+    full = zero.gather_full(frags)
+    A = full[0].view(module.rank, module.in_features)
+    B = full[1].view(module.out_features, module.rank)
+    scale = math.tanh(float(full[2])) if module.lora_scaling is not None else module.alpha / module.rank
+    share = merge_into_weight(module.weight, A, B, scale, name=f"{name}.weight", zero3_merge=zero3_merge)
+    new_A = functional.kaiming_uniform_A(module.rank, module.in_features,
+                                         functional.restart_generator(seed, restart_index, name))
+    new_B = torch.zeros(module.out_features, module.rank)
+    for param, frag, value in ((module.lora_A, frags[0], new_A), (module.lora_B, frags[1], new_B)):
+        if frag.tensor is not None and frag.tensor.numel() > 0:
+            frag.tensor.copy_(value.view(-1)[frag.start:frag.start + frag.tensor.numel()])
+        zero.commit(param, frag)
+        zero.write_module_param(param, value)
+    return share
+
+
+@torch.no_grad()
+def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: float, seed: int,
+                 restart_index: int) -> tuple[int, int]:
+    """Prune one layer's adapter moments on this rank's fragments; returns (local zeroed, full total)."""
+    targets = [(label, param, key, zero.fragment(engine, param, key, kind))
+               for label, param in (("lora_A", module.lora_A), ("lora_B", module.lora_B)) for key in MOMENT_KEYS]
+    thresholds = [None] * len(targets)
+    if method == "magnitude":  # the whole tensor's threshold, exactly as the single-process reset computes it
+        full = zero.gather_full([frag for _, _, _, frag in targets])
+        thresholds = [magnitude_threshold(values.abs(), ratio) for values in full]
+    zeroed = total = 0
+    for (label, param, key, frag), threshold in zip(targets, thresholds):
+        total += frag.numel
+        if frag.tensor is None or frag.tensor.numel() == 0:
+            continue
+        if method == "magnitude":
+            zeroed += prune_(frag.tensor, method, ratio, threshold=threshold) if threshold is not None else 0
+        elif method == "random":  # the full tensor's draw (as prune_ makes it), sliced to this fragment
+            generator = functional.restart_generator(seed, restart_index, f"{name}.{label}.{key}")
+            draw = torch.rand(zero.full_shape(param), generator=generator).view(-1)
+            mask = (draw[frag.start:frag.start + frag.tensor.numel()] < ratio).to(frag.tensor.device)
+            frag.tensor.masked_fill_(mask, 0)
+            zeroed += int(mask.sum())
+        else:
+            zeroed += prune_(frag.tensor, method, ratio)
+        zero.commit(param, frag, key)
+    return zeroed, total
+
+
+def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: bool = True,
+                   reset_optimizer: bool = True, method: str = "magnitude", ratio: float = 0.99,
+                   zero3_merge: str = "shard") -> RestartRecord:
+    """One ReLoRA restart of every wrapped layer of `engine.module`; all ranks call it and get the same record.
+
+    merge: W += s*B*A and re-init A (from restart_generator(seed, restart_index, name)) and B = 0;
+    reset_optimizer: prune the adapters' Adam moments (`method`: magnitude / random / full / none, at
+    `ratio`). Online ReLoRA is merge=True, reset_optimizer=False. Raises RestartError (on every rank)
+    before the first optimizer step.
+    """
+    _check_arguments(restart_index, method, ratio, zero3_merge)
+    started = time.perf_counter()
+    kind = zero.layout(engine)
+    modules = relora_modules(engine.module)
+    if not modules:
+        raise ValueError("relora restart: the engine's model has no ReLoRALinear layers (was it wrapped?)")
+    _check_ready(engine, kind, modules)
+    replicated_weight = kind != "zero3"          # W whole on every rank: each rank has the full norm
+    replicated_state = kind in ("plain", "unfused")  # moments whole on every rank: full counts
+    merged_sq = zeroed = total = 0.0
+
+    merge_started = time.perf_counter()
+    if merge:
+        for name, module in modules.items():
+            merged_sq += _merge_and_reinit(engine, kind, name, module, seed=seed, restart_index=restart_index,
+                                           zero3_merge=zero3_merge)
+    merge_seconds = time.perf_counter() - merge_started
+
+    prune_started = time.perf_counter()
+    if reset_optimizer and method != "none":
+        for name, module in modules.items():
+            layer_zeroed, layer_total = _prune_layer(engine, kind, name, module, method=method, ratio=ratio,
+                                                     seed=seed, restart_index=restart_index)
+            zeroed += layer_zeroed
+            total += layer_total
+    prune_seconds = time.perf_counter() - prune_started
+
+    # One reduction: sharded shares are summed; replicated values and timings are taken from rank 0.
+    import torch.distributed as dist
+
+    is_rank0 = 1.0 if _world_size() == 1 or dist.get_rank() == 0 else 0.0
+    seconds = time.perf_counter() - started
+    stats = torch.tensor([merged_sq * is_rank0 if replicated_weight else merged_sq,
+                          zeroed * is_rank0 if replicated_state else zeroed,
+                          seconds * is_rank0, merge_seconds * is_rank0, prune_seconds * is_rank0],
+                         dtype=torch.float64)
+    merged_sq, zeroed, seconds, merge_seconds, prune_seconds = _all_reduce(stats).tolist()
+    return RestartRecord(index=restart_index, step=step, merged_norm=math.sqrt(merged_sq),
+                         fraction_zeroed=zeroed / total if total else 0.0, seconds=seconds,
+                         merge_seconds=merge_seconds, prune_seconds=prune_seconds, stage=zero.stage(engine))

@@ -1,0 +1,112 @@
+"""Short real runs of the trainer in this process (world size 1, DeepSpeed on the CPU)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from relora_ds import trainer
+from relora_ds.engine import checkpoint
+from tests.helpers.runs import read_metrics, tiny_run_config, write_corpus, write_ds_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    train_file, val_file = write_corpus(directory)
+    return directory, train_file, val_file
+
+
+def run(cfg):
+    summary = trainer.train(cfg)
+    summary["engine"].destroy()
+    return summary
+
+
+def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
+    _, train_file, val_file = corpus
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path))
+    summary = run(cfg)
+    out = cfg.train.output_dir
+    records = read_metrics(out)
+    events = [(r["event"], r["step"]) for r in records if "event" in r and r["event"] != "checkpoint"]
+    assert ("switch", 4) in events
+    assert [s for e, s in events if e == "restart"] == [8, 12]
+    restarts = [r for r in records if r.get("event") == "restart"]
+    assert all(abs(r["fraction_zeroed"] - 0.99) < 0.01 for r in restarts)
+    assert all(r["merged_norm"] > 0 for r in restarts)
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert all({"loss", "lr", "tokens_seen", "tokens_per_s"} <= set(r) for r in steps)
+    assert steps[-1]["tokens_seen"] == 16 * 2 * 32
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [0, 8, 16]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    for name in ("config.yaml", "ds_config.json", "loss.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert summary["checkpoint"].endswith("step_00000016")
+
+    # Export: a plain HF model with the trained model's logits; generate works.
+    from transformers import AutoModelForCausalLM
+
+    from relora_ds.export import export
+
+    export_dir = export(out, str(tmp_path / "export"))
+    hf = AutoModelForCausalLM.from_pretrained(export_dir)
+    assert not any("lora" in n for n, _ in hf.named_parameters())
+    engine_model = summary["engine"].module
+    x = torch.randint(0, hf.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        engine_model.eval()
+        expected = engine_model(input_ids=x).logits
+        got = hf(input_ids=x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    generated = hf.generate(x[:1, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+    assert os.path.isfile(os.path.join(export_dir, "model.safetensors"))
+    assert os.path.isfile(os.path.join(export_dir, "tokenizer.json"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    """Checkpoint every step; resuming from before the switch, mid-cycle and right after a restart
+    gives the same next losses as the run that went on."""
+    _, train_file, val_file = corpus
+    ds = write_ds_config(tmp_path)
+    cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **{"checkpoint.every": 1, "train.eval_every": 0})
+    reference = run(cfg)["losses"]
+    ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
+    assert len(checkpoint.complete_tags(ckpt_dir)) == 16
+    for k in (3, 6, 9):  # before the switch at 4; mid-cycle; right after the restart at 8
+        resumed_dir = tmp_path / f"resume{k}"
+        shutil.copytree(os.path.join(ckpt_dir, checkpoint.tag_for(k)),
+                        resumed_dir / "checkpoints" / checkpoint.tag_for(k))
+        resumed_cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+            "train.output_dir": str(resumed_dir), "train.resume": True, "train.eval_every": 0})
+        losses = run(resumed_cfg)["losses"]
+        assert sorted(losses) == list(range(k + 1, 17))
+        for step, loss in losses.items():
+            assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), (k, step)
+
+
+def test_torn_checkpoint_is_never_resumed(corpus, tmp_path):
+    _, train_file, val_file = corpus
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path),
+                          **{"train.total_steps": 6, "relora.warm_start_steps": 0, "checkpoint.every": 3,
+                             "train.eval_every": 0})
+    run(cfg)
+    ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
+    # Simulate a save killed mid-write: files present, no COMPLETE marker.
+    torn = os.path.join(ckpt_dir, checkpoint.tag_for(9))
+    shutil.copytree(os.path.join(ckpt_dir, checkpoint.tag_for(6)), torn)
+    os.remove(os.path.join(torn, checkpoint.COMPLETE))
+    assert checkpoint.find_checkpoint(cfg.train.output_dir).endswith(checkpoint.tag_for(6))
+
+
+def test_output_dir_holding_another_run_is_refused(corpus, tmp_path):
+    _, train_file, val_file = corpus
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path))
+    os.makedirs(cfg.train.output_dir)
+    open(os.path.join(cfg.train.output_dir, "config.yaml"), "w").write("x: 1\n")
+    with pytest.raises(trainer.RunError, match="holds another run"):
+        trainer.train(cfg)

@@ -1,0 +1,60 @@
+"""Small real training runs for e2e tests: a slice of the shipped corpus and tiny run configs."""
+
+import gzip
+import json
+import os
+
+from relora_ds.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOTU = os.path.join(ROOT, "relora_ds", "data", "sample", "sotu")
+
+
+def write_corpus(directory, n_train: int = 12, n_val: int = 3) -> tuple[str, str]:
+    """First documents of the shipped SOTU splits as small jsonl files (fast to tokenize)."""
+    paths = []
+    for split, n in (("train", n_train), ("validation", n_val)):
+        path = os.path.join(str(directory), f"{split}.jsonl")
+        with gzip.open(os.path.join(SOTU, f"{split}.jsonl.gz"), "rt") as src, open(path, "w") as dst:
+            for _, line in zip(range(n), src):
+                dst.write(json.dumps({"text": json.loads(line)["text"][:20000]}) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_ds_config(directory, stage: int = 0, micro_batch: int = 2, bf16: bool = False, **extra) -> str:
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                                                   "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        **extra,
+    }
+    path = os.path.join(str(directory), f"ds_stage{stage}{'_bf16' if bf16 else ''}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def tiny_run_config(directory, train_file, val_file, ds_config, **fields):
+    """A tiny relora run: warm start 4, restarts every 4, 16 steps, log and eval often. `fields`: dotted."""
+    overrides = {
+        "model.preset": "tiny", "relora.rank": 4, "relora.alpha": 8, "relora.warm_start_steps": 4,
+        "relora.reset_every": 4, "schedule.lr": 3e-3, "schedule.warmup_steps": 2,
+        "schedule.restart_warmup_steps": 1, "data.source": train_file, "data.validation_source": val_file,
+        "data.seq_len": 32, "train.total_steps": 16, "train.eval_every": 8, "train.eval_batches": 2,
+        "train.deepspeed_config": ds_config, "train.output_dir": os.path.join(str(directory), "run"),
+        "log.every": 1, "log.progress": False, "checkpoint.every": 0, "checkpoint.keep_last": 0,
+        "relora.kernels": "torch",
+    }
+    overrides.update(fields)
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
