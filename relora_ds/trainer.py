@@ -108,11 +108,11 @@ def _move(batch: dict, device) -> dict:
 def evaluate(engine, batches: list[dict]) -> dict:
     """Mean held-out loss over `batches` (this rank's share), averaged over ranks; and perplexity."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # on the device: NCCL reduces there
     for batch in batches:
         loss = engine(**_move(batch, engine.device)).loss
-        total += torch.tensor([loss.item() * batch["input_ids"].numel(), batch["input_ids"].numel()],
-                              dtype=torch.float64)
+        total[0] += loss.double() * batch["input_ids"].numel()
+        total[1] += batch["input_ids"].numel()
     engine.train()
     if dist.is_initialized():
         import torch.distributed as tdist
@@ -122,12 +122,12 @@ def evaluate(engine, batches: list[dict]) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def _mean_over_ranks(value: float) -> float:
+def _mean_over_ranks(value: float, device) -> float:
     if not dist.is_initialized():
         return value
     import torch.distributed as tdist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     tdist.all_reduce(t)
     return t.item() / dist.world_size()
 
@@ -275,7 +275,7 @@ def train(cfg: RunConfig) -> dict:
                                      f"relora.prune_ratio / schedule.restart_warmup_steps")
 
         if state.step % cfg.log.every == 0 or state.step == cfg.train.total_steps:
-            loss_value = _mean_over_ranks(local_loss)
+            loss_value = _mean_over_ranks(local_loss, engine.device)
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (state.step - last_log_step) / max(now - last_log_time, 1e-9)
             metrics.log_step(state.step, loss=loss_value, lr=lr, tokens_seen=state.tokens_seen,

@@ -136,14 +136,9 @@ def fragment(engine, param: torch.Tensor, key: str | None = None, kind: str | No
         return Fragment(mapping.get_hp_fragment(key), mapping.lp_fragment_address.start, numel, replicated=False)
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    if key is None:
-        storage = safe_get_local_fp32_param(param)
-    else:
-        group, _, _ = engine.optimizer.grad_position[engine.optimizer.get_param_id(param)]
-        flat = engine.optimizer.fp32_partitioned_groups_flat[group]
-        if key not in inner_optimizer(engine).state.get(flat, {}):
-            raise KeyError(key)
-        storage = safe_get_local_optimizer_state(param, key)
+    # A view of the local partition on CPU (a copy with offload on GPU machines: see `commit`). Before the
+    # first step the optimizer has no state for the partition and the getter raises KeyError.
+    storage = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
     start, end = zero3_slice(param)
     return Fragment(storage.view(-1)[: end - start], start, numel, replicated=False, storage=storage)
 
