@@ -7,6 +7,8 @@ import importlib.util
 
 import torch
 
+from relora_ds.relora.wrap import DEFAULT_TARGETS, _matches
+
 # hidden, intermediate, heads, layers, max positions. Paper Table 1 (LLaMA style: RMSNorm, SwiGLU,
 # rotary, no biases, untied head); 7b is LLaMA-7B; tiny and 20m are for tests and the CPU demo.
 PRESETS = {
@@ -28,10 +30,14 @@ PRESETS = {
                max_position_embeddings=4096),
 }
 PAPER_VOCAB_SIZE = 32100  # T5's SentencePiece tokenizer, used for the paper's parameter counts
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def resolve_attn_implementation(choice: str = "auto") -> str:
     """auto → flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    if choice not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                         f"got {choice!r}")
     if choice != "auto":
         return choice
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
@@ -68,3 +74,107 @@ def build_model(preset: str, vocab_size: int, *, max_position_embeddings: int | 
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+# --- parameter and FLOP counts (analytic; tests compare them with real and meta-device models) -------
+
+# The paper's Table 1 parameter counts, at the paper's vocabulary (7b: LLaMA-7B with 32,000 tokens).
+PAPER_PARAMS = {"60m": 58e6, "130m": 134e6, "250m": 248e6, "350m": 368e6, "1b": 1.34e9, "7b": 6.7e9}
+PAPER_VOCAB = {"60m": 32100, "130m": 32100, "250m": 32100, "350m": 32100, "1b": 32100, "7b": 32000}
+
+
+def _shape(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return PRESETS[preset]
+
+
+def linear_shapes(preset: str, vocab_size: int) -> dict[str, tuple[int, int]]:
+    """Module name → (out_features, in_features) of every nn.Linear LlamaForCausalLM builds, in order.
+
+    Names are those of `model.named_modules()`, so ReLoRA's target patterns match them as in `wrap`.
+    No GQA in the presets: k and v have as many heads as q. No biases anywhere.
+    """
+    s = _shape(preset)
+    d, inter = s["hidden_size"], s["intermediate_size"]
+    shapes = {}
+    for i in range(s["num_hidden_layers"]):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{attn}.{proj}"] = (d, d)
+        shapes[f"{mlp}.gate_proj"] = (inter, d)
+        shapes[f"{mlp}.up_proj"] = (inter, d)
+        shapes[f"{mlp}.down_proj"] = (d, inter)
+    shapes["lm_head"] = (vocab_size, d)
+    return shapes
+
+
+def _wrapped_shapes(preset: str, vocab_size: int, target_modules) -> dict[str, tuple[int, int]]:
+    """The Linears `wrap(model, target_modules=...)` would replace (same matching rule)."""
+    return {name: shape for name, shape in linear_shapes(preset, vocab_size).items()
+            if _matches(name, target_modules)}
+
+
+def param_count(preset: str, vocab_size: int, *, trainable_only: bool = False, relora_rank: int | None = None,
+                target_modules=DEFAULT_TARGETS, trainable_scaling: bool = False) -> int:
+    """Exact parameter count of `build_model(preset, vocab_size)`, optionally wrapped with ReLoRA.
+
+    Full model: embedding V·d + per layer (4·d² attention + 3·d·I SwiGLU MLP + 2·d RMSNorm weights)
+    + final norm d + untied head V·d. With `relora_rank` r, each wrapped Linear adds r·(in + out)
+    (A and B; +1 for g with trainable scaling) and its W becomes frozen. `trainable_only`: what the
+    optimizer sees (full rank: everything; ReLoRA: all but the wrapped W).
+    """
+    if vocab_size < 1:
+        raise ValueError(f"model.vocab_size must be >= 1, got {vocab_size}")
+    s = _shape(preset)
+    d, layers = s["hidden_size"], s["num_hidden_layers"]
+    linear = sum(out * inp for out, inp in linear_shapes(preset, vocab_size).values())
+    total = vocab_size * d + linear + layers * 2 * d + d
+    if relora_rank is None:
+        return total
+    if relora_rank < 1:
+        raise ValueError(f"relora.rank must be >= 1, got {relora_rank}")
+    wrapped = _wrapped_shapes(preset, vocab_size, target_modules)
+    adapters = sum(relora_rank * (out + inp) + int(trainable_scaling) for out, inp in wrapped.values())
+    frozen = sum(out * inp for out, inp in wrapped.values())
+    return total + adapters - (frozen if trainable_only else 0)
+
+
+def paper_param_table() -> list[dict]:
+    """Each paper preset's exact count (at the paper's vocabulary) next to the paper's Table 1 figure."""
+    rows = []
+    for preset, paper in PAPER_PARAMS.items():
+        ours = param_count(preset, PAPER_VOCAB[preset])
+        rows.append(dict(preset=preset, vocab_size=PAPER_VOCAB[preset], params=ours, paper_params=int(paper),
+                         rel_diff=(ours - paper) / paper))
+    return rows
+
+
+def flops_per_token(preset: str, vocab_size: int, seq_len: int, *, relora_rank: int | None = None,
+                    target_modules=DEFAULT_TARGETS) -> dict:
+    """Training (forward + backward) FLOPs per token, PaLM appendix B style (1 multiply-add = 2 FLOPs).
+
+    N_lin = weights of all matmuls (every Linear, lm_head included; the embedding is a lookup and the
+    norms are elementwise, both left out). Attention scores and values: 12·L·d·T (T = seq_len, the
+    full T×T matrices, no causal saving), the same in every mode.
+      full   = 6·N_lin + 12·L·d·T                        (forward 2, dX 2, dW 2 per weight)
+      relora = 6·N_lin − 2·N_wrapped + 6·r·Σ(in + out) + 12·L·d·T
+               (a frozen W has no dW GEMM: 4·N_wrapped; A and B are trained: 6 per adapter weight)
+    Returns {"full", "attention", "n_linear"} and, with `relora_rank`, {"relora", "n_wrapped", "n_adapter"}.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    s = _shape(preset)
+    n_linear = sum(out * inp for out, inp in linear_shapes(preset, vocab_size).values())
+    attention = 12 * s["num_hidden_layers"] * s["hidden_size"] * seq_len
+    result = dict(full=6 * n_linear + attention, attention=attention, n_linear=n_linear)
+    if relora_rank is None:
+        return result
+    if relora_rank < 1:
+        raise ValueError(f"relora.rank must be >= 1, got {relora_rank}")
+    wrapped = _wrapped_shapes(preset, vocab_size, target_modules).values()
+    n_wrapped = sum(out * inp for out, inp in wrapped)
+    n_adapter = sum(relora_rank * (out + inp) for out, inp in wrapped)
+    result.update(relora=6 * n_linear - 2 * n_wrapped + 6 * n_adapter + attention,
+                  n_wrapped=n_wrapped, n_adapter=n_adapter)
+    return result
