@@ -25,7 +25,7 @@ setup(
         "wandb": ["wandb"],
         "flash": ["flash-attn>=2.5"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0"],
+        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "wandb"],
     },
     entry_points={"console_scripts": ["relora-ds=relora_ds.cli:main"]},
 )

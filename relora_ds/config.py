@@ -72,6 +72,8 @@ class ReLoRAConfig:
     optimizer_reset: str = _field("magnitude", "how adapter Adam moments are reset at a restart",
                                   OPTIMIZER_RESETS)
     prune_ratio: float = _field(0.99, "fraction of adapter moments zeroed at a reset")
+    pair_moments: bool = _field(True, "also zero exp_avg where the pruned exp_avg_sq is zero (avoids the "
+                                      "post-restart loss spike; false: the paper's independent pruning)")
     kernels: str = _field("auto", "adapter forward/backward: fused triton kernels or plain torch", KERNELS)
     zero3_merge: str = _field("shard", "ZeRO-3 merge: into each rank's shard, or on the gathered weight",
                               ZERO3_MERGES)

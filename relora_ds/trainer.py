@@ -61,7 +61,8 @@ def next_restart(cfg: RunConfig, state: TrainState) -> int | None:
     if not state.wrapped:
         return cfg.relora.warm_start_steps
     since = state.step - state.relora_start
-    return state.relora_start + (since // cfg.relora.merge_every + 1) * cfg.relora.merge_every
+    upcoming = state.relora_start + (since // cfg.relora.merge_every + 1) * cfg.relora.merge_every
+    return upcoming if upcoming < cfg.train.total_steps else None
 
 
 # --- building blocks ----------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def train(cfg: RunConfig) -> dict:
             record = relora_restart(engine, restart_index=state.restart_index, step=state.step,
                                     seed=cfg.train.seed, merge=True, reset_optimizer=reset,
                                     method=cfg.relora.optimizer_reset, ratio=cfg.relora.prune_ratio,
-                                    zero3_merge=cfg.relora.zero3_merge)
+                                    zero3_merge=cfg.relora.zero3_merge, pair_moments=cfg.relora.pair_moments)
             metrics.log_event("restart", state.step, **{k: v for k, v in record.to_dict().items() if k != "step"})
             summary["restarts"].append(record.to_dict())
 

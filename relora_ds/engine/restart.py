@@ -22,7 +22,7 @@ import torch
 
 from relora_ds.engine import zero
 from relora_ds.relora import functional
-from relora_ds.relora.reset import MOMENT_KEYS, PRUNE_METHODS, magnitude_threshold, prune_
+from relora_ds.relora.reset import MOMENT_KEYS, PRUNE_METHODS, magnitude_threshold, prune_, zero_unpaired_
 from relora_ds.relora.wrap import relora_modules
 
 ZERO3_MERGES = ("shard", "gathered")
@@ -158,8 +158,12 @@ def _merge_and_reinit(engine, kind: str, name: str, module, *, seed: int, restar
 
 @torch.no_grad()
 def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: float, seed: int,
-                 restart_index: int) -> tuple[int, int]:
-    """Prune one layer's adapter moments on this rank's fragments; returns (local zeroed, full total)."""
+                 restart_index: int, pair_moments: bool = False) -> tuple[int, int]:
+    """Prune one layer's adapter moments on this rank's fragments; returns (local zeroed, full total).
+
+    pair_moments: afterwards also zero exp_avg wherever exp_avg_sq is zero (see reset.zero_unpaired_);
+    both moments of a parameter share one fragment layout, so this is local to each rank.
+    """
     targets = [(label, param, key, zero.fragment(engine, param, key, kind))
                for label, param in (("lora_A", module.lora_A), ("lora_B", module.lora_B)) for key in MOMENT_KEYS]
     thresholds = [None] * len(targets)
@@ -181,18 +185,27 @@ def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: fl
             zeroed += int(mask.sum())
         else:
             zeroed += prune_(frag.tensor, method, ratio)
-        zero.commit(param, frag, key)
+    if pair_moments:
+        moments = {(label, key): frag for label, _, key, frag in targets}
+        for label in ("lora_A", "lora_B"):
+            exp_avg, exp_avg_sq = moments[(label, "exp_avg")], moments[(label, "exp_avg_sq")]
+            if exp_avg.tensor is not None and exp_avg.tensor.numel() > 0:
+                zeroed += zero_unpaired_(exp_avg.tensor, exp_avg_sq.tensor)
+    for _, param, key, frag in targets:
+        if frag.tensor is not None and frag.tensor.numel() > 0:
+            zero.commit(param, frag, key)
     return zeroed, total
 
 
 def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: bool = True,
                    reset_optimizer: bool = True, method: str = "magnitude", ratio: float = 0.99,
-                   zero3_merge: str = "shard") -> RestartRecord:
+                   zero3_merge: str = "shard", pair_moments: bool = False) -> RestartRecord:
     """One ReLoRA restart of every wrapped layer of `engine.module`; all ranks call it and get the same record.
 
     merge: W += s*B*A and re-init A (from restart_generator(seed, restart_index, name)) and B = 0;
     reset_optimizer: prune the adapters' Adam moments (`method`: magnitude / random / full / none, at
-    `ratio`). Online ReLoRA is merge=True, reset_optimizer=False. Raises RestartError (on every rank)
+    `ratio`; pair_moments also zeroes first moments whose second moment was pruned). Online ReLoRA is
+    merge=True, reset_optimizer=False. Raises RestartError (on every rank)
     before the first optimizer step.
     """
     _check_arguments(restart_index, method, ratio, zero3_merge)
@@ -217,7 +230,8 @@ def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: b
     if reset_optimizer and method != "none":
         for name, module in modules.items():
             layer_zeroed, layer_total = _prune_layer(engine, kind, name, module, method=method, ratio=ratio,
-                                                     seed=seed, restart_index=restart_index)
+                                                     seed=seed, restart_index=restart_index,
+                                                     pair_moments=pair_moments)
             zeroed += layer_zeroed
             total += layer_total
     prune_seconds = time.perf_counter() - prune_started

@@ -292,6 +292,28 @@ def other_methods(rank, world_size):
         assert record.fraction_zeroed == pytest.approx(zeroed / total), method
         assert record.merged_norm == 0.0
 
+    # magnitude pruning with paired moments: equal to the single-process reset of the full tensors
+    from relora_ds.relora.reset import zero_unpaired_
+
+    train_step(engine, fixed_batch(2, 24, seed=2500 + rank))
+    before = {(n, label, k): zero.full_tensor(engine, getattr(m, label), k)
+              for n, m in modules.items() for label in ("lora_A", "lora_B") for k in ("exp_avg", "exp_avg_sq")}
+    record = relora_restart(engine, restart_index=9, step=9, seed=SEED, ratio=0.9, merge=False, pair_moments=True)
+    zeroed = total = unpaired = 0
+    for n in modules:
+        for label in ("lora_A", "lora_B"):
+            m, v = before[(n, label, "exp_avg")].clone(), before[(n, label, "exp_avg_sq")].clone()
+            for t in (m, v):
+                zeroed += prune_(t, "magnitude", 0.9)
+                total += t.numel()
+            paired = zero_unpaired_(m, v)
+            zeroed, unpaired = zeroed + paired, unpaired + paired
+            assert torch.equal(zero.full_tensor(engine, getattr(modules[n], label), "exp_avg"), m), (n, label)
+            assert torch.equal(zero.full_tensor(engine, getattr(modules[n], label), "exp_avg_sq"), v), (n, label)
+            assert not bool(((m != 0) & (v == 0)).any())
+    assert unpaired > 0  # the case the pairing exists for did occur
+    assert record.fraction_zeroed == pytest.approx(zeroed / total)
+
     # online ReLoRA: merge and re-init, moments left as they are
     train_step(engine, fixed_batch(2, 24, seed=3000 + rank))
     eval_ids = fixed_batch(4, 24, seed=7)

@@ -93,7 +93,7 @@ def test_torn_checkpoint_is_never_resumed(corpus, tmp_path):
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path),
                           **{"train.total_steps": 6, "relora.warm_start_steps": 0, "checkpoint.every": 3,
-                             "train.eval_every": 0})
+                             "checkpoint.keep_last": 2, "train.eval_every": 0})
     run(cfg)
     ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
     # Simulate a save killed mid-write: files present, no COMPLETE marker.
@@ -110,3 +110,47 @@ def test_output_dir_holding_another_run_is_refused(corpus, tmp_path):
     open(os.path.join(cfg.train.output_dir, "config.yaml"), "w").write("x: 1\n")
     with pytest.raises(trainer.RunError, match="holds another run"):
         trainer.train(cfg)
+
+
+def test_relora_from_a_saved_full_rank_checkpoint_and_keep_last(corpus, tmp_path, capsys):
+    """A full-rank run's step-4 checkpoint starts ReLoRA: step count, data position and schedule carry on, the
+    switch happens at 4, restarts at 8 and 12, and the losses equal a run that switched in place at step 4;
+    `relora-ds eval` reads the result. keep_last keeps the newest checkpoints only."""
+    _, train_file, val_file = corpus
+    ds = write_ds_config(tmp_path)
+    full = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "relora.mode": "full", "relora.warm_start_steps": 0, "checkpoint.every": 4,
+        "checkpoint.keep_last": 3, "train.eval_every": 0, "train.output_dir": str(tmp_path / "full")})
+    run(full)
+    ckpt_dir = os.path.join(full.train.output_dir, "checkpoints")
+    assert checkpoint.complete_tags(ckpt_dir) == [checkpoint.tag_for(s) for s in (8, 12, 16)]
+    # A checkpoint whose step disagrees with relora.warm_start_steps is refused.
+    with pytest.raises(trainer.RunError, match="relora.warm_start_steps 4 disagrees with the warm-start checkpoint's step 8"):
+        trainer.train(tiny_run_config(tmp_path, train_file, val_file, ds, **{
+            "relora.warm_start_checkpoint": os.path.join(ckpt_dir, checkpoint.tag_for(8)), "train.output_dir": str(tmp_path / "bad")}))
+
+    full4 = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "relora.mode": "full", "relora.warm_start_steps": 0, "checkpoint.every": 4, "checkpoint.keep_last": 0,
+        "train.eval_every": 0, "train.output_dir": str(tmp_path / "full4")})
+    run(full4)
+    cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "relora.warm_start_steps": 0,
+        "relora.warm_start_checkpoint": os.path.join(full4.train.output_dir, "checkpoints", checkpoint.tag_for(4)),
+        "train.eval_every": 0, "train.output_dir": str(tmp_path / "relora")})
+    summary = run(cfg)
+    assert sorted(summary["losses"]) == list(range(5, 17))
+    records = read_metrics(cfg.train.output_dir)
+    assert [r["step"] for r in records if r.get("event") == "switch"] == [4]
+    assert [r["step"] for r in records if r.get("event") == "restart"] == [8, 12]
+    assert [r for r in records if "event" not in r][0]["tokens_seen"] == 5 * 2 * 32  # carried on from the checkpoint
+    # the same 16 steps in one run (warm start 4 inside the run) give the same losses after the switch
+    same = run(tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "train.eval_every": 0, "train.output_dir": str(tmp_path / "inrun")}))
+    for step in range(5, 17):
+        assert summary["losses"][step] == pytest.approx(same["losses"][step], rel=1e-5), step
+
+    from relora_ds import cli
+
+    assert cli.main(["eval", cfg.train.output_dir, "--source", val_file, "--split", "train", "--seq-len", "32",
+                     "--batch-size", "2", "--max-batches", "2"]) == 0
+    assert "held-out loss" in capsys.readouterr().out
