@@ -12,6 +12,7 @@ TensorBoard are imported only when enabled. JSONL records: {"step", "time", ...v
 import json
 import numbers
 import os
+import uuid
 import sys
 import time
 
@@ -120,7 +121,7 @@ class Metrics:
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:8]  # wandb run ids: short [a-z0-9] strings
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
         return wandb.init(project=project, entity=entity, name=name, tags=tags, config=config or {},

@@ -4,6 +4,7 @@ Reads top to bottom: `train(cfg)` sets up, then one loop over optimizer steps. E
 specific sits in relora_ds/engine/; the ReLoRA math in relora_ds/relora/.
 """
 
+import json
 import math
 import os
 import time
@@ -209,8 +210,6 @@ def train(cfg: RunConfig) -> dict:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
-        import json
-
         with open(os.path.join(out, "ds_config.json"), "w") as f:
             json.dump(ds_config, f, indent=2)
     metrics = Metrics(out, total_steps=cfg.train.total_steps, rank=rank, every=cfg.log.every,

@@ -1,4 +1,5 @@
-"""The trainer on 2 gloo ranks: ZeRO-3 matches ZeRO-0 through the warm-start switch and two restarts,
+"""The trainer on 2 gloo ranks: ZeRO-3 (torch and Triton paths) matches ZeRO-0 through the warm-start switch
+and two restarts,
 resume on ZeRO-3 reproduces the uninterrupted run, and a ZeRO-3 checkpoint exports to the same logits."""
 
 import os
@@ -40,6 +41,10 @@ def _scenario(rank, world_size, directory):
     with torch.no_grad():
         out["logits"] = engine(input_ids=x).logits.float().tolist()  # plain data: tensors need the sender alive
     engine.destroy()
+    # The fused Triton path (interpreter on CPU) under ZeRO-3: W partitioned outside forward.
+    _, triton3 = run("zero3_triton", 3, **{"relora.kernels": "triton", "train.total_steps": 16})
+    triton3["engine"].destroy()
+    out["zero3_triton"] = triton3["losses"]
     ckpt_dir = os.path.join(cfg3.train.output_dir, "checkpoints")
     out["resumed"] = {}
     for k in (6, 9):
@@ -65,6 +70,8 @@ def test_zero3_trainer_matches_zero0_resumes_and_exports(tmp_path):
     assert sorted(r0["zero0"]) == list(range(1, 17))
     for step, loss in r0["zero0"].items():
         assert r0["zero3"][step] == pytest.approx(loss, rel=1e-4), step
+    for step, loss in r0["zero3"].items():
+        assert r0["zero3_triton"][step] == pytest.approx(loss, rel=1e-4), step
     assert len(r0["restarts"]) == 2 and all(abs(f - 0.99) < 0.01 for f in r0["restarts"])
     for k, losses in r0["resumed"].items():
         assert sorted(losses) == list(range(k + 1, 17))

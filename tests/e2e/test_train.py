@@ -154,3 +154,21 @@ def test_relora_from_a_saved_full_rank_checkpoint_and_keep_last(corpus, tmp_path
     assert cli.main(["eval", cfg.train.output_dir, "--source", val_file, "--split", "train", "--seq-len", "32",
                      "--batch-size", "2", "--max-batches", "2"]) == 0
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_triton_kernels_in_training_match_the_torch_path(corpus, tmp_path):
+    """relora.kernels=triton (the interpreter on CPU) through DeepSpeed gives the torch path's losses,
+    across the switch and a restart."""
+    _, train_file, val_file = corpus
+    ds = write_ds_config(tmp_path)
+    losses = {}
+    for kernels in ("torch", "triton"):
+        cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+            "relora.kernels": kernels, "relora.warm_start_steps": 2, "relora.reset_every": 2,
+            "schedule.warmup_steps": 1, "schedule.restart_warmup_steps": 1, "train.total_steps": 5,
+            "train.eval_every": 0, "train.output_dir": str(tmp_path / kernels)})
+        summary = run(cfg)
+        assert [r["step"] for r in summary["restarts"]] == [4]
+        losses[kernels] = summary["losses"]
+    for step, loss in losses["torch"].items():
+        assert losses["triton"][step] == pytest.approx(loss, rel=1e-4), step
