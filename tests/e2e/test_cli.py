@@ -113,3 +113,36 @@ def test_export_of_a_dir_without_checkpoint_is_refused(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no complete relora-ds checkpoint found" in err[0]
+
+
+def test_tokenizer_train_pretokenize_train_eval_through_the_cli(tmp_path, capsys, corpus):
+    """The offline pipeline a user runs: own tokenizer → packed dataset with manifest → training on it → eval;
+    a manifest that disagrees with the run is refused."""
+    train_file, val_file = corpus
+    tok = tmp_path / "tok"
+    assert cli.main(["tokenizer", "train", "--files", train_file, "--out", str(tok), "--vocab-size", "512"]) == 0
+    assert (tok / "tokenizer.json").is_file()
+    packed = tmp_path / "packed"
+    assert cli.main(["pretokenize", "--source", train_file, "--out", str(packed), "--tokenizer", str(tok),
+                     "--seq-len", "32"]) == 0
+    assert "sequences of 32 tokens" in capsys.readouterr().out
+    manifest = json.load(open(packed / "manifest.json"))
+    assert manifest["seq_len"] == 32 and manifest["num_sequences"] > 8
+
+    def run_cfg(name, **fields):
+        cfg = tiny_run_config(tmp_path, str(packed), val_file, write_ds_config(tmp_path), **{
+            "data.tokenizer": str(tok), "relora.mode": "full", "relora.warm_start_steps": 0,
+            "train.total_steps": 3, "train.eval_every": 3, "train.output_dir": str(tmp_path / name), **fields})
+        path = tmp_path / f"{name}.yaml"
+        cfg.save(str(path))
+        return str(path)
+
+    assert cli.main(["train", "--config", run_cfg("bad", **{"data.seq_len": 64})]) == 2
+    assert "seq_len 32 does not match data.seq_len 64" in capsys.readouterr().err
+    assert cli.main(["train", "--config", run_cfg("good")]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "good"), "--out", str(tmp_path / "hf")]) == 0
+    assert cli.main(["eval", str(tmp_path / "hf"), "--source", val_file, "--split", "train", "--seq-len", "32",
+                     "--batch-size", "2", "--max-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "perplexity" in out
