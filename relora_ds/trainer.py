@@ -146,6 +146,38 @@ def prepare_output_dir(cfg: RunConfig) -> str | None:
     return None
 
 
+def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resume_tag: str | None):
+    """(engine, state): a new model, or one restored from `resume_tag`, or a full-rank model
+    loaded from relora.warm_start_checkpoint (step count and data position carry on; the switch to ReLoRA
+    then happens in the loop). Restores the data position into `batches`."""
+    state = TrainState()
+    start_tag = resume_tag or (checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)
+                               if cfg.relora.warm_start_checkpoint else None)
+    saved = checkpoint.read_state(start_tag) if start_tag else None
+    if saved is not None and not resume_tag:  # ReLoRA from a saved full-rank checkpoint
+        if saved["wrapped"]:
+            raise RunError(f"relora.warm_start_checkpoint {start_tag}: is already a ReLoRA checkpoint; "
+                           f"use train.resume to continue it")
+        if cfg.relora.warm_start_steps == 0:
+            cfg.relora.warm_start_steps = saved["step"]
+        elif cfg.relora.warm_start_steps != saved["step"]:
+            raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
+                           f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
+    model = build_fresh_model(cfg, vocab_size)
+    check_seq_len(cfg, model.config.max_position_embeddings)
+    if saved is not None and resume_tag and saved["wrapped"]:
+        wrap_model(cfg, model)
+    elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:
+        wrap_model(cfg, model)
+    engine = runtime.make_engine(model, ds_config)
+    if saved is not None:
+        checkpoint.load(engine, start_tag, module_only=not resume_tag)
+        state = TrainState(**{k: saved[k] for k in TrainState().to_dict()})
+        batches.load_state_dict(state.data)
+    state.wrapped = any(n.endswith("lora_A") for n, _ in engine.module.named_parameters())
+    return engine, state
+
+
 # --- the run ------------------------------------------------------------------------------------------
 
 def train(cfg: RunConfig) -> dict:
@@ -179,32 +211,8 @@ def train(cfg: RunConfig) -> dict:
     eval_set = (data_loader.eval_batches(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
                                          rank=rank, world_size=world) if val_set is not None else [])
 
-    # Model, adapters, engine.
-    state = TrainState()
-    start_tag = resume_tag or (checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)
-                               if cfg.relora.warm_start_checkpoint else None)
-    saved = checkpoint.read_state(start_tag) if start_tag else None
-    if saved is not None and not resume_tag:  # ReLoRA from a saved full-rank checkpoint
-        if saved["wrapped"]:
-            raise RunError(f"relora.warm_start_checkpoint {start_tag}: is already a ReLoRA checkpoint; "
-                           f"use train.resume to continue it")
-        if cfg.relora.warm_start_steps == 0:
-            cfg.relora.warm_start_steps = saved["step"]
-        elif cfg.relora.warm_start_steps != saved["step"]:
-            raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
-                           f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
-    model = build_fresh_model(cfg, vocab_size)
-    check_seq_len(cfg, model.config.max_position_embeddings)
-    if saved is not None and resume_tag and saved["wrapped"]:
-        wrap_model(cfg, model)
-    elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:
-        wrap_model(cfg, model)
-    engine = runtime.make_engine(model, ds_config)
-    if saved is not None:
-        checkpoint.load(engine, start_tag, module_only=not resume_tag)
-        state = TrainState(**{k: saved[k] for k in TrainState().to_dict()})
-        batches.load_state_dict(state.data)
-    state.wrapped = any(n.endswith("lora_A") for n, _ in engine.module.named_parameters())
+    # Model, adapters, engine: fresh, resumed, or ReLoRA from a saved full-rank checkpoint.
+    engine, state = start_engine(cfg, ds_config, vocab_size, batches, resume_tag)
 
     lr_multiplier = multiplier_from_config(cfg)
     if rank == 0:
