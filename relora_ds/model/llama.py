@@ -7,6 +7,7 @@ import importlib.util
 
 import torch
 
+from relora_ds.config import ATTN_IMPLEMENTATIONS
 from relora_ds.relora.wrap import DEFAULT_TARGETS, _matches
 
 # hidden, intermediate, heads, layers, max positions. Paper Table 1 (LLaMA style: RMSNorm, SwiGLU,
@@ -30,7 +31,6 @@ PRESETS = {
                max_position_embeddings=4096),
 }
 PAPER_VOCAB_SIZE = 32100  # T5's SentencePiece tokenizer, used for the paper's parameter counts
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def resolve_attn_implementation(choice: str = "auto") -> str:

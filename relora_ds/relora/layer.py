@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from relora_ds.config import KERNELS as KERNEL_CHOICES
 from relora_ds.relora import functional
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 class ReLoRALinear(nn.Module):

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
-PRUNE_METHODS = ("magnitude", "random", "full", "none")
+from relora_ds.config import OPTIMIZER_RESETS as PRUNE_METHODS
+
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
