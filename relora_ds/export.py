@@ -9,8 +9,8 @@ import os
 from relora_ds.config import RunConfig
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint
-from relora_ds.model.llama import build_model
-from relora_ds.relora.wrap import unwrap, wrap
+from relora_ds.model.llama import model_from_config
+from relora_ds.relora.wrap import unwrap, wrap_from_config
 
 
 def load_checkpoint_model(path: str):
@@ -20,11 +20,9 @@ def load_checkpoint_model(path: str):
     cfg = RunConfig.from_dict(state["config"])
     weights = checkpoint.load_fp32_state_dict(tag_dir)
     vocab_size = weights["model.embed_tokens.weight"].shape[0]
-    model = build_model(cfg.model.preset, vocab_size, attn_implementation="sdpa")
+    model = model_from_config(cfg.model, vocab_size, attn_implementation="sdpa")
     if state["wrapped"]:
-        r = cfg.relora
-        wrap(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
-             trainable_scaling=r.trainable_scaling, kernels="torch", seed=cfg.train.seed)
+        wrap_from_config(model, cfg.relora, seed=cfg.train.seed, kernels="torch")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise checkpoint.CheckpointError(f"{tag_dir}: checkpoint does not match its config "

@@ -19,9 +19,9 @@ from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint, ds_config as dsc, runtime
 from relora_ds.engine.restart import relora_restart
 from relora_ds.metrics import Metrics
-from relora_ds.model.llama import PRESETS, build_model
+from relora_ds.model.llama import PRESETS, model_from_config
 from relora_ds.plots import plot_loss
-from relora_ds.relora.wrap import wrap
+from relora_ds.relora.wrap import wrap_from_config
 from relora_ds.schedule import multiplier_from_config
 
 
@@ -68,21 +68,6 @@ def next_restart(cfg: RunConfig, state: TrainState) -> int | None:
 
 # --- building blocks ----------------------------------------------------------------------------------
 
-def build_fresh_model(cfg: RunConfig, vocab_size: int):
-    if cfg.model.init_from:
-        from relora_ds.model.hf import load_pretrained
-
-        return load_pretrained(cfg.model.init_from, attn_implementation=cfg.model.attn_implementation)
-    return build_model(cfg.model.preset, vocab_size, attn_implementation=cfg.model.attn_implementation,
-                       seed=cfg.train.seed)
-
-
-def wrap_model(cfg: RunConfig, model) -> list[str]:
-    r = cfg.relora
-    return wrap(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
-                trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=cfg.train.seed)
-
-
 def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
     """Warm start → ReLoRA in the same run: carry the full-rank weights into a wrapped model and a new engine.
 
@@ -90,9 +75,9 @@ def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
     """
     full_state = runtime.gather_full_state(engine)
     engine.destroy()
-    model = build_fresh_model(cfg, vocab_size)
+    model = model_from_config(cfg.model, vocab_size, seed=cfg.train.seed)
     model.load_state_dict(full_state)
-    wrap_model(cfg, model)
+    wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
     return runtime.make_engine(model, ds_config)
 
 
@@ -163,12 +148,12 @@ def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resu
         elif cfg.relora.warm_start_steps != saved["step"]:
             raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
                            f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
-    model = build_fresh_model(cfg, vocab_size)
+    model = model_from_config(cfg.model, vocab_size, seed=cfg.train.seed)
     check_seq_len(cfg, model.config.max_position_embeddings)
     if saved is not None and resume_tag and saved["wrapped"]:
-        wrap_model(cfg, model)
+        wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
     elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:
-        wrap_model(cfg, model)
+        wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
     engine = runtime.make_engine(model, ds_config)
     if saved is not None:
         checkpoint.load(engine, start_tag, module_only=not resume_tag)

@@ -62,6 +62,17 @@ def llama_config(preset: str, vocab_size: int, max_position_embeddings: int | No
     return config
 
 
+def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
+                      attn_implementation: str | None = None):
+    """The run's model: loaded from `model.init_from` when set, else the preset, randomly initialised."""
+    attn = attn_implementation or model_cfg.attn_implementation
+    if model_cfg.init_from:
+        from relora_ds.model.hf import load_pretrained
+
+        return load_pretrained(model_cfg.init_from, attn_implementation=attn)
+    return build_model(model_cfg.preset, vocab_size, attn_implementation=attn, seed=seed)
+
+
 def build_model(preset: str, vocab_size: int, *, max_position_embeddings: int | None = None,
                 attn_implementation: str = "auto", dtype: torch.dtype | None = None, seed: int | None = None):
     """A randomly initialised LlamaForCausalLM for `preset` (seeded when `seed` is given)."""

@@ -48,6 +48,13 @@ def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
     return targets
 
 
+def wrap_from_config(model: nn.Module, relora_cfg, *, seed: int, kernels: str | None = None) -> list[str]:
+    """`wrap` with the settings of a run config's `relora` section (kernels: override, e.g. "torch")."""
+    r = relora_cfg
+    return wrap(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
+                trainable_scaling=r.trainable_scaling, kernels=kernels or r.kernels, seed=seed)
+
+
 def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:
     """Name → ReLoRALinear for every wrapped layer, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ReLoRALinear)}
