@@ -44,6 +44,13 @@ gpu_count() {
     fi
 }
 
+# procs_per_node: the default number of processes per node: one per GPU, or 1 without GPUs.
+procs_per_node() {
+    local gpus
+    gpus=$(gpu_count)
+    echo $(( gpus > 0 ? gpus : 1 ))
+}
+
 # use_cpu_if_no_gpu: without GPUs, run DeepSpeed on its CPU accelerator (unless DS_ACCELERATOR is set).
 use_cpu_if_no_gpu() {
     if [[ "$(gpu_count)" -eq 0 && -z "${DS_ACCELERATOR:-}" ]]; then

@@ -40,10 +40,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-gpus=$(gpu_count)
-if [[ -z "$num_gpus" ]]; then
-    num_gpus=$(( gpus > 0 ? gpus : 1 ))
-fi
+num_gpus=${num_gpus:-$(procs_per_node)}
 require_int --num_gpus "$num_gpus" 1
 require_int --master_port "$master_port" 1
 check_train_args

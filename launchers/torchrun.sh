@@ -46,8 +46,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-gpus=$(gpu_count)
-nproc_per_node=${nproc_per_node:-$(( gpus > 0 ? gpus : 1 ))}
+nproc_per_node=${nproc_per_node:-$(procs_per_node)}
 require_int --nnodes "$nnodes" 1
 require_int --nproc_per_node "$nproc_per_node" 1
 require_int --node_rank "$node_rank" 0
