@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks (forked processes) and fail the test with the ranks' tracebacks.
+"""Run a function on N gloo ranks (forked, or spawned when this process already joined a process group) and fail the test with the ranks' tracebacks.
 
     results = run_on_ranks(fn, world_size=2, args=(...,), timeout=240)   # fn(rank, world_size, *args)
 
@@ -44,7 +44,11 @@ def _worker(rank, world_size, port, fn, args, results):
 
 def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 300.0, grace: float = 5.0) -> list:
     """fn(rank, world_size, *args) on `world_size` forked ranks; returns the results by rank or raises."""
-    ctx = mp.get_context("fork")
+    # fork is about twice as fast, but a forked child inherits this process's torch.distributed state:
+    # after an in-process run (world size 1) the ranks would think they are already initialised and hang.
+    import torch.distributed as dist
+
+    ctx = mp.get_context("spawn" if dist.is_available() and dist.is_initialized() else "fork")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
