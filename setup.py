@@ -7,8 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["relora_ds", "relora_ds.*"]),
-    package_data={"relora_ds": ["data/sample/*/*", "configs/*.yaml"]},
+    # ds_configs/ ships inside the package as relora_ds/ds_configs/ (engine.ds_config.resolve_path finds it).
+    packages=find_packages(include=["relora_ds", "relora_ds.*"]) + ["relora_ds.ds_configs"],
+    package_dir={"relora_ds.ds_configs": "ds_configs"},
+    package_data={"relora_ds": ["data/sample/*/*", "configs/*.yaml"], "relora_ds.ds_configs": ["*.json", "*.md"]},
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",

@@ -7,6 +7,7 @@
     relora-ds export CHECKPOINT --out DIR
     relora-ds eval CHECKPOINT_OR_MODEL_DIR [--source sotu --split validation]
     relora-ds demo
+    relora-ds bench --preset 1b --seq-len 2048 --micro-batch 4 [--max-microbatch] [--profile]
 """
 
 import argparse
@@ -125,8 +126,6 @@ def cmd_demo(args) -> int:
     out = args.output_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     overrides = [f"train.output_dir={out}"] + list(args.overrides)
     cfg = load_config(os.path.join(here, "configs", "demo.yaml"), overrides)
-    if not os.path.isabs(cfg.train.deepspeed_config) and not os.path.isfile(cfg.train.deepspeed_config):
-        cfg.train.deepspeed_config = os.path.join(here, "..", cfg.train.deepspeed_config)
     started = time.time()
     summary = train(cfg)
     summary["engine"].destroy()
@@ -145,6 +144,20 @@ def cmd_demo(args) -> int:
                        ("exported model", export_dir)):
         print(f"  {what:15s} {path}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    """Throughput, MFU and memory of ReLoRA against full-rank (relora_ds/bench, benchmarks/README.md)."""
+    from relora_ds.bench import throughput
+
+    try:
+        throughput.check_args(args)
+        return throughput.run(args)
+    except SystemExit as e:  # the benchmark's one-line argument and run errors
+        if isinstance(e.code, str):
+            print(f"error: {e.code}", file=sys.stderr)
+            return 2
+        raise
 
 
 # --- parser ---------------------------------------------------------------------------------------------
@@ -209,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of relora_ds/configs/demo.yaml (repeatable)")
     p.set_defaults(fn=cmd_demo)
+
+    from relora_ds.bench.throughput import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="throughput, MFU and memory: ReLoRA against full-rank, one process per mode",
+                       description="Results go to benchmarks/results/ under the current directory "
+                                   "(--results-dir). See benchmarks/README.md.")
+    add_bench_arguments(p)
+    p.set_defaults(fn=cmd_bench)
     return parser
 
 

@@ -15,10 +15,41 @@ class DSConfigError(ValueError):
     """A DeepSpeed JSON that cannot be used for this run; the message names the file and field."""
 
 
+SHIPPED_DIR = "ds_configs"
+
+
+def shipped_dir() -> str:
+    """The folder of the shipped DeepSpeed JSONs: inside the installed package (a wheel puts ds_configs/ at
+    relora_ds/ds_configs/), or the checkout's top-level ds_configs/ (source tree, editable install)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed = os.path.join(package, SHIPPED_DIR)
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), SHIPPED_DIR)
+
+
+def shipped_configs() -> list[str]:
+    folder = shipped_dir()
+    return sorted(name for name in os.listdir(folder) if name.endswith(".json")) if os.path.isdir(folder) else []
+
+
+def resolve_path(path: str) -> str:
+    """`path` itself when it is a file; otherwise a relative `ds_configs/NAME.json` is the shipped NAME.json,
+    so configs naming the shipped files work from any directory and from an installed wheel."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) == 2 and parts[0] == SHIPPED_DIR:
+        shipped = os.path.join(shipped_dir(), parts[1])
+        if os.path.isfile(shipped):
+            return shipped
+    return path
+
+
 def load_ds_config(path: str) -> dict:
-    """Read a DeepSpeed JSON file, with one-line errors for a missing or malformed file."""
+    """Read a DeepSpeed JSON file (see resolve_path), with one-line errors for a missing or malformed file."""
+    path = resolve_path(path)
     if not os.path.isfile(path):
-        raise DSConfigError(f"{path}: DeepSpeed config file not found (train.deepspeed_config)")
+        raise DSConfigError(f"{path}: DeepSpeed config file not found (train.deepspeed_config); shipped configs: "
+                            + ", ".join(f"{SHIPPED_DIR}/{name}" for name in shipped_configs()))
     try:
         with open(path) as f:
             config = json.load(f)

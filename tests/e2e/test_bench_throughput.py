@@ -1,10 +1,9 @@
-"""benchmarks/throughput.py on CPU: a short real run of both torch modes, the files it writes, the search.
+"""The throughput benchmark on CPU (benchmarks/throughput.py and `relora-ds bench`, both relora_ds/bench):
+a short real run of both torch modes, the files it writes, the phase breakdown, the search, bad arguments.
 
-The script is run as a subprocess (as a user runs it). Its pure micro-batch search is loaded by file path,
-since benchmarks/ is not a package.
+The script and the CLI are run as subprocesses (as a user runs them).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -23,13 +22,6 @@ def run_script(*args, timeout=120):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("throughput_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def repo_results() -> set[str]:
     folder = os.path.join(REPO, "benchmarks", "results")
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()
@@ -37,7 +29,7 @@ def repo_results() -> set[str]:
 
 def test_cpu_run_of_both_torch_modes(tmp_path):
     before = repo_results()
-    proc = run_script(*TINY, "--modes", "full", "relora", "--warmup", "2", "--steps", "3",
+    proc = run_script(*TINY, "--modes", "full", "relora", "--warmup", "2", "--steps", "3", "--profile",
                       "--results-dir", str(tmp_path), "--tag", "test")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert repo_results() == before, "the test run must not write into the repository"
@@ -90,15 +82,57 @@ def test_cpu_run_of_both_torch_modes(tmp_path):
     assert ratios["tokens_per_s"] == pytest.approx(1 / ratios["step_time"])
     assert ratios["trainable_params"] == pytest.approx(relora["trainable_params"] / full["trainable_params"])
 
+    # --profile: the top ops of one step, and one step's time by phase with the FLOP model's ratios beside.
+    for mode, summary in (("full", full), ("relora", relora)):
+        assert report["profile"][mode] and all(op["self_ms"] >= 0 for op in report["profile"][mode])
+        phases = summary["phase_seconds"]
+        assert list(phases) == ["forward", "backward", "optimizer step"] and all(t > 0 for t in phases.values())
+    assert ratios["phase_seconds"]["backward"] == pytest.approx(
+        relora["phase_seconds"]["backward"] / full["phase_seconds"]["backward"])
+
     table = (tmp_path / (stem + ".md")).read_text()
+    assert "Where one optimizer step's time goes" in table
+    assert "| phase | full (ms) | relora (ms) | relora / full | FLOP model relora / full |" in table
     assert "| metric | full | relora | relora / full |" in table
     assert "| tokens/s per device |" in table and "peak RSS of the worker process" in table
     assert "trends only" in table
     assert table in proc.stdout
 
 
+def test_cli_bench_writes_under_the_current_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "relora_ds", "bench", *TINY, "--modes", "relora", "--warmup", "1",
+                           "--steps", "2"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(os.listdir(tmp_path / "benchmarks" / "results"))
+    assert [os.path.splitext(name)[1] for name in written] == [".json", ".md", ".png"]
+    report = json.loads((tmp_path / "benchmarks" / "results" / written[0]).read_text())
+    assert list(report["modes"]) == ["relora"] and report["ratios"] == {}  # no full-rank run: no ratios
+    assert report["args"]["ds_config"].endswith(os.path.join("ds_configs", "cpu.json"))  # the shipped default
+    assert "fn" not in report["args"] and "ds_configs/cpu.json (ZeRO-0, fp32)" in proc.stdout
+
+
+def test_cli_bench_bad_argument_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "relora_ds", "bench", "--preset", "tiny", "--steps", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "error: --steps must be >= 1, got 0\n"
+
+
+def test_ideal_phase_ratios_follow_the_flop_model():
+    from relora_ds.bench.report import ideal_phase_ratios
+    from relora_ds.model.llama import flops_per_token
+
+    flops = flops_per_token("1b", 32100, 2048, relora_rank=128)
+    ideal = ideal_phase_ratios(flops)
+    # forward + backward FLOPs of each mode add up to the model module's totals
+    full_fwd = 2 * flops["n_linear"] + flops["attention"] / 3
+    full_bwd = 4 * flops["n_linear"] + 2 * flops["attention"] / 3
+    assert full_fwd + full_bwd == pytest.approx(flops["full"])
+    assert ideal["forward"] * full_fwd + ideal["backward"] * full_bwd == pytest.approx(flops["relora"])
+    assert ideal["forward"] > 1 > ideal["backward"]  # adapters add forward work; frozen W drops its dW GEMM
+
+
 def test_search_largest_doubles_then_bisects():
-    search_largest = load_script().search_largest
+    from relora_ds.bench.throughput import search_largest
 
     def limit(n_max):
         tried = []
@@ -131,16 +165,18 @@ def test_search_largest_doubles_then_bisects():
     (["--preset", "tiny", "--data", "/no/such/dir"], "--data must be 'synthetic' or a packed dataset directory"),
 ])
 def test_bad_arguments_give_one_line_errors(args, message):
-    script = load_script()
+    from relora_ds.bench.throughput import parse_args
+
     with pytest.raises(SystemExit) as raised:
-        script.parse_args(args)
+        parse_args(args)
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_only_out_of_memory_errors_count_as_not_fitting():
     import torch
 
-    is_oom = load_script().is_oom
+    from relora_ds.bench.worker import is_oom
+
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom(MemoryError())
     assert is_oom(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate ... out of memory"))

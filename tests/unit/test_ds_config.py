@@ -85,3 +85,17 @@ def test_load_errors_name_the_file(tmp_path):
     arr.write_text(json.dumps([1]))
     with pytest.raises(dsc.DSConfigError, match="expected a JSON object"):
         dsc.load_ds_config(str(arr))
+
+
+def test_shipped_configs_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ds_configs/ here: the name means the shipped file
+    assert dsc.resolve_path("ds_configs/zero3.json") == os.path.join(ROOT, "ds_configs", "zero3.json")
+    assert dsc.load_ds_config("ds_configs/cpu.json")["train_micro_batch_size_per_gpu"] >= 1
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "cpu.json").write_text('{"train_micro_batch_size_per_gpu": 7}')
+    assert dsc.load_ds_config("ds_configs/cpu.json")["train_micro_batch_size_per_gpu"] == 7  # a local file wins
+    with pytest.raises(dsc.DSConfigError, match=r"ds_configs/nope.json: DeepSpeed config file not found .*"
+                                                r"shipped configs: .*ds_configs/zero3.json"):
+        dsc.load_ds_config("ds_configs/nope.json")
+    assert dsc.shipped_configs() == sorted(os.path.basename(f) for f in FILES)
+

@@ -27,6 +27,8 @@ ONLY_IN = {
     "relora_ds.trainer": ("relora_ds.cli", "relora_ds.train", "relora_ds.__main__"),
     "relora_ds.cli": ("relora_ds.train", "relora_ds.__main__"),
     "relora_ds.train": ("relora_ds.cli", "relora_ds.__main__"),
+    # the shipped benchmark sits on top, like the trainer: only the command line reaches it
+    "relora_ds.bench": ("relora_ds.bench.*", "relora_ds.cli"),
 }
 
 # module pattern → imported names it must never import
