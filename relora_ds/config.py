@@ -29,6 +29,7 @@ KERNELS = ("auto", "triton", "torch")
 ZERO3_MERGES = ("shard", "gathered")
 SCHEDULE_KINDS = ("jagged_cosine", "cosine", "constant")
 DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")
+RESUME_CHOICES = (False, True, "auto")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -111,7 +112,9 @@ class TrainConfig:
     eval_batches: int = _field(20, "micro-batches per evaluation")
     deepspeed_config: str = _field("ds_configs/cpu.json", "DeepSpeed JSON: batch sizes, precision, ZeRO, optimizer")
     output_dir: str = _field("runs/default", "run directory")
-    resume: bool = _field(False, "resume from the latest checkpoint in output_dir")
+    resume: bool | str = _field(
+        False, "false: refuse an output_dir holding another run; true: continue from its newest complete checkpoint "
+               "(error if none); auto: continue if there is one, else start fresh (for requeued jobs)", RESUME_CHOICES)
     max_grad_norm: float | None = _field(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
 
 
@@ -180,6 +183,10 @@ class RunConfig:
                     errors.append(_unknown_key_message(f"{name}.{key}", name))
                     continue
                 converted, error = _convert(raw, hints[key], f"{name}.{key}")
+                choices = _choices_of(SECTIONS[name], key)
+                if error and choices is not None and not all(isinstance(c, str) for c in choices):
+                    # a field mixing booleans and words (train.resume): name the choices, not the types
+                    error = f"{name}.{key}: must be one of {_show_choices(choices)}, got {_describe(raw)}"
                 if error:
                     errors.append(error)
                 else:
@@ -267,8 +274,8 @@ def validate(cfg: RunConfig) -> list[str]:
         for f in dataclasses.fields(section_cls):
             choices = f.metadata.get("choices")
             value = getattr(section, f.name)
-            if choices is not None and value not in choices:
-                errors.append(f"{section_name}.{f.name}: must be one of {', '.join(choices)}, got {value!r}")
+            if choices is not None and not any(value == c and type(value) is type(c) for c in choices):
+                errors.append(f"{section_name}.{f.name}: must be one of {_show_choices(choices)}, got {value!r}")
 
     def at_least(name, value, low):
         if value is not None and value < low:
@@ -349,13 +356,25 @@ def reference_markdown() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             meaning = f.metadata["help"]
             if "choices" in f.metadata:
-                meaning += f" ({', '.join(f.metadata['choices'])})"
+                meaning += f" ({_show_choices(f.metadata['choices'])})"
             lines.append(f"| `{section_name}.{f.name}` | `{json.dumps(default)}` | {meaning} |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _choices_of(section_cls, name: str):
+    for f in dataclasses.fields(section_cls):
+        if f.name == name:
+            return f.metadata.get("choices")
+    return None
+
+
+def _show_choices(choices) -> str:
+    """"full, lora, relora"; booleans as YAML writes them ("false, true, auto")."""
+    return ", ".join(json.dumps(c) if isinstance(c, bool) else str(c) for c in choices)
 
 
 def _read_file(path: str) -> dict:
@@ -381,9 +400,9 @@ def _parse_override_value(text: str, annotation):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text  # e.g. "*.jsonl"; the type check reports it where a string is wrong
-    is_str_field = annotation is not None and str in _base_types(annotation)
-    if is_str_field and isinstance(value, (bool, int, float)):
-        return text.strip()  # "2024", "yes", "1e3" stay text in a string field
+    allowed = _base_types(annotation) if annotation is not None else ()
+    if str in allowed and isinstance(value, (bool, int, float)) and not (isinstance(value, bool) and bool in allowed):
+        return text.strip()  # "2024", "yes", "1e3" stay text in a string field (true stays a bool in bool | str)
     return value
 
 
@@ -415,7 +434,10 @@ def _convert(value, annotation, name: str):
     if value is None:
         return (None, None) if type(None) in allowed else (None, expected)
     if bool in allowed:
-        return (value, None) if isinstance(value, bool) else (None, expected)
+        if isinstance(value, bool):
+            return value, None
+        if str not in allowed:  # bool | str (train.resume): a word is checked against the choices by validate
+            return None, expected
     if isinstance(value, bool):
         return None, expected
     if int in allowed:

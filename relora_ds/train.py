@@ -16,8 +16,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set relora.rank=64 (repeatable)")
     parser.add_argument("--output_dir", "--output-dir", default=None, help="overrides train.output_dir")
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its "
-                        "latest complete checkpoint (sets train.resume=true)")
+    parser.add_argument("--resume", nargs="?", const="true", default=None, choices=("true", "auto", "false"),
+                        metavar="auto",
+                        help="continue the run in train.output_dir from its newest complete checkpoint: "
+                             "--resume sets train.resume=true (error without a checkpoint); --resume auto sets "
+                             "train.resume=auto (start fresh without one: for preemptible/requeued jobs); "
+                             "--resume true / false are accepted too")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the rank comes from the environment")
 
@@ -30,8 +34,8 @@ def config_from_args(args):
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    if args.resume:
-        overrides.append("train.resume=true")
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
     return load_config(args.config, overrides)
 
 

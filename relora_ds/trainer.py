@@ -119,16 +119,54 @@ def _mean_over_ranks(value: float, device) -> float:
     return t.item() / dist.world_size()
 
 
+# What a run writes into train.output_dir besides checkpoints/ and the data cache/ (kept: its key is the data).
+RUN_RECORDS = ("config.yaml", "ds_config.json", "metrics.jsonl", "loss.png", "wandb_run_id", "tensorboard")
+PREVIOUS_ATTEMPTS = "previous_attempts"
+
+
 def prepare_output_dir(cfg: RunConfig) -> str | None:
-    """Refuse a directory holding another run unless resuming; return the tag to resume from (or None)."""
+    """Check train.output_dir against train.resume; return the checkpoint tag to resume from (or None).
+
+    false: a directory holding another run (config.yaml) is refused. true: the newest complete checkpoint,
+    or a CheckpointError. auto: the newest complete checkpoint if there is one; else a fresh start, and the records
+    of an attempt that died before its first complete checkpoint (RUN_RECORDS) are moved to
+    previous_attempts/NNN/ (rank 0), so the new run's metrics.jsonl, wandb run and TensorBoard start empty.
+    Torn checkpoints are never resumed; a later save removes them.
+    """
     out = cfg.train.output_dir
-    has_run = os.path.isfile(os.path.join(out, "config.yaml"))
-    if cfg.train.resume:
-        return checkpoint.find_checkpoint(out)
-    if has_run:
+    resume = cfg.train.resume
+    if resume:  # true or "auto"
+        try:
+            return checkpoint.find_checkpoint(out)
+        except checkpoint.CheckpointError as e:
+            if resume != "auto":
+                raise checkpoint.CheckpointError(f"{e}; train.resume=auto (--resume auto) starts fresh instead "
+                                                 f"when there is none") from None
+        if dist.is_rank_zero():
+            moved_to = set_aside_previous_attempt(out)
+            if moved_to:
+                print(f"train.resume=auto: no complete checkpoint in {out}; starting fresh (the previous "
+                      f"attempt's records were moved to {moved_to})", flush=True)
+        return None
+    if os.path.isfile(os.path.join(out, "config.yaml")):
         raise RunError(f"{out}: holds another run (config.yaml exists); choose a new train.output_dir or set "
-                       f"train.resume=true to continue it")
+                       f"train.resume=true (or auto) to continue it")
     return None
+
+
+def set_aside_previous_attempt(out: str) -> str | None:
+    """Move the RUN_RECORDS found in `out` to a new `out`/previous_attempts/NNN/; return it (None: nothing)."""
+    found = [name for name in RUN_RECORDS if os.path.lexists(os.path.join(out, name))]
+    if not found:
+        return None
+    parent = os.path.join(out, PREVIOUS_ATTEMPTS)
+    os.makedirs(parent, exist_ok=True)
+    index = 1 + max((int(n) for n in os.listdir(parent) if n.isdigit()), default=0)
+    target = os.path.join(parent, f"{index:03d}")
+    os.makedirs(target)
+    for name in found:
+        os.replace(os.path.join(out, name), os.path.join(target, name))
+    return target
 
 
 def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resume_tag: str | None):

@@ -6,7 +6,9 @@ Layout of `<output_dir>/checkpoints/`:
         rank_00000_rng.pt       per-rank RNG states
         COMPLETE                written last, after every rank finished writing
     latest                      the newest complete tag (written atomically; informational)
-A tag without COMPLETE is never resumed from and is removed by the next save.
+A tag without COMPLETE is never resumed from and is removed by the next save. A complete tag is never
+removed to be rewritten: saving the same step with the same run state again (a resumed run that had already
+finished, a requeued job) keeps the tag on disk as it is.
 """
 
 import json
@@ -72,6 +74,8 @@ def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int)
     """Save on every rank (collective); returns the tag dir. `state` must be identical on all ranks."""
     tag = tag_for(step)
     tag_dir = os.path.join(checkpoint_dir, tag)
+    if _same_complete_tag(tag_dir, state):
+        return tag_dir
     if dist.is_rank_zero() and os.path.isdir(tag_dir):
         shutil.rmtree(tag_dir)  # an earlier torn write of the same step
     dist.barrier()
@@ -86,6 +90,21 @@ def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int)
         _prune(checkpoint_dir, keep_last, newest=tag)
     dist.barrier()
     return tag_dir
+
+
+def _same_complete_tag(tag_dir: str, state: dict) -> bool:
+    """Whether `tag_dir` is already complete with this very run state (rank 0 decides; every rank hears it)."""
+    same = False
+    if dist.is_rank_zero() and os.path.isfile(os.path.join(tag_dir, COMPLETE)):
+        try:
+            same = read_state(tag_dir) == json.loads(json.dumps(state))
+        except CheckpointError:
+            same = False
+    if dist.world_size() > 1:
+        decision = [same]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        same = decision[0]
+    return same
 
 
 def _prune(checkpoint_dir: str, keep_last: int, newest: str) -> None:

@@ -103,6 +103,54 @@ def test_torn_checkpoint_is_never_resumed(corpus, tmp_path):
     assert checkpoint.find_checkpoint(cfg.train.output_dir).endswith(checkpoint.tag_for(6))
 
 
+def test_resume_auto_starts_fresh_then_continues(corpus, tmp_path):
+    """The same command twice with train.resume=auto (a requeued job): the first attempt finds only the
+    leftovers of an attempt killed before its first complete checkpoint and trains from step 0 with a clean
+    metrics.jsonl; the second, with a larger train.total_steps, continues from the first one's checkpoint."""
+    import json
+
+    _, train_file, val_file = corpus
+    ds = write_ds_config(tmp_path)
+    out = tmp_path / "run"
+    torn = out / "checkpoints" / checkpoint.tag_for(3)
+    torn.mkdir(parents=True)  # killed mid-save: no COMPLETE
+    (out / "config.yaml").write_text("train: {total_steps: 6}\n")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3)))
+
+    def attempt(total_steps):
+        return run(tiny_run_config(tmp_path, train_file, val_file, ds, **{
+            "train.resume": "auto", "train.total_steps": total_steps, "train.eval_every": 0,
+            "train.output_dir": str(out)}))
+
+    first = attempt(6)
+    records = read_metrics(out)
+    assert not [r for r in records if r.get("event") == "resume"]
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 7))
+    assert all(r["loss"] != 99.0 for r in records if "loss" in r)  # no stale step of the dead attempt
+    assert len(read_metrics(out / "previous_attempts" / "001")) == 3
+    assert first["checkpoint"].endswith(checkpoint.tag_for(6)) and not torn.exists()  # the save removed it
+
+    second = attempt(10)
+    assert sorted(second["losses"]) == list(range(7, 11))
+    records = read_metrics(out)
+    assert [(r["event"], r["step"]) for r in records if r.get("event") in ("resume", "switch", "restart")] == [
+        ("switch", 4), ("resume", 6), ("restart", 8)]
+    steps = [r["step"] for r in records if "event" not in r]
+    assert steps == list(range(1, 11))  # continued at 7, nothing written twice
+    assert [r["loss"] for r in records if "event" not in r][6:] == [second["losses"][s] for s in range(7, 11)]
+    assert second["checkpoint"].endswith(checkpoint.tag_for(10))
+    assert os.listdir(out / "previous_attempts") == ["001"]
+
+    # Requeued once more after it finished: the complete final checkpoint is kept as it is, never removed to
+    # be rewritten (a kill during a rewrite would lose it), and no step is trained or logged again.
+    final = out / "checkpoints" / checkpoint.tag_for(10)
+    before = {p.name: os.stat(p).st_ino for p in final.iterdir()}
+    third = attempt(10)
+    assert third["losses"] == {} and third["checkpoint"] == second["checkpoint"]
+    assert {p.name: os.stat(p).st_ino for p in final.iterdir()} == before
+    assert [r["step"] for r in read_metrics(out) if "event" not in r] == list(range(1, 11))
+
+
 def test_output_dir_holding_another_run_is_refused(corpus, tmp_path):
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path))

@@ -234,3 +234,18 @@ def test_slurm_headers():
         headers = [line.split()[1] for line in f if line.startswith("#SBATCH")]
     names = {h.split("=")[0] for h in headers}
     assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--time"} <= names
+
+
+def test_slurm_forwards_resume_auto_for_requeued_jobs(files, slurm_env):
+    """A requeued job reruns the same command: `--resume auto` reaches relora_ds.train unchanged on every
+    node, and the script adds no --resume of its own (also not on a requeue, SLURM_RESTART_COUNT=1)."""
+    per_node = script("multi_node_no_ssh.sh")
+    for requeue in ({}, {"SLURM_RESTART_COUNT": "1"}):
+        cmd = command("slurm.sbatch", "--config", files["run"], "--resume", "auto", **slurm_env, **requeue)
+        assert cmd[cmd.index("--"):] == ["--", "--config", files["run"], "--resume", "auto"]
+        node_cmd = command("multi_node_no_ssh.sh", *cmd[cmd.index(per_node) + 1:], gpus="0,1,2,3", SLURM_NODEID="0")
+        assert node_cmd[-4:] == ["--config", files["run"], "--resume", "auto"]
+        cmd = command("slurm.sbatch", "--config", files["run"], **slurm_env, **requeue)
+        assert "--resume" not in cmd
+    result = run("slurm.sbatch", "-h", dry=False)
+    assert "--resume [auto]" in result.stdout and "--requeue" in result.stdout
