@@ -125,8 +125,6 @@ def check_args(args: argparse.Namespace) -> None:
     modes = args.modes or []
     if "relora-triton" in modes and not torch.cuda.is_available():
         raise SystemExit("--modes relora-triton needs a CUDA GPU (the Triton kernels do not run compiled on CPU)")
-    if "relora-triton" in modes and args.lora_dropout > 0:
-        raise SystemExit("--modes relora-triton needs --lora-dropout 0 (the fused kernels have no dropout)")
 
 
 def default_modes() -> list[str]:

@@ -12,3 +12,10 @@ def reference_relora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     caller left W trainable, which ReLoRA never does).
     """
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, A), B)
+
+
+def reference_relora_linear_from_s(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   S: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) + scale·S·Bᵀ for x (..., in) and a given S (..., r): the ground truth of
+    `fused_relora_linear_from_s`. With LoRA dropout S = F.linear(dropout(x), A)."""
+    return F.linear(x, weight, bias) + scale * F.linear(S, B)

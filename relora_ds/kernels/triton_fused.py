@@ -14,6 +14,10 @@ Backward:
 The four rank-r products have small outputs and long reductions: on a GPU they split the reduction
 across programs (fp32 workspace, summed afterwards) when the output has too few tiles for the SMs.
     dX = dY·W + dS·A              one GEMM, low-rank term in the epilogue
+
+With LoRA dropout the low-rank input is dropout(x), not x, so S comes from the caller (torch computes
+S = dropout(x)·Aᵀ and owns dA and the dropout's share of dX). The "from S" functions below are the
+same GEMMs without that part: y as above, and backward dS, dB as above and dX_base = dY·W (plain GEMM).
 dY is read by the dS and dB kernels separately: a single-read kernel would need atomic adds of an
 (out × r) tile per token tile, which moves more bytes than the second read of dY.
 
@@ -202,23 +206,44 @@ def matmul_splitk(X: torch.Tensor, Y: torch.Tensor, *, alpha: float = 1.0, split
     return work.sum(0).to(out_dtype)
 
 
+def relora_forward_from_s(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          S: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) + s·S·Bᵀ for x (M, in) and a given S (M, r): one GEMM, S·Bᵀ in the epilogue."""
+    return matmul(x, weight.t(), bias=bias, P=S, Q=B.t(), beta=scale)
+
+
 def relora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, in) → (y (M, out), S = x·Aᵀ (M, r)); S is what the backward needs besides the inputs."""
     S = matmul_splitk(x, A.t(), out_dtype=x.dtype)
-    y = matmul(x, weight.t(), bias=bias, P=S, Q=B.t(), beta=scale)
-    return y, S
+    return relora_forward_from_s(x, weight, bias, S, B, scale), S
+
+
+def _lowrank_grads(dy: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dS = s·dY·B (M, r), dB = s·dYᵀ·S (out, r)) for the term s·S·Bᵀ."""
+    dS = matmul_splitk(dy, B, alpha=scale, out_dtype=S.dtype)
+    dB = matmul_splitk(dy.t(), S, alpha=scale, out_dtype=B.dtype)
+    return dS, dB
 
 
 def relora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                     B: torch.Tensor, S: torch.Tensor, scale: float, needs_dx: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX or an empty tensor when not needed, dA, dB) for y = x·Wᵀ + b + s·S·Bᵀ, S = x·Aᵀ."""
-    dS = matmul_splitk(dy, B, alpha=scale, out_dtype=dy.dtype)       # (M, r)
-    dB = matmul_splitk(dy.t(), S, alpha=scale, out_dtype=B.dtype)     # (out, r)
+    dS, dB = _lowrank_grads(dy, B, S, scale)                          # (M, r), (out, r)
     dA = matmul_splitk(dS.t(), x, out_dtype=A.dtype)                  # (r, in)
     if needs_dx:
         dx = matmul(dy, weight, P=dS, Q=A, beta=1.0)                  # (M, in)
     else:
         dx = x.new_empty(0)
     return dx, dA, dB
+
+
+def relora_backward_from_s(dy: torch.Tensor, weight: torch.Tensor, B: torch.Tensor, S: torch.Tensor,
+                           scale: float, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX_base = dY·W or an empty tensor when not needed, dS, dB) for y = x·Wᵀ + b + s·S·Bᵀ with S
+    an input: the caller's autograd turns dS into dA and the low-rank share of dX."""
+    dS, dB = _lowrank_grads(dy, B, S, scale)
+    dx = matmul(dy, weight) if needs_dx else dy.new_empty(0)          # (M, in)
+    return dx, dS, dB

@@ -84,10 +84,9 @@ class ReLoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def use_triton(self, x: torch.Tensor) -> bool:
-        """Whether this forward takes the fused Triton path (dropout must be off, scale fixed)."""
-        if self.kernels == "torch" or isinstance(self.dropout, nn.Dropout) and self.training:
-            return False
-        if self.lora_scaling is not None:
+        """Whether this forward takes a fused Triton path (the scale must be fixed). With dropout active
+        (training) it is `fused_relora_linear_from_s`, S = dropout(x)·Aᵀ by torch; else `fused_relora_linear`."""
+        if self.kernels == "torch" or self.lora_scaling is not None:
             return False
         if self.kernels == "triton":
             return True
@@ -98,9 +97,14 @@ class ReLoRALinear(nn.Module):
         return triton_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout_active = isinstance(self.dropout, nn.Dropout) and self.training
         if self.use_triton(x):
-            from relora_ds.kernels import fused_relora_linear
+            from relora_ds.kernels import fused_relora_linear, fused_relora_linear_from_s
 
+            if dropout_active:
+                # The mask is drawn here exactly as on the torch path below (same call, same RNG order).
+                S = F.linear(self.dropout(x), self.lora_A)
+                return fused_relora_linear_from_s(x, self.weight, self.bias, S, self.lora_B, float(self.scale))
             return fused_relora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, float(self.scale))
         base = F.linear(x, self.weight, self.bias)
         low_rank = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)

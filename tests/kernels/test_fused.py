@@ -3,6 +3,7 @@ machine (conftest sets it), compiled on the GPU when CUDA is present.
 
 Shapes are small and ragged (not multiples of the 64-wide interpreter tiles); fp32, fp16 and an
 fp64 gradcheck. bf16 is GPU-only (the interpreter's bf16 dot is wrong): see test_fused_gpu.py.
+LoRA dropout (the from-S op): test_fused_dropout.py; torch.autocast: test_fused_autocast.py.
 """
 
 import os
@@ -15,38 +16,11 @@ import torch
 from relora_ds.kernels import fused_relora_linear, reference_relora_linear, triton_available
 from relora_ds.kernels.autograd import check_runnable
 from relora_ds.relora.layer import ReLoRALinear
+from tests.kernels.common import DEVICE, make_inputs, randn, rel_err, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not usable here")
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-
-
-def randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def make_inputs(lead, in_f, out_f, rank, dtype=torch.float32, bias=True, zero_B=False, seed=0):
-    """Random x (lead..., in), frozen W and bias, trainable A and B (B = 0 when zero_B)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, in_f, generator=g).to(DEVICE, dtype).requires_grad_()
-    W = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(DEVICE, dtype)
-    b = torch.randn(out_f, generator=g).to(DEVICE, dtype) if bias else None
-    A = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5).to(DEVICE, dtype).requires_grad_()
-    B = torch.zeros(out_f, rank) if zero_B else torch.randn(out_f, rank, generator=g)
-    return x, W, b, A, B.to(DEVICE, dtype).requires_grad_()
-
-
-def run(fn, x, W, b, A, B, scale, dy):
-    """Output and (dX, dA, dB) of fn for the upstream gradient dy."""
-    y = fn(x, W, b, A, B, scale)
-    grads = torch.autograd.grad(y, (x, A, B), dy)
-    return y, grads
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 # Ragged shapes: tokens, in and out are not multiples of the 64 tiles; r = 100 spans two rank tiles.
@@ -217,16 +191,6 @@ def test_layer_triton_switch_matches_torch_and_keeps_state_dict(bias):
         assert layer.weight.grad is None
     for got, want in zip(outputs[1], outputs[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_layer_with_dropout_falls_back_to_torch_when_training():
-    layer = ReLoRALinear(32, 24, rank=4, alpha=8, dropout=0.1, kernels="triton").to(DEVICE)
-    x = randn(5, 32, seed=16)
-    assert not layer.train().use_triton(x)
-    layer.eval()  # dropout is inactive in eval: the fused path runs and agrees with the reference
-    assert layer.use_triton(x)
-    torch.testing.assert_close(layer(x), reference_relora_linear(x, layer.weight, None, layer.lora_A,
-                                                                 layer.lora_B, layer.scale), rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_llama_training_steps_match_torch_path():

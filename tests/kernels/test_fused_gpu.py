@@ -1,4 +1,5 @@
-"""Compiled Triton kernels on a CUDA GPU: bf16 at LLaMA shapes, fp16/fp32, torch.compile, a training step.
+"""Compiled Triton kernels on a CUDA GPU: bf16 at LLaMA shapes, fp16/fp32, torch.compile, a training step,
+bf16 autocast with fp32 parameters, and LoRA dropout (the from-S op) in bf16.
 
 All marked `gpu` (skipped without CUDA). Errors are measured against an fp64 reference on the GPU.
 """
@@ -6,7 +7,14 @@ All marked `gpu` (skipped without CUDA). Errors are measured against an fp64 ref
 import pytest
 import torch
 
-from relora_ds.kernels import fused_relora_linear, reference_relora_linear
+import torch.nn.functional as F
+
+from relora_ds.kernels import (
+    fused_relora_linear,
+    fused_relora_linear_from_s,
+    reference_relora_linear,
+    reference_relora_linear_from_s,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -67,8 +75,13 @@ def test_torch_compile_inductor_matches_eager():
         torch.testing.assert_close(g, g_eager)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_tiny_llama_training_step_matches_torch_path(dtype, tol, monkeypatch):
+@pytest.mark.parametrize("dtype,autocast,dropout,tol", [
+    (torch.float32, False, 0.0, 1e-4),
+    (torch.bfloat16, False, 0.0, 2e-2),
+    (torch.bfloat16, False, 0.1, 2e-2),   # the paper's dropout: the from-S op, same masks as torch
+    (torch.float32, True, 0.1, 2e-2),     # fp32 parameters under bf16 autocast (a plain torch loop)
+])
+def test_tiny_llama_training_step_matches_torch_path(dtype, autocast, dropout, tol, monkeypatch):
     from relora_ds.relora.wrap import wrap
     from tests.helpers.tiny import lm_loss, tiny_model, token_batches
 
@@ -76,18 +89,64 @@ def test_tiny_llama_training_step_matches_torch_path(dtype, tol, monkeypatch):
     losses = {}
     for kernels in ("torch", "triton"):
         model = tiny_model(seed=0, dtype=dtype).cuda()
-        wrap(model, rank=8, alpha=16, kernels=kernels, seed=0)
+        wrap(model, rank=8, alpha=16, dropout=dropout, kernels=kernels, seed=0)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         batches = token_batches(8, 64, seed=0)
+        torch.manual_seed(0)  # the dropout masks
         losses[kernels] = []
         for _ in range(5):
-            loss = lm_loss(model, next(batches).cuda())
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = lm_loss(model, next(batches).cuda())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             losses[kernels].append(loss.item())
     assert losses["torch"][-1] < losses["torch"][0]
     assert losses["triton"] == pytest.approx(losses["torch"], rel=tol)
+
+
+@pytest.mark.parametrize("from_s", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_autocast_with_fp32_params_matches_reference(x_dtype, from_s):
+    """x bf16 or fp32, W/A/B/bias fp32, under torch.autocast(bf16): like F.linear, bf16 out, fp32 grads."""
+    x, W, b, A, B = inputs(1000 + 3, 768 + 5, 1024 + 11, 64, torch.float32, bias=True)
+    x = x.detach().to(x_dtype).requires_grad_()
+    dy = torch.randn(1003, 1035, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    results = []
+    for fn in ((fused_relora_linear_from_s, reference_relora_linear_from_s) if from_s
+               else (fused_relora_linear, reference_relora_linear)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x, W, b, F.linear(x, A), B, 0.25) if from_s else fn(x, W, b, A, B, 0.25)
+        results.append((y, torch.autograd.grad(y, (x, A, B), dy.bfloat16())))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [x_dtype, torch.float32, torch.float32]
+    assert rel_err(y, y_ref) < 1e-2
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-2
+
+
+def test_bf16_layer_with_dropout_matches_torch_path_with_the_same_mask():
+    from relora_ds.relora.layer import ReLoRALinear
+
+    layers = {kernels: ReLoRALinear(768 + 5, 1024 + 11, rank=64, alpha=128, dropout=0.1, bias=True,
+                                    kernels=kernels).cuda().bfloat16() for kernels in ("torch", "triton")}
+    with torch.no_grad():
+        layers["torch"].weight.normal_(0.0, 773 ** -0.5)  # the constructor leaves W uninitialised
+        layers["torch"].lora_B.normal_()
+        layers["torch"].bias.normal_()
+    layers["triton"].load_state_dict(layers["torch"].state_dict())
+    x = torch.randn(4, 250, 773, device="cuda").bfloat16()
+    dy = torch.randn(4, 250, 1035, device="cuda").bfloat16()
+    results = {}
+    for kernels, layer in layers.items():
+        torch.manual_seed(3)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        results[kernels] = (y, *torch.autograd.grad(y, (xi, layer.lora_A, layer.lora_B), dy))
+    for got, want in zip(results["triton"], results["torch"]):
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, want) < 1e-2
 
 
 def test_auto_switch_uses_triton_on_cuda():
