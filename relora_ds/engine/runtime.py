@@ -38,11 +38,20 @@ def init_distributed() -> None:
 
 
 def make_engine(model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize over the model's trainable parameters; returns the engine."""
+    """deepspeed.initialize over the model's trainable parameters; returns the engine.
+
+    A single process on ZeRO-0 skips DeepSpeed's gradient all-reduce: with one rank it is an exact no-op
+    (a sum over one rank, divided by 1), yet DeepSpeed still flattens every gradient into buckets and copies
+    them back, which cost a quarter of a full-rank 130m step on CPU (benchmarks/README.md). ZeRO-1/2/3 reduce
+    inside their own optimizers and are left alone.
+    """
     import deepspeed
+    import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
     return engine
 
 
