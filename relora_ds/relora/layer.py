@@ -16,8 +16,10 @@ class ReLoRALinear(nn.Module):
 
     Parameter names: `weight` and `bias` keep nn.Linear's names (so unwrapping and checkpoints stay
     simple), `lora_A`, `lora_B`, and `lora_scaling` (only with trainable scaling, s = tanh(g)).
-    A is Kaiming-uniform and B is zero at construction, so the output equals the wrapped Linear's
-    and both A and B get gradients on the first step (never both zero: the authors' bug).
+    A is Kaiming-uniform and B is zero at construction, so the output equals the wrapped Linear's;
+    B gets a gradient on the first step and A from the second (never both zero: the authors' bug).
+    Built directly, W gets nn.Linear's init from a seeded generator (`init_base`); `from_linear` shares
+    the wrapped Linear's tensors instead.
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class ReLoRALinear(nn.Module):
         kernels: str = "auto",
         device=None,
         dtype=None,
+        init_base: bool = True,
     ):
         super().__init__()
         if rank < 1:
@@ -59,6 +62,10 @@ class ReLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
             self.lora_A.copy_(functional.kaiming_uniform_A(rank, in_features, torch.Generator().manual_seed(0)))
+            if init_base:  # nn.Linear's init, from its own seeded generator (the global RNG is left alone)
+                weight = torch.empty(out_features, in_features, dtype=torch.float32)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=torch.Generator().manual_seed(1))
+                self.weight.copy_(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
@@ -67,7 +74,7 @@ class ReLoRALinear(nn.Module):
         """Wrap an existing nn.Linear, sharing (not copying) its weight and bias tensors."""
         module = cls(linear.in_features, linear.out_features, rank, alpha, dropout,
                      bias=linear.bias is not None, trainable_scaling=trainable_scaling, kernels=kernels,
-                     device=linear.weight.device, dtype=linear.weight.dtype)
+                     device=linear.weight.device, dtype=linear.weight.dtype, init_base=False)
         module.weight = nn.Parameter(linear.weight.data, requires_grad=False)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.data, requires_grad=False)

@@ -229,3 +229,14 @@ def test_restart_generator_same_across_processes_and_distinct_per_name_and_index
     assert not torch.equal(here, draw(7, 3, "model.layers.1.self_attn.k_proj"))
     assert not torch.equal(here, draw(7, 4, "model.layers.1.self_attn.q_proj"))
     assert not torch.equal(here, draw(8, 3, "model.layers.1.self_attn.q_proj"))
+
+
+def test_a_directly_built_layer_has_a_finite_seeded_base_and_leaves_the_global_rng_alone():
+    before = torch.get_rng_state()
+    layers = [ReLoRALinear(40, 24, rank=4, alpha=8) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    weight = layers[0].weight
+    assert torch.isfinite(weight).all() and weight.abs().max() <= 1 / 40 ** 0.5 + 1e-6  # nn.Linear's bound
+    assert weight.std() > 0 and torch.equal(weight, layers[1].weight)
+    linear = torch.nn.Linear(40, 24)
+    assert ReLoRALinear.from_linear(linear, rank=4, alpha=8).weight.data_ptr() == linear.weight.data_ptr()
