@@ -127,7 +127,10 @@ class LogConfig:
     run_name: str | None = _field(None, "run name; null: the output dir's name")
     tags: list[str] = _field([], "wandb tags")
     tensorboard: bool = _field(False, "also write TensorBoard events")
-    progress: bool = _field(True, "progress bar on rank 0")
+    progress: bool = _field(True, "progress bar on rank 0 (one plain line per record when stderr is not a terminal)")
+    peak_tflops: float | None = _field(
+        None, "peak TFLOP/s per device for the logged MFU; null: the GPU's dense bf16/fp16 peak by name "
+              "(relora_ds/hardware.py), no MFU on CPU, on fp32 runs or on an unlisted GPU")
 
 
 @dataclass
@@ -315,6 +318,7 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("train.eval_batches", t.eval_batches, 1)
     positive("train.max_grad_norm", t.max_grad_norm)
     at_least("log.every", lg.every, 1)
+    positive("log.peak_tflops", lg.peak_tflops)
     at_least("checkpoint.every", ck.every, 0)
     at_least("checkpoint.keep_last", ck.keep_last, 0)
 

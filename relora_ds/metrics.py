@@ -1,12 +1,18 @@
-"""Run logging: a progress bar, `metrics.jsonl` (always), wandb and TensorBoard (optional).
+"""Run logging: a progress bar or plain lines, `metrics.jsonl` (always), wandb and TensorBoard (optional).
 
     with Metrics(run_dir, total_steps=1000, rank=rank, every=10) as metrics:
-        metrics.log_step(10, loss=4.2, lr=1e-3, tokens_seen=40960, tokens_per_s=5e3, next_restart=200)
+        metrics.log_step(10, loss=4.2, lr=1e-3, grad_norm=0.8, tokens_seen=40960, tokens_per_s=5e3, mfu=0.41,
+                         next_restart=200)
         metrics.log_event("restart", 200, restart=1, fraction_zeroed=0.99, merged_norm=1.3, seconds=0.4)
 
 Everything happens on global rank 0; on other ranks every method is a cheap no-op. wandb and
 TensorBoard are imported only when enabled. JSONL records: {"step", "time", ...values} for steps,
-{"event", "step", "time", ...values} for events.
+{"event", "step", "time", ...values} for events. A value the run cannot measure (mfu without a known peak,
+grad_norm where DeepSpeed computes none) is left out by the caller, so every sink lacks it alike.
+
+The progress bar (tqdm, on stderr) is drawn only when stderr is a terminal: redirected to a file (SLURM, nohup)
+its carriage-return redraws would garble the log, so each record is printed as one plain line on stdout instead,
+as with `progress=False`. With the bar on a terminal but stdout redirected, the plain lines go to stdout as well.
 """
 
 import json
@@ -49,6 +55,32 @@ def _fmt(value) -> str:
     return str(value)
 
 
+# How the plain lines and the progress bar show the step values they know (others: `_fmt`).
+_LINE_FORMATS = {"loss": ".4f", "lr": ".3e", "grad_norm": ".4g", "tokens_per_s": ".0f"}
+_BAR_FIELDS = (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("grad_norm", "gnorm", ".3g"),
+               ("tokens_per_s", "tok/s", ".0f"))
+
+
+def _fmt_step_value(key: str, value) -> str:
+    if key == "mfu" and isinstance(value, (int, float)):
+        return f"{100 * value:.1f}%"
+    if key in _LINE_FORMATS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, _LINE_FORMATS[key])
+    return _fmt(value)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def read_records(path: str) -> list[dict]:
     """All records of a metrics.jsonl file, in order. Raises ValueError naming the line on corruption."""
     records = []
@@ -82,6 +114,7 @@ class Metrics:
         self.every = every
         self.active = rank == 0
         self._start_step = 0
+        self._first_record = None  # (step, time) of this process's first step record: the ETA of plain lines
         self._file = None
         self._bar = None
         self._wandb_run = None
@@ -90,7 +123,8 @@ class Metrics:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._file = open(self.path, "a")
-        self._progress = progress
+        self._progress = progress and _isatty(sys.stderr)
+        self._lines = not self._progress or not _isatty(sys.stdout)
         name = run_name or os.path.basename(os.path.normpath(run_dir))
         try:
             if wandb:
@@ -164,20 +198,36 @@ class Metrics:
                              unit="step", dynamic_ncols=True, file=sys.stderr)
         self._bar.update(max(0, step - self._bar.n))
         postfix = {}
-        for key, label, spec in (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("tokens_per_s", "tok/s", ".0f")):
+        for key, label, spec in _BAR_FIELDS:
             if isinstance(values.get(key), (int, float)):
                 postfix[label] = format(values[key], spec)
+        if isinstance(values.get("mfu"), (int, float)):
+            postfix["mfu"] = _fmt_step_value("mfu", values["mfu"])
         if values.get("next_restart") is not None:
             postfix["next restart"] = values["next_restart"]
         self._bar.set_postfix(postfix, refresh=True)
 
     # ---- public API ----------------------------------------------------------------------------
 
-    def log_step(self, step: int, **values) -> None:
-        """Record one training step: loss, lr, tokens_seen, tokens_per_s, grad_norm, next_restart, ...
+    def step_line(self, step: int, values: dict, now: float | None = None) -> str:
+        """The plain line of a step record: "step 20/1000 loss 3.2500 lr 1.000e-03 grad_norm 0.81 ... eta 0:12:05"
+        (values in the given order, None left out; mfu in percent; the ETA from this process's records)."""
+        now = time.time() if now is None else now
+        shown = " ".join(f"{k} {_fmt_step_value(k, v)}" for k, v in values.items() if v is not None)
+        line = f"step {step}/{self.total_steps} {shown}".rstrip()
+        if self._first_record is None:
+            self._first_record = (step, now)
+        elif step > self._first_record[0]:
+            first_step, first_time = self._first_record
+            eta = (now - first_time) / (step - first_step) * max(0, self.total_steps - step)
+            line += f" eta {_fmt_seconds(eta)}"
+        return line
 
-        The progress bar moves on every call; the JSONL/wandb/TensorBoard record is written when `step`
-        is a multiple of `every` or the last step.
+    def log_step(self, step: int, **values) -> None:
+        """Record one training step: loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, next_restart, ...
+
+        The progress bar moves on every call; the JSONL/wandb/TensorBoard record (and the plain line, when
+        there is no bar or stdout is not a terminal) is written when `step` is a multiple of `every` or the last step.
         """
         if not self.active:
             return
@@ -188,9 +238,8 @@ class Metrics:
             return
         self._write({"step": step, "time": time.time(), **values})
         self._to_dashboards("train", step, values)
-        if not self._progress:
-            shown = " ".join(f"{k} {_fmt(v)}" for k, v in values.items() if v is not None)
-            self._print(f"step {step}/{self.total_steps} {shown}")
+        if self._lines:
+            self._print(self.step_line(step, values))
 
     def log_event(self, event: str, step: int, **values) -> None:
         """Record one event (switch, restart, eval, checkpoint, resume) and print it on one line."""

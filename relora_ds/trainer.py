@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from relora_ds import dist
+from relora_ds import dist, hardware
 from relora_ds.config import RunConfig
 from relora_ds.data import loader as data_loader
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint, ds_config as dsc, runtime
 from relora_ds.engine.restart import relora_restart
 from relora_ds.metrics import Metrics
-from relora_ds.model.llama import PRESETS, model_from_config
+from relora_ds.model.llama import PRESETS, flops_per_token, model_from_config, preset_of
 from relora_ds.plots import plot_loss
 from relora_ds.relora.wrap import wrap_from_config
 from relora_ds.schedule import multiplier_from_config
@@ -107,6 +107,25 @@ def evaluate(engine, batches: list[dict]) -> dict:
         tdist.all_reduce(total)
     loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def flops_per_token_full(cfg: RunConfig, model_config) -> int | None:
+    """Full-rank training FLOPs per token of the run's model (model.llama.flops_per_token, whatever the mode, like
+    the benchmark's MFU). A model.init_from counts when its shape is a preset's; otherwise None (no MFU)."""
+    preset = preset_of(model_config) if cfg.model.init_from else cfg.model.preset
+    if preset is None:
+        return None
+    return flops_per_token(preset, model_config.vocab_size, cfg.data.seq_len)["full"]
+
+
+def peak_flops_per_device(cfg: RunConfig, ds_config: dict, device) -> float | None:
+    """Peak FLOP/s of one device for MFU: log.peak_tflops, else the GPU's dense bf16/fp16 peak by name
+    (relora_ds/hardware.py); None on CPU, on an unlisted GPU, and on fp32 runs (the table holds no fp32 peaks)."""
+    if cfg.log.peak_tflops is None and dsc.precision(ds_config) == "fp32":
+        return None
+    gpu_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
+    peak, _ = hardware.peak_flops_per_device(cfg.log.peak_tflops, gpu_name, option="log.peak_tflops")
+    return peak
 
 
 def _mean_over_ranks(value: float, device) -> float:
@@ -251,7 +270,11 @@ def train(cfg: RunConfig) -> dict:
         metrics.truncate_after(state.step)
         metrics.log_event("resume", state.step, path=resume_tag)
     tokens_per_step = micro_bs * grad_accum * world * cfg.data.seq_len
-    summary = {"evals": [], "losses": {}, "restarts": []}
+    # MFU = tokens/s per device × full-rank FLOPs per token / peak FLOP/s per device (None: left out of the log).
+    model_flops = flops_per_token_full(cfg, engine.module.config)
+    peak_flops = peak_flops_per_device(cfg, ds_config, engine.device)
+    mfu_per_tokens_per_s = model_flops / peak_flops / world if model_flops and peak_flops else None
+    summary = {"evals": [], "losses": {}, "grad_norms": {}, "restarts": []}
 
     def run_eval():
         if not eval_set:
@@ -292,11 +315,16 @@ def train(cfg: RunConfig) -> dict:
         lr = cfg.schedule.lr * lr_multiplier(state.step)
         runtime.set_lr(engine, lr)
         loss_sum = 0.0
-        for _ in range(grad_accum):
+        logs = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.total_steps
+        grad_norm = None
+        for micro in range(grad_accum):
             batch = _move(next(data_iter), engine.device)
             loss = engine(**batch).loss
             engine.backward(loss)
-            engine.step()
+            if logs and micro == grad_accum - 1:  # the norm costs a sync: only on the steps that log
+                grad_norm = runtime.step_with_grad_norm(engine)
+            else:
+                engine.step()
             loss_sum += loss.item()
         state.step += 1
         state.tokens_seen += tokens_per_step
@@ -305,13 +333,19 @@ def train(cfg: RunConfig) -> dict:
             raise FloatingPointError(f"loss is {local_loss} at step {state.step}; lower schedule.lr or check "
                                      f"relora.prune_ratio / schedule.restart_warmup_steps")
 
-        if state.step % cfg.log.every == 0 or state.step == cfg.train.total_steps:
+        if logs:
             loss_value = _mean_over_ranks(local_loss, engine.device)
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (state.step - last_log_step) / max(now - last_log_time, 1e-9)
-            metrics.log_step(state.step, loss=loss_value, lr=lr, tokens_seen=state.tokens_seen,
-                             tokens_per_s=tokens_per_s, next_restart=next_restart(cfg, state))
+            # Values the run cannot measure (no grad norm from DeepSpeed, no known peak) are left out.
+            values = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+                      "tokens_per_s": tokens_per_s,
+                      "mfu": tokens_per_s * mfu_per_tokens_per_s if mfu_per_tokens_per_s else None}
+            metrics.log_step(state.step, **{k: v for k, v in values.items() if v is not None},
+                             next_restart=next_restart(cfg, state))
             summary["losses"][state.step] = loss_value
+            if grad_norm is not None:
+                summary["grad_norms"][state.step] = grad_norm
             last_log_step, last_log_time = state.step, now
         if cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0:
             run_eval()

@@ -9,17 +9,9 @@ import statistics
 
 import torch
 
+from relora_ds import hardware
 from relora_ds.engine import ds_config as dsc
 
-# Dense bf16/fp16 tensor-core peak, TFLOP/s, matched in order against the GPU name (first hit wins).
-PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),   # SXM
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),   # SXM
-    ("A100", 312.0),
-)
 
 GIB = 2 ** 30
 
@@ -32,14 +24,7 @@ def spread(values: list[float]) -> dict:
 
 def peak_flops_per_device(args, gpu_name: str | None) -> tuple[float | None, str]:
     """(peak FLOP/s per device, where it came from) for MFU; None when unknown (CPU, unlisted GPU, fp32)."""
-    if args.peak_tflops is not None:
-        return args.peak_tflops * 1e12, "--peak-tflops"
-    if gpu_name is None:
-        return None, "CPU: no peak known (pass --peak-tflops)"
-    for name, tflops in PEAK_TFLOPS:
-        if name.lower() in gpu_name.lower():
-            return tflops * 1e12, f"table: {name} dense bf16/fp16 {tflops:g} TFLOP/s"
-    return None, f"{gpu_name}: not in the table (pass --peak-tflops)"
+    return hardware.peak_flops_per_device(args.peak_tflops, gpu_name, option="--peak-tflops")
 
 
 def summarize(runs: list[dict], flops: dict, peak_flops: float | None) -> dict:

@@ -13,7 +13,7 @@ trains the same model on the same DeepSpeed config and data in its own fresh pro
 
 MFU uses the model module's FLOPs per token (relora_ds.model.llama.flops_per_token): the full-rank count for
 every mode, so MFU is comparable across modes, and each mode's own count beside it. Peak FLOP/s come from
-report.PEAK_TFLOPS by GPU name (bf16/fp16 dense) or --peak-tflops; on CPU, MFU is null unless --peak-tflops
+relora_ds.hardware.PEAK_TFLOPS by GPU name (bf16/fp16 dense) or --peak-tflops; on CPU, MFU is null unless --peak-tflops
 is given. Memory on CUDA is torch.cuda.max_memory_allocated/reserved over the measured steps; on CPU it is
 the worker's peak RSS (resource.getrusage), which covers the whole process. CPU numbers are for trends only.
 """

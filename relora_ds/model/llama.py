@@ -161,6 +161,20 @@ def paper_param_table() -> list[dict]:
     return rows
 
 
+def preset_of(model_config) -> str | None:
+    """The preset whose shape a transformers LlamaConfig has (vocabulary and context length aside; no GQA),
+    or None: how a model loaded with model.init_from gets its FLOP count."""
+    if getattr(model_config, "model_type", None) != "llama":
+        return None
+    heads = getattr(model_config, "num_attention_heads", None)
+    if getattr(model_config, "num_key_value_heads", heads) != heads:
+        return None
+    for name, shape in PRESETS.items():
+        if all(getattr(model_config, k, None) == v for k, v in shape.items() if k != "max_position_embeddings"):
+            return name
+    return None
+
+
 def flops_per_token(preset: str, vocab_size: int, seq_len: int, *, relora_rank: int | None = None,
                     target_modules=DEFAULT_TARGETS) -> dict:
     """Training (forward + backward) FLOPs per token, PaLM appendix B style (1 multiply-add = 2 FLOPs).

@@ -1,5 +1,5 @@
-"""The trainer on 2 gloo ranks: ZeRO-3 (torch and Triton paths) matches ZeRO-0 through the warm-start switch
-and two restarts,
+"""The trainer on 2 gloo ranks: ZeRO-3 (torch and Triton paths) matches ZeRO-0 (losses and logged grad norms)
+through the warm-start switch and two restarts,
 resume on ZeRO-3 reproduces the uninterrupted run, and a ZeRO-3 checkpoint exports to the same logits."""
 
 import os
@@ -31,6 +31,7 @@ def _scenario(rank, world_size, directory):
     zero0["engine"].destroy()
     cfg3, zero3 = run("zero3", 3, **{"checkpoint.every": 1})
     out["zero0"], out["zero3"] = zero0["losses"], zero3["losses"]
+    out["grad_norms"] = {"zero0": zero0["grad_norms"], "zero3": zero3["grad_norms"]}
     out["restarts"] = [r["fraction_zeroed"] for r in zero3["restarts"]]
     # Logits of the trained ZeRO-3 model (gathered) for the export comparison.
     import deepspeed
@@ -72,6 +73,13 @@ def test_zero3_trainer_matches_zero0_resumes_and_exports(tmp_path):
         assert r0["zero3"][step] == pytest.approx(loss, rel=1e-4), step
     for step, loss in r0["zero3"].items():
         assert r0["zero3_triton"][step] == pytest.approx(loss, rel=1e-4), step
+    # The logged grad norm: computed by the trainer on ZeRO-0 fp32 (all-reduced module grads), DeepSpeed's own
+    # over the partitioned gradients on ZeRO-3; the same on both ranks and on both stages.
+    norms = r0["grad_norms"]
+    assert r1["grad_norms"] == norms
+    assert sorted(norms["zero0"]) == sorted(norms["zero3"]) == list(range(1, 17))
+    for step, norm in norms["zero0"].items():
+        assert norm > 0 and norms["zero3"][step] == pytest.approx(norm, rel=1e-4), step
     assert len(r0["restarts"]) == 2 and all(abs(f - 0.99) < 0.01 for f in r0["restarts"])
     for k, losses in r0["resumed"].items():
         assert sorted(losses) == list(range(k + 1, 17))

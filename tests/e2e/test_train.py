@@ -38,7 +38,9 @@ def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     assert all(r["merged_norm"] > 0 for r in restarts)
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == list(range(1, 17))
-    assert all({"loss", "lr", "tokens_seen", "tokens_per_s"} <= set(r) for r in steps)
+    assert all({"loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s"} <= set(r) for r in steps)
+    assert all(0 < r["grad_norm"] < float("inf") for r in steps)
+    assert not any("mfu" in r for r in steps)  # CPU, fp32, no log.peak_tflops: no peak, no MFU key
     assert steps[-1]["tokens_seen"] == 16 * 2 * 32
     evals = [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [0, 8, 16]
@@ -66,6 +68,99 @@ def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     assert generated.shape == (1, 9)
     assert os.path.isfile(os.path.join(export_dir, "model.safetensors"))
     assert os.path.isfile(os.path.join(export_dir, "tokenizer.json"))
+
+
+def test_logged_grad_norm_is_the_norm_of_the_step_gradients(corpus, tmp_path):
+    """ZeRO-0 fp32 in one process (the norm DeepSpeed does not compute): step 1's logged grad_norm equals the
+    norm of the gradients of the trainer's model on the trainer's first batch, computed by hand (before clipping:
+    the ds_config clips at 1.0). With log.peak_tflops set, the CPU run logs MFU from it."""
+    from relora_ds.data import loader as data_loader
+    from relora_ds.data.tokenize import load_tokenizer
+    from relora_ds.model.llama import flops_per_token, model_from_config
+
+    _, train_file, val_file = corpus
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
+        "relora.mode": "full", "relora.warm_start_steps": 0, "train.total_steps": 3, "train.eval_every": 0,
+        "checkpoint.save_final": False, "log.peak_tflops": 0.5})
+    run(cfg)
+    steps = [r for r in read_metrics(cfg.train.output_dir) if "event" not in r]
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train",
+                                                cache_dir=os.path.join(cfg.train.output_dir, "cache"))
+    batch = next(iter(data_loader.DistributedBatches(train_set, micro_batch_size=2, rank=0, world_size=1,
+                                                     seed=cfg.train.seed)))
+    model = model_from_config(cfg.model, len(tokenizer), seed=cfg.train.seed)
+    loss = model(**batch).loss
+    loss.backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()])).item()
+    assert steps[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)  # the same model and batch
+    assert expected > 1.0  # so the clipping at 1.0 would show
+    assert steps[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)
+
+    full = flops_per_token("tiny", len(tokenizer), cfg.data.seq_len)["full"]
+    for record in steps:
+        assert record["mfu"] == pytest.approx(record["tokens_per_s"] * full / 0.5e12, rel=1e-9)
+
+
+@pytest.mark.parametrize("stage, bf16", [(0, False), (0, True), (1, False), (2, True), (3, False), (3, True)])
+def test_step_with_grad_norm_on_every_stage(stage, bf16):
+    """runtime.step_with_grad_norm in one process with 2 accumulated micro-batches, against the norm of the
+    mean gradient computed by hand: ZeRO-0 fp32 computes it itself, the other stages read DeepSpeed's (ZeRO-3's
+    over partitioned gradients); bf16 within bf16's rounding."""
+    from relora_ds.engine import runtime
+    from tests.helpers.tiny import fixed_batch, tiny_model
+
+    runtime.init_distributed()
+    model = tiny_model(seed=0)
+    for seed in (0, 1):
+        ids = fixed_batch(4, 32, seed=seed)
+        (model(input_ids=ids, labels=ids).loss / 2).backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()])).item()
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+    engine = runtime.make_engine(tiny_model(seed=0), config)
+    try:
+        for seed in (0, 1):
+            ids = fixed_batch(4, 32, seed=seed)
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            norm = runtime.step_with_grad_norm(engine) if seed == 1 else engine.step()
+    finally:
+        engine.destroy()
+    assert norm == pytest.approx(expected, rel=1e-2 if bf16 else 1e-6)
+
+
+def test_mfu_inputs_peak_and_model_flops():
+    """The peak: log.peak_tflops, else the bf16 table by GPU name; none on CPU or fp32. The FLOPs: the preset's,
+    or for model.init_from the preset its shape matches (none for another shape)."""
+    from types import SimpleNamespace
+
+    from relora_ds import hardware
+    from relora_ds.config import load_config
+    from relora_ds.model.llama import flops_per_token, llama_config
+
+    assert hardware.peak_tflops("NVIDIA H100 80GB HBM3") == (989.0, "H100")
+    assert hardware.peak_tflops("NVIDIA H100 PCIe") == (756.0, "H100 PCIe")
+    assert hardware.peak_tflops("NVIDIA A100-SXM4-80GB") == (312.0, "A100")
+    assert hardware.peak_tflops("Tesla V100") is None and hardware.peak_tflops(None) is None
+
+    bf16, fp32 = {"bf16": {"enabled": True}}, {"bf16": {"enabled": False}}
+    cfg = load_config(None, ["data.seq_len=128"])
+    assert trainer.peak_flops_per_device(cfg, bf16, "cpu") is None
+    assert trainer.peak_flops_per_device(cfg, fp32, "cpu") is None
+    cfg.log.peak_tflops = 2.5
+    assert trainer.peak_flops_per_device(cfg, fp32, "cpu") == 2.5e12
+
+    expected = flops_per_token("20m", 1000, 128)["full"]
+    cfg.model.preset = "20m"
+    assert trainer.flops_per_token_full(cfg, llama_config("20m", 1000)) == expected
+    cfg.model.init_from = "some/exported/model"  # its config, not model.preset, decides
+    assert trainer.flops_per_token_full(cfg, llama_config("20m", 1000, max_position_embeddings=512)) == expected
+    other = llama_config("20m", 1000)
+    other.num_key_value_heads = 2  # GQA: no preset has it
+    assert trainer.flops_per_token_full(cfg, other) is None
+    assert trainer.flops_per_token_full(cfg, SimpleNamespace(model_type="gpt2", vocab_size=1000)) is None
 
 
 def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):

@@ -1,5 +1,6 @@
 """Metrics sinks (JSONL, progress/console lines, wandb and TensorBoard through fakes) and loss.png."""
 
+import io
 import json
 import os
 import sys
@@ -73,15 +74,96 @@ def test_nonzero_rank_is_a_no_op(tmp_path, capsys):
     assert captured.out == "" and captured.err == ""
 
 
-def test_progress_bar_and_event_lines(tmp_path, capsys):
-    with Metrics(str(tmp_path), total_steps=20, rank=0, every=10, progress=True) as m:
-        m.log_step(10, loss=3.25, lr=1e-3, tokens_per_s=1234.0, next_restart=15)
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (tqdm draws its bar there)."""
+
+    def isatty(self):
+        return True
+
+
+class Redirected(io.StringIO):
+    """A stream redirected to a file (SLURM, nohup): not a terminal."""
+
+    def isatty(self):
+        return False
+
+
+def log_two_records(run_dir, **kwargs):
+    with Metrics(str(run_dir), total_steps=20, rank=0, every=10, **kwargs) as m:
+        m.log_step(10, loss=3.25, lr=1e-3, grad_norm=0.8125, tokens_seen=640, tokens_per_s=1234.0, mfu=0.4125,
+                   next_restart=15)
         m.log_event("restart", 15, restart=1, fraction_zeroed=0.99)
-        m.log_step(20, loss=3.0, lr=5e-4, tokens_per_s=1500.0, next_restart=None)
-    captured = capsys.readouterr()
-    assert "[step 15] restart restart=1 fraction_zeroed=0.99" in captured.out
-    assert "10/20" in captured.err and "20/20" in captured.err
-    assert "loss=3.2500" in captured.err and "next restart=15" in captured.err and "tok/s=1234" in captured.err
+        m.log_step(20, loss=3.0, lr=5e-4, grad_norm=1.5, tokens_seen=1280, tokens_per_s=1500.0, mfu=0.5,
+                   next_restart=None)
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    out, err = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    log_two_records(tmp_path, progress=True)
+    assert "[step 15] restart restart=1 fraction_zeroed=0.99" in out.getvalue()
+    assert "step 10/20" not in out.getvalue()  # the bar shows the steps; no plain lines beside it
+    bar = err.getvalue()
+    assert "\r" in bar and "10/20" in bar and "20/20" in bar
+    assert "loss=3.2500" in bar and "next restart=15" in bar and "tok/s=1234" in bar
+    assert "gnorm=0.812" in bar and "mfu=41.2%" in bar
+
+
+def test_redirected_output_gets_one_plain_line_per_record(tmp_path, monkeypatch):
+    out, err = Redirected(), Redirected()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    log_two_records(tmp_path, progress=True)
+    assert err.getvalue() == ""  # no bar, no carriage returns in the log file
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in out.getvalue()
+    assert lines[0] == ("step 10/20 loss 3.2500 lr 1.000e-03 grad_norm 0.8125 tokens_seen 640 tokens_per_s 1234 "
+                        "mfu 41.2% next_restart 15")
+    assert lines[1] == "[step 15] restart restart=1 fraction_zeroed=0.99"
+    assert lines[2].startswith("step 20/20 loss 3.0000 lr 5.000e-04 grad_norm 1.5 tokens_seen 1280 "
+                               "tokens_per_s 1500 mfu 50.0% eta 0:00:00")
+    # the same records in metrics.jsonl: mfu as a fraction
+    steps = [r for r in records(tmp_path) if "event" not in r]
+    assert [(r["grad_norm"], r["mfu"]) for r in steps] == [(0.8125, 0.4125), (1.5, 0.5)]
+
+
+def test_terminal_bar_with_stdout_redirected_writes_the_lines_to_stdout(tmp_path, monkeypatch):
+    out, err = Redirected(), Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    log_two_records(tmp_path, progress=True)
+    assert "20/20" in err.getvalue()
+    assert [line.split()[1] for line in out.getvalue().splitlines()] == ["10/20", "15]", "20/20"]
+
+
+def test_progress_false_prints_plain_lines_even_on_a_terminal(tmp_path, monkeypatch):
+    out, err = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    log_two_records(tmp_path, progress=False)
+    assert err.getvalue() == ""
+    assert out.getvalue().startswith("step 10/20 loss 3.2500 ")
+
+
+def test_plain_line_eta_and_left_out_values(tmp_path):
+    with Metrics(str(tmp_path), total_steps=1000, rank=0, every=10, progress=False) as m:
+        assert m.step_line(10, {"loss": 2.0, "next_restart": None}, now=100.0) == "step 10/1000 loss 2.0000"
+        # 90 steps in 45 s: 0.5 s per step, 900 steps to go
+        assert m.step_line(100, {"loss": 1.5}, now=145.0) == "step 100/1000 loss 1.5000 eta 0:07:30"
+
+
+def test_values_left_out_are_missing_from_every_sink(tmp_path, monkeypatch, capsys):
+    """A CPU run (no peak: no mfu) on a stage without a norm (no grad_norm): keys absent, not null."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with Metrics(str(tmp_path), total_steps=10, rank=0, every=10, progress=False, wandb=True) as m:
+        m.log_step(10, loss=2.0, lr=1e-3, tokens_per_s=100.0, next_restart=None)
+    (rec,) = records(tmp_path)
+    assert "mfu" not in rec and "grad_norm" not in rec
+    assert fake.logged == [(10, {"train/loss": 2.0, "train/lr": 1e-3, "train/tokens_per_s": 100.0})]
+    line = capsys.readouterr().out
+    assert "mfu" not in line and "grad_norm" not in line
 
 
 def test_unknown_event_and_bad_cadence_are_refused(tmp_path):

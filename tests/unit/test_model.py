@@ -124,3 +124,16 @@ def test_seeded_builds_are_identical():
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model(seed=8).parameters()))
     ids = fixed_batch()
     assert torch.equal(logits(model, ids), logits(tiny_model(seed=7), ids))
+
+
+def test_preset_of_finds_the_shape_of_a_loaded_config():
+    from relora_ds.model.llama import llama_config, preset_of
+
+    for preset in ("tiny", "60m", "1b"):
+        assert preset_of(llama_config(preset, 1234, max_position_embeddings=4096)) == preset
+    config = llama_config("60m", 1234)
+    config.num_key_value_heads = 2  # GQA: not a preset shape
+    assert preset_of(config) is None
+    config = llama_config("60m", 1234)
+    config.intermediate_size += 1
+    assert preset_of(config) is None
