@@ -1,7 +1,7 @@
 """Peak FLOP/s of an accelerator, for MFU (the trainer's log records and the throughput benchmark).
 
     peak_tflops("NVIDIA H100 80GB HBM3")    # (989.0, "H100")
-    peak_flops_per_device(None, gpu_name)   # (9.89e14, "table: H100 dense bf16/fp16 989 TFLOP/s")
+    peak_flops_per_device(None, gpu_name, "bf16")   # (9.89e14, "table: H100 dense bf16/fp16 989 TFLOP/s")
 
 The table holds dense bf16/fp16 tensor-core peaks (no sparsity): an fp32 run has no peak from it.
 No torch import: the caller reads the GPU name.
@@ -28,11 +28,12 @@ def peak_tflops(gpu_name: str | None) -> tuple[float, str] | None:
     return None
 
 
-def peak_flops_per_device(override_tflops: float | None, gpu_name: str | None,
+def peak_flops_per_device(override_tflops: float | None, gpu_name: str | None, precision: str,
                           option: str = "--peak-tflops") -> tuple[float | None, str]:
-    """(peak FLOP/s per device, where it came from); None when unknown (CPU, unlisted GPU).
+    """(peak FLOP/s per device, where it came from); None when unknown (CPU, unlisted GPU, an fp32 run).
 
-    `override_tflops` (the user's setting, named `option` in the messages) wins over the table.
+    `override_tflops` (the user's setting, named `option` in the messages) wins over the table, which holds
+    bf16/fp16 peaks only: an fp32 run (`precision` "fp32") gets none from it.
     """
     if override_tflops is not None:
         return override_tflops * 1e12, option
@@ -41,8 +42,7 @@ def peak_flops_per_device(override_tflops: float | None, gpu_name: str | None,
     found = peak_tflops(gpu_name)
     if found is None:
         return None, f"{gpu_name}: not in the table (pass {option})"
+    if precision == "fp32":
+        return None, f"fp32 run: the table holds bf16/fp16 peaks (pass {option})"
     tflops, name = found
     return tflops * 1e12, f"table: {name} dense bf16/fp16 {tflops:g} TFLOP/s"
-
-
-__all__ = ["PEAK_TFLOPS", "peak_tflops", "peak_flops_per_device"]

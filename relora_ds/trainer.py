@@ -121,10 +121,9 @@ def flops_per_token_full(cfg: RunConfig, model_config) -> int | None:
 def peak_flops_per_device(cfg: RunConfig, ds_config: dict, device) -> float | None:
     """Peak FLOP/s of one device for MFU: log.peak_tflops, else the GPU's dense bf16/fp16 peak by name
     (relora_ds/hardware.py); None on CPU, on an unlisted GPU, and on fp32 runs (the table holds no fp32 peaks)."""
-    if cfg.log.peak_tflops is None and dsc.precision(ds_config) == "fp32":
-        return None
     gpu_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
-    peak, _ = hardware.peak_flops_per_device(cfg.log.peak_tflops, gpu_name, option="log.peak_tflops")
+    peak, _ = hardware.peak_flops_per_device(cfg.log.peak_tflops, gpu_name, dsc.precision(ds_config),
+                                             option="log.peak_tflops")
     return peak
 
 

@@ -9,7 +9,6 @@ import statistics
 
 import torch
 
-from relora_ds import hardware
 from relora_ds.engine import ds_config as dsc
 
 
@@ -20,11 +19,6 @@ def spread(values: list[float]) -> dict:
     ordered = sorted(values)
     q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
     return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1]}
-
-
-def peak_flops_per_device(args, gpu_name: str | None) -> tuple[float | None, str]:
-    """(peak FLOP/s per device, where it came from) for MFU; None when unknown (CPU, unlisted GPU, fp32)."""
-    return hardware.peak_flops_per_device(args.peak_tflops, gpu_name, option="--peak-tflops")
 
 
 def summarize(runs: list[dict], flops: dict, peak_flops: float | None) -> dict:

@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+from relora_ds import hardware
 from relora_ds.bench import report as rep
 from relora_ds.bench.worker import MODES, free_port, worker_main
 from relora_ds.engine import ds_config as dsc
@@ -309,9 +310,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("every mode ran out of memory; lower --micro-batch or --seq-len")
     first = measured[0]
     hw = first["hardware"]
-    peak_flops, peak_source = rep.peak_flops_per_device(args, hw["gpu_name"])
-    if peak_flops is not None and args.peak_tflops is None and first["precision"] == "fp32":
-        peak_flops, peak_source = None, "fp32 run: the table holds bf16/fp16 peaks (pass --peak-tflops)"
+    peak_flops, peak_source = hardware.peak_flops_per_device(args.peak_tflops, hw["gpu_name"], first["precision"])
     summaries = {mode: rep.summarize(mode_runs, flops, peak_flops) for mode, mode_runs in runs.items()}
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {
