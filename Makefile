@@ -32,3 +32,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# One command for every GPU check (benchmarks/gpu_check.sh; benchmarks/README.md, "GPU check"): on a CUDA
+# machine, with the machine's python (PYTHON) and the wheels in .whl/, never the .venv above.
+.PHONY: gpu-check gpu-check-dry-run
+gpu-check:
+	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh
+
+gpu-check-dry-run:
+	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh --dry-run

@@ -12,9 +12,11 @@ setup(
     package_dir={"relora_ds.ds_configs": "ds_configs"},
     package_data={"relora_ds": ["data/sample/*/*", "configs/*.yaml"], "relora_ds.ds_configs": ["*.json", "*.md"]},
     install_requires=[
-        "torch>=2.1",
-        "deepspeed>=0.14",
-        "transformers>=4.40",
+        "torch>=2.4",  # torch.library.custom_op (relora_ds/kernels)
+        "deepspeed>=0.19.8,<0.20",  # = engine/versions.py TESTED_DEEPSPEED: the restart reads its internals
+        "packaging",
+        "transformers>=5.0",  # transformers.initialization (no_init_weights), used by model/llama.py
+        "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (the ZeRO-3 build and from_pretrained) requires it
         "datasets>=2.18",
         "tokenizers>=0.15",
         "safetensors",

@@ -4,7 +4,7 @@
     relora-ds validate-config RUN.yaml [--set key=value ...]
     relora-ds tokenizer train --files a.jsonl b.txt --out DIR [--vocab-size 8192]
     relora-ds pretokenize --source FILES --out DIR [--tokenizer DIR] [--seq-len 256]
-    relora-ds export CHECKPOINT --out DIR
+    relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
     relora-ds eval CHECKPOINT_OR_MODEL_DIR [--source sotu --split validation]
     relora-ds demo
     relora-ds bench --preset 1b --seq-len 2048 --micro-batch 4 [--max-microbatch] [--profile]
@@ -23,9 +23,10 @@ def project_errors() -> tuple:
     from relora_ds.data import DataError
     from relora_ds.engine.checkpoint import CheckpointError
     from relora_ds.engine.ds_config import DSConfigError
+    from relora_ds.engine.versions import UnsupportedVersionError
     from relora_ds.trainer import RunError
 
-    return ConfigError, DataError, CheckpointError, DSConfigError, RunError
+    return ConfigError, DataError, CheckpointError, DSConfigError, UnsupportedVersionError, RunError
 
 
 def run_guarded(fn, args) -> int:
@@ -70,8 +71,8 @@ def cmd_pretokenize(args) -> int:
 def cmd_export(args) -> int:
     from relora_ds.export import export
 
-    out = export(args.checkpoint, args.out)
-    print(f"exported a Hugging Face model to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    out = export(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"exported a Hugging Face model ({args.dtype}) to {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -202,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="merge adapters and write a plain HF LlamaForCausalLM (safetensors)")
     p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step_* checkpoint dir")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory (new, empty, or a previous export, which is replaced)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="dtype of the written weights "
+                   "(default fp32; adapters are merged in fp32 either way)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB); the export holds about one "
+                        "shard in memory, so this bounds its memory")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("eval", help="held-out perplexity of a checkpoint or an exported model")

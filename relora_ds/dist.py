@@ -3,6 +3,7 @@
 import functools
 import os
 import random
+import socket
 
 
 def is_initialized() -> bool:
@@ -52,6 +53,13 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it: bind to port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

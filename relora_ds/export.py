@@ -1,41 +1,319 @@
-"""Export a checkpoint (any ZeRO stage, wrapped or not) as a plain Hugging Face LlamaForCausalLM.
+"""Export a checkpoint (any ZeRO stage, wrapped or not) as a plain Hugging Face LlamaForCausalLM, streamed.
 
-Merges any un-merged adapters (W + s·B·A), unwraps to nn.Linear and writes safetensors, config and the
-tokenizer, so `AutoModelForCausalLM.from_pretrained(out)` gives the trained model's logits.
+    relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
+
+The checkpoint is read lazily (engine/zero_checkpoint.py: every file memory-mapped, one tensor made whole at a
+time) and never held as a whole fp32 model: `merged_tensors` yields the plain model's tensors one by one in the
+plain model's own order, each wrapped layer's W merged with its adapters (W + s·B·A in fp32, s = alpha / r, or
+tanh(g) with trainable scaling; the adapters themselves are not written), and `export` writes them in the export
+dtype to sharded safetensors, one shard held at a time. Memory: about one shard (at most --max-shard-size, or the
+largest tensor when that is bigger) plus twice the largest tensor in fp32, so --max-shard-size bounds the export's
+memory. The files (shards, `model.safetensors.index.json` when there is more than one, config.json with the export
+dtype, generation_config.json, the tokenizer) are written into a temporary sibling directory that is renamed into
+place at the end: an interrupted export leaves no half-written DIR, and a DIR holding a previous export
+(config.json) is replaced; any other non-empty DIR is refused. `AutoModelForCausalLM.from_pretrained(DIR)` gives
+the trained model's logits.
 """
 
+import json
+import math
 import os
+import re
+import shutil
+import struct
+
+import torch
 
 from relora_ds.config import RunConfig
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint
-from relora_ds.model.llama import model_from_config
-from relora_ds.relora.wrap import unwrap, wrap_from_config
+from relora_ds.engine.checkpoint import CheckpointError
+from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
+from relora_ds.memory import trim_heap
+from relora_ds.model.llama import meta_model, model_from_config
+from relora_ds.relora import functional
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ExportError(CheckpointError):
+    """An export that cannot be written (a setting, the output directory); one line, printed like a
+    CheckpointError by the command line."""
+
+
+def parse_size(text) -> int:
+    """Bytes in "5GB", "500MB", "2GiB", "1.5GB" or a plain number of bytes (GB = 10^9, GiB = 2^30, as in
+    Hugging Face's max_shard_size); a one-line ExportError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]) if match else 0
+    if size < 1:
+        raise ExportError(f"--max-shard-size {text!r}: not a size; expected a positive number with a unit, "
+                          f"such as 5GB, 500MB or 2GiB")
+    return size
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ExportError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# --- the checkpoint, as the plain model's tensors ------------------------------------------------------------
+
+class _Source:
+    """A checkpoint opened for export: run state and config, the lazy tensors, and the plain model's tensor names
+    (its own state dict order, tied aliases left out) with their shapes and which of them are wrapped."""
+
+    def __init__(self, path: str):
+        self.tag_dir = checkpoint.find_checkpoint(path)
+        self.state = checkpoint.read_state(self.tag_dir)
+        if not isinstance(self.state.get("config"), dict):
+            raise CheckpointError(f"{os.path.join(self.tag_dir, checkpoint.STATE_FILE)}: holds no run config")
+        self.cfg = RunConfig.from_dict(self.state["config"])
+        self.lazy = lazy_fp32_state_dict(self.tag_dir)
+        embedding = self.lazy.get("model.embed_tokens.weight")
+        if embedding is None:
+            raise CheckpointError(f"{self.tag_dir}: no model.embed_tokens.weight in the checkpoint (not a LLaMA model "
+                                  f"of relora-ds?)")
+        self.vocab_size = embedding.shape[0]
+        try:
+            meta = meta_model(self.cfg.model, self.vocab_size)
+        except ValueError as e:
+            raise CheckpointError(f"{self.tag_dir}: cannot build the run's model ({e})") from None
+        self.config = meta.config
+        self.generation_config = getattr(meta, "generation_config", None)
+        self.architecture = type(meta).__name__
+        self.shapes, self.aliases, seen = {}, [], set()
+        for name, tensor in meta.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:  # a tied alias (lm_head.weight of tied embeddings): not written
+                self.aliases.append(name)
+            else:
+                seen.add(id(tensor))
+                self.shapes[name] = tuple(tensor.shape)
+        self.wrapped = {name: name[:-len("weight")] for name in self.shapes
+                        if name.endswith(".weight") and f"{name[:-len('weight')]}lora_A" in self.lazy}
+        self._check()
+
+    def _check(self) -> None:
+        """The checkpoint's tensors are the plain model's (adapters of wrapped layers and tied aliases aside), of
+        the same shapes; the adapters have the run's rank. One CheckpointError line otherwise."""
+        allowed = {prefix + suffix for prefix in self.wrapped.values() for suffix in ADAPTER_SUFFIXES}
+        missing = [k for k in self.shapes if k not in self.lazy]
+        missing += [p + "lora_B" for p in self.wrapped.values() if p + "lora_B" not in self.lazy]
+        unexpected = [k for k in self.lazy if k not in self.shapes and k not in allowed and k not in self.aliases]
+        model = self.cfg.model.init_from or f"model.preset {self.cfg.model.preset}"
+        if missing or unexpected:
+            raise CheckpointError(f"{self.tag_dir}: checkpoint does not match its config ({model}): "
+                                  f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                                  f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        for name, shape in self.shapes.items():
+            if tuple(self.lazy[name].shape) != shape:
+                raise CheckpointError(f"{self.tag_dir}: {name} has shape {tuple(self.lazy[name].shape)} in the "
+                                      f"checkpoint, {shape} in its config's model ({model})")
+        if bool(self.state.get("wrapped", bool(self.wrapped))) != bool(self.wrapped):
+            raise CheckpointError(f"{self.tag_dir}: its run state says wrapped={self.state.get('wrapped')}, but it "
+                                  f"holds {len(self.wrapped)} wrapped layers (lora_A) of its config's model ({model})")
+        rank = self.cfg.relora.rank
+        for name, prefix in self.wrapped.items():
+            out_features, in_features = self.shapes[name]
+            a, b = tuple(self.lazy[prefix + "lora_A"].shape), tuple(self.lazy[prefix + "lora_B"].shape)
+            if a != (rank, in_features) or b != (out_features, rank):
+                raise CheckpointError(f"{self.tag_dir}: {prefix}lora_A {a} / lora_B {b} do not fit relora.rank "
+                                      f"{rank} and W {(out_features, in_features)}")
+
+    def scale(self, prefix: str) -> float:
+        """s of a wrapped layer: tanh(g) with trainable scaling (g in the checkpoint), else alpha / r (as
+        ReLoRALinear.scale)."""
+        g = self.lazy.get(prefix + "lora_scaling")
+        if g is not None:
+            return float(torch.tanh(g.load()))
+        return float(self.cfg.relora.alpha) / self.cfg.relora.rank
+
+    def tensors(self):
+        """(name, fp32 tensor) of the plain model, one at a time, wrapped layers merged."""
+        for name in self.shapes:
+            tensor = self.lazy[name].load()
+            prefix = self.wrapped.get(name)
+            if prefix is not None:
+                A, B = self.lazy[prefix + "lora_A"].load(), self.lazy[prefix + "lora_B"].load()
+                tensor.add_(functional.lora_delta(A, B, self.scale(prefix)))  # = W + s·B·A, as merged_linear
+                del A, B
+            yield name, tensor
+
+
+def merged_tensors(path: str):
+    """(Hugging Face name, fp32 tensor) of the checkpoint's plain model, one at a time, in the plain model's state
+    dict order: each wrapped layer's weight is W + s·B·A, adapters are left out, everything else passes through;
+    a tied lm_head.weight is left out (as save_pretrained does). `path`: a run dir, its checkpoints/ dir or one
+    step_* dir. A checkpoint whose tensors are not its config's model is a one-line CheckpointError."""
+    yield from _Source(path).tensors()
 
 
 def load_checkpoint_model(path: str):
-    """(model, cfg, state): the checkpoint's model on the CPU in fp32, adapters merged and unwrapped."""
-    tag_dir = checkpoint.find_checkpoint(path)
-    state = checkpoint.read_state(tag_dir)
-    cfg = RunConfig.from_dict(state["config"])
-    weights = checkpoint.load_fp32_state_dict(tag_dir)
-    vocab_size = weights["model.embed_tokens.weight"].shape[0]
-    model = model_from_config(cfg.model, vocab_size, attn_implementation="sdpa")
-    if state["wrapped"]:
-        wrap_from_config(model, cfg.relora, seed=cfg.train.seed, kernels="torch")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise checkpoint.CheckpointError(f"{tag_dir}: checkpoint does not match its config "
-                                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    unwrap(model)
+    """(model, cfg, state): the checkpoint's plain model on the CPU, adapters merged, filled tensor by tensor."""
+    source = _Source(path)
+    model = model_from_config(source.cfg.model, source.vocab_size, attn_implementation="sdpa")
+    targets = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in source.tensors():
+            if name not in targets or tuple(targets[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{source.tag_dir}: {name} does not fit the model its config builds")
+            targets[name].copy_(tensor)
     model.eval()
-    return model, cfg, state
+    return model, source.cfg, source.state
 
 
-def export(path: str, out_dir: str) -> str:
-    """Write the merged model + tokenizer to `out_dir` (safetensors); returns out_dir."""
-    model, cfg, _ = load_checkpoint_model(path)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(cfg.data.tokenizer).save_pretrained(out_dir)
+# --- writing -------------------------------------------------------------------------------------------------
+
+def plan_shards(sizes: dict, max_shard_size: int) -> list[list[str]]:
+    """Names grouped into shards, greedily in order: a shard closes before the tensor that would take it past
+    max_shard_size; a tensor larger than max_shard_size gets a shard of its own."""
+    shards, current, current_size = [], [], 0
+    for name, size in sizes.items():
+        if current and current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """Hugging Face's file names: model.safetensors, or model-00001-of-00003.safetensors ..."""
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _check_out_dir(out_dir: str) -> None:
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"--out {out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise ExportError(f"--out {out_dir}: a non-empty directory that holds no previous export (no config.json); "
+                          f"give a new or empty directory")
+
+
+def export(path: str, out_dir: str, *, dtype: str = "fp32", max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> str:
+    """Write the merged plain model (safetensors shards in `dtype`), its config and the tokenizer to `out_dir`;
+    returns out_dir. See the module docstring."""
+    torch_dtype = _dtype(dtype)
+    limit = parse_size(max_shard_size)
+    out_dir = os.path.abspath(out_dir)
+    _check_out_dir(out_dir)
+    source = _Source(path)
+    tag_dir = os.path.realpath(source.tag_dir)
+    if os.path.commonpath([tag_dir, os.path.realpath(out_dir)]) == os.path.realpath(out_dir):
+        raise ExportError(f"--out {out_dir}: holds the checkpoint {source.tag_dir} itself")
+
+    def out_dtype(name):
+        return torch_dtype if source.lazy[name].dtype.is_floating_point else source.lazy[name].dtype
+
+    def out_size(name):
+        return source.lazy[name].numel() * torch.empty((), dtype=out_dtype(name)).element_size()
+
+    sizes = {name: out_size(name) for name in source.shapes}
+    shards = plan_shards(sizes, limit)
+    files = shard_names(len(shards))
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.export-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        stream = source.tensors()
+        for names, file in zip(shards, files):
+            entries = [(name, out_dtype(name), source.shapes[name]) for name in names]
+            with SafetensorsWriter(os.path.join(tmp, file), entries, metadata={"format": "pt"}) as writer:
+                for name in names:
+                    got, tensor = next(stream)
+                    writer.write(got, tensor.to(out_dtype(got)))
+                    del tensor
+                    trim_heap()
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {name: file for names, file in zip(shards, files) for name in names}}
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = source.config
+        config.dtype = torch_dtype
+        config.architectures = [source.architecture]
+        config.save_pretrained(tmp)
+        if source.generation_config is not None:
+            source.generation_config.save_pretrained(tmp)
+        load_tokenizer(source.cfg.data.tokenizer).save_pretrained(tmp)
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
+
+
+# safetensors' names of the dtypes an export writes.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}
+
+
+class SafetensorsWriter:
+    """One safetensors file written tensor by tensor: safetensors' own save_file needs every tensor of the file
+    in memory at once, which made a shard (up to --max-shard-size) the export's memory.
+
+    The format (github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON header giving
+    each tensor's dtype, shape and [begin, end) byte range in the data that follows (padded with spaces to a
+    multiple of 8), then the tensors' bytes back to back. All shapes are known before the first byte, so the
+    header goes first and each tensor's bytes follow as it arrives, in `entries` order.
+    """
+
+    def __init__(self, path: str, entries: list, metadata: dict | None = None):
+        header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+        for name, dtype, shape in entries:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.path, self.pending = path, list(entries)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(text)) + text)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self.pending.pop(0)
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected_name, dtype, tuple(shape)):
+            raise ValueError(f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, the header promised "
+                             f"{expected_name} {dtype} {tuple(shape)}")  # a bug in the caller, not user input
+        self.file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        try:
+            if kind is None:
+                if self.pending:
+                    raise ValueError(f"{self.path}: {len(self.pending)} tensors promised by the header not written")
+                self.file.flush()
+                os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
+
+
+def _replace(tmp: str, out_dir: str) -> None:
+    """Move the finished export `tmp` to `out_dir`, replacing a previous export (or an empty dir) there."""
+    if not os.path.isdir(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    _check_out_dir(out_dir)  # still a previous export or empty
+    old = f"{tmp}-previous"
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

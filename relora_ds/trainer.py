@@ -16,17 +16,23 @@ from relora_ds import dist, hardware
 from relora_ds.config import RunConfig
 from relora_ds.data import loader as data_loader
 from relora_ds.data.tokenize import load_tokenizer
-from relora_ds.engine import checkpoint, ds_config as dsc, runtime
+from relora_ds.engine import checkpoint, ds_config as dsc, runtime, zero
 from relora_ds.engine.restart import relora_restart
+from relora_ds.relora.reset import MOMENT_KEYS
+from relora_ds.memory import GIB, PhaseMemory, fix_heap_threshold, release_memory
 from relora_ds.metrics import Metrics
-from relora_ds.model.llama import PRESETS, flops_per_token, model_from_config, preset_of
+from relora_ds.model.llama import flops_per_token, meta_model, model_from_config, preset_of
 from relora_ds.plots import plot_loss
-from relora_ds.relora.wrap import wrap_from_config
+from relora_ds.relora.wrap import wrap_from_config, wrap_targets
 from relora_ds.schedule import multiplier_from_config
 
 
 class RunError(ValueError):
     """A run that cannot start (output dir, checkpoint, data/model mismatch); one line."""
+
+
+class NonFiniteError(RunError):
+    """A non-finite loss or gradient norm: every rank stops at the same step with the same message."""
 
 
 @dataclass
@@ -68,17 +74,74 @@ def next_restart(cfg: RunConfig, state: TrainState) -> int | None:
 
 # --- building blocks ----------------------------------------------------------------------------------
 
-def switch_to_relora(cfg: RunConfig, engine, ds_config: dict, vocab_size: int):
-    """Warm start → ReLoRA in the same run: carry the full-rank weights into a wrapped model and a new engine.
+def switch_to_relora(cfg: RunConfig, model, ds_config: dict):
+    """Warm start → ReLoRA in the same run: the full-rank engine's own module (runtime.release_module, the old
+    engine dropped by the caller) is wrapped in place and handed to a new engine.
 
-    The new optimizer covers the adapters (+ embeddings, norms, head) and starts fresh (algorithm.md).
+    Nothing is copied or gathered: W keeps its storage (its partition on ZeRO-3) and becomes frozen; the old
+    optimizer (masters, moments) is freed before the new one is made, so the switch costs no more memory than
+    the full-rank steps. The new optimizer covers the adapters (+ embeddings, norms, head) and starts fresh.
     """
-    full_state = runtime.gather_full_state(engine)
-    engine.destroy()
-    model = model_from_config(cfg.model, vocab_size, seed=cfg.train.seed)
-    model.load_state_dict(full_state)
     wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
+    release_memory()  # the old engine's reference cycles, and its freed pages
     return runtime.make_engine(model, ds_config)
+
+
+def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) -> tuple[float, float | None]:
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, the global gradient norm or None).
+
+    grad_norm: also return the norm (it costs a sync; only on the steps that log). Non-finite values stop every rank
+    at the same step with the same NonFiniteError: whether any rank's loss is non-finite is all-reduced before the
+    optimizer step (so nothing is stepped), and the global gradient norm that DeepSpeed computes in its step (ZeRO-1/2/3,
+    bf16) is the same on every rank. No loss tensor outlives the step (its backward hooks hold the engine).
+    """
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        loss = engine(**_move(next(batches), engine.device)).loss
+        engine.backward(loss)
+        loss_sum += loss.item()
+        del loss
+        if micro < grad_accum - 1:
+            engine.step()  # not a boundary: DeepSpeed accumulates
+    bad_ranks = [r for r, bad in enumerate(_over_ranks(float(not math.isfinite(loss_sum)), engine.device)) if bad]
+    if bad_ranks:
+        raise NonFiniteError(f"training stopped at step {step}: the loss is not finite on rank(s) "
+                             f"{', '.join(map(str, bad_ranks))}; nothing was stepped and the newest complete checkpoint "
+                             f"is kept (lower schedule.lr, or check relora.prune_ratio / schedule.restart_warmup_steps)")
+    if grad_norm:
+        norm = runtime.step_with_grad_norm(engine)
+    else:
+        engine.step()
+        norm = runtime.global_grad_norm(engine)
+    if norm is not None and not math.isfinite(norm):
+        raise NonFiniteError(f"training stopped at step {step}: the gradient norm is {norm}; the newest complete "
+                             f"checkpoint is kept (lower schedule.lr or set train.max_grad_norm)")
+    return loss_sum / grad_accum, norm if grad_norm else None
+
+
+def adapters_of(engine) -> dict:
+    return {n: p for n, p in engine.module.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+
+
+def check_restartable(engine) -> bool:
+    """Fail fast on an engine over wrapped layers (ReLoRA and LoRA alike): zero.check_restart_support. Returns
+    whether the adapters' moments were checked too (on ZeRO-0 they appear at the first step: check them then)."""
+    adapters = adapters_of(engine)
+    return zero.check_restart_support(engine, adapters) if adapters else True
+
+
+def check_model_settings(cfg: RunConfig, vocab_size: int) -> None:
+    """What would otherwise fail after start-up, checked on the meta-device model (no memory): model.init_from is a
+    model directory, data.seq_len fits, and relora.target_modules / relora.rank fit its linears. One-line RunError."""
+    try:
+        model = meta_model(cfg.model, vocab_size)
+        check_seq_len(cfg, model.config.max_position_embeddings)
+        if cfg.relora.mode != "full":
+            wrap_targets(model, cfg.relora.target_modules, cfg.relora.rank)
+    except RunError:
+        raise
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def check_seq_len(cfg: RunConfig, max_positions: int) -> None:
@@ -125,6 +188,18 @@ def peak_flops_per_device(cfg: RunConfig, ds_config: dict, device) -> float | No
     peak, _ = hardware.peak_flops_per_device(cfg.log.peak_tflops, gpu_name, dsc.precision(ds_config),
                                              option="log.peak_tflops")
     return peak
+
+
+def _over_ranks(value: float, device) -> list[float]:
+    """`value` of every rank, in rank order (collective)."""
+    if not dist.is_initialized():
+        return [value]
+    import torch.distributed as tdist
+
+    values = torch.zeros(dist.world_size(), dtype=torch.float64, device=device)
+    values[dist.rank()] = value
+    tdist.all_reduce(values)
+    return values.tolist()
 
 
 def _mean_over_ranks(value: float, device) -> float:
@@ -188,7 +263,7 @@ def set_aside_previous_attempt(out: str) -> str | None:
 
 
 def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resume_tag: str | None):
-    """(engine, state): a new model, or one restored from `resume_tag`, or a full-rank model
+    """(engine, state, moments checked): a new model, or one restored from `resume_tag`, or a full-rank model
     loaded from relora.warm_start_checkpoint (step count and data position carry on; the switch to ReLoRA
     then happens in the loop). Restores the data position into `batches`."""
     state = TrainState()
@@ -204,19 +279,23 @@ def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resu
         elif cfg.relora.warm_start_steps != saved["step"]:
             raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
                            f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
-    model = model_from_config(cfg.model, vocab_size, seed=cfg.train.seed)
+    zero3_config = ds_config if dsc.zero_stage(ds_config) == 3 else None  # built partitioned, never whole
+    model = model_from_config(cfg.model, vocab_size, seed=cfg.train.seed, zero3_config=zero3_config)
     check_seq_len(cfg, model.config.max_position_embeddings)
     if saved is not None and resume_tag and saved["wrapped"]:
         wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
     elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:
         wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
+    release_memory()  # what building freed (modules are built whole, then partitioned, on ZeRO-3)
     engine = runtime.make_engine(model, ds_config)
+    moments_checked = check_restartable(engine)
     if saved is not None:
         checkpoint.load(engine, start_tag, module_only=not resume_tag)
         state = TrainState(**{k: saved[k] for k in TrainState().to_dict()})
         batches.load_state_dict(state.data)
+        release_memory()
     state.wrapped = any(n.endswith("lora_A") for n, _ in engine.module.named_parameters())
-    return engine, state
+    return engine, state, moments_checked
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -235,15 +314,16 @@ def train(cfg: RunConfig) -> dict:
                               world_size=world, max_grad_norm=cfg.train.max_grad_norm,
                               source=cfg.train.deepspeed_config)
     micro_bs, grad_accum = dsc.micro_batch_size(ds_config), dsc.grad_accum_steps(ds_config)
+    if dsc.zero_stage(ds_config) == 3 and not torch.cuda.is_available():
+        fix_heap_threshold()  # host RSS of the gather/free churn of ZeRO-3 CPU ranks (memory.py)
 
-    if not cfg.model.init_from:  # checked again on the built model; here before any data is read
-        check_seq_len(cfg, PRESETS[cfg.model.preset]["max_position_embeddings"])
     # Data and tokenizer.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
     if len(tokenizer) > vocab_size:
         raise RunError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({len(tokenizer)} tokens, data.tokenizer); raise it or leave it unset")
+    check_model_settings(cfg, vocab_size)  # before any rank reads data or builds anything
     cache_dir = os.path.join(out, "cache")
     train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=cache_dir)
     val_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="validation", cache_dir=cache_dir)
@@ -253,7 +333,10 @@ def train(cfg: RunConfig) -> dict:
                                          rank=rank, world_size=world) if val_set is not None else [])
 
     # Model, adapters, engine: fresh, resumed, or ReLoRA from a saved full-rank checkpoint.
-    engine, state = start_engine(cfg, ds_config, vocab_size, batches, resume_tag)
+    device = runtime.device()
+    phases = PhaseMemory(device)
+    engine, state, moments_checked = start_engine(cfg, ds_config, vocab_size, batches, resume_tag)
+    build_peak = phases.end("build")
 
     lr_multiplier = multiplier_from_config(cfg)
     if rank == 0:
@@ -268,6 +351,15 @@ def train(cfg: RunConfig) -> dict:
     if resume_tag:
         metrics.truncate_after(state.step)
         metrics.log_event("resume", state.step, path=resume_tag)
+
+    def log_memory(phase: str, peak: int | None = None) -> None:
+        """Log the peak memory of the phase that just ended on every rank (collective; a "memory" event)."""
+        peak = phases.end(phase) if peak is None else peak
+        per_rank = _over_ranks(float(peak or 0) / GIB, device)
+        metrics.log_event("memory", state.step, phase=phase, peak_gib=round(max(per_rank), 3),
+                          rank_peak_gib=[round(v, 3) for v in per_rank], kind=phases.kind)
+
+    log_memory("resume" if resume_tag else "build", build_peak)
     tokens_per_step = micro_bs * grad_accum * world * cfg.data.seq_len
     # MFU = tokens/s per device × full-rank FLOPs per token / peak FLOP/s per device (None: left out of the log).
     model_flops = flops_per_token_full(cfg, engine.module.config)
@@ -278,7 +370,9 @@ def train(cfg: RunConfig) -> dict:
     def run_eval():
         if not eval_set:
             return
+        log_memory("steps")
         result = evaluate(engine, eval_set)
+        log_memory("eval")
         metrics.log_event("eval", state.step, **result)
         summary["evals"].append({"step": state.step, **result})
         if rank == 0:
@@ -286,9 +380,11 @@ def train(cfg: RunConfig) -> dict:
 
     def save_checkpoint():
         state.data = batches.state_dict()
+        log_memory("steps")
         tag_dir = checkpoint.save(engine, ckpt_dir, step=state.step, keep_last=cfg.checkpoint.keep_last,
                                   state={**state.to_dict(), "config": cfg.to_dict()})
         metrics.log_event("checkpoint", state.step, path=tag_dir)
+        log_memory("checkpoint")
 
     if state.step == 0 and cfg.train.eval_every > 0:
         run_eval()
@@ -297,12 +393,18 @@ def train(cfg: RunConfig) -> dict:
     while state.step < cfg.train.total_steps:
         # Warm start → ReLoRA (also when resuming from, or starting at, the switch step).
         if cfg.relora.mode != "full" and not state.wrapped and state.step >= cfg.relora.warm_start_steps:
-            engine = switch_to_relora(cfg, engine, ds_config, vocab_size)
+            log_memory("steps")
+            model = runtime.release_module(engine)
+            engine = None  # the old engine and its optimizer go before the new one is made
+            engine = switch_to_relora(cfg, model, ds_config)
+            moments_checked = check_restartable(engine)
             state.wrapped, state.relora_start = True, state.step
             metrics.log_event("switch", state.step)
+            log_memory("switch")
 
         merge, reset = restart_action(cfg, state)
         if merge:
+            log_memory("steps")
             state.restart_index += 1
             record = relora_restart(engine, restart_index=state.restart_index, step=state.step,
                                     seed=cfg.train.seed, merge=True, reset_optimizer=reset,
@@ -310,27 +412,17 @@ def train(cfg: RunConfig) -> dict:
                                     zero3_merge=cfg.relora.zero3_merge, pair_moments=cfg.relora.pair_moments)
             metrics.log_event("restart", state.step, **{k: v for k, v in record.to_dict().items() if k != "step"})
             summary["restarts"].append(record.to_dict())
+            log_memory("restart")
 
         lr = cfg.schedule.lr * lr_multiplier(state.step)
         runtime.set_lr(engine, lr)
-        loss_sum = 0.0
         logs = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.total_steps
-        grad_norm = None
-        for micro in range(grad_accum):
-            batch = _move(next(data_iter), engine.device)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            if logs and micro == grad_accum - 1:  # the norm costs a sync: only on the steps that log
-                grad_norm = runtime.step_with_grad_norm(engine)
-            else:
-                engine.step()
-            loss_sum += loss.item()
+        local_loss, grad_norm = train_step(engine, data_iter, grad_accum, step=state.step + 1, grad_norm=logs)
         state.step += 1
         state.tokens_seen += tokens_per_step
-        local_loss = loss_sum / grad_accum
-        if not math.isfinite(local_loss):
-            raise FloatingPointError(f"loss is {local_loss} at step {state.step}; lower schedule.lr or check "
-                                     f"relora.prune_ratio / schedule.restart_warmup_steps")
+        if not moments_checked:  # ZeRO-0 makes the moments at the first step: check their layout now, not at a restart
+            zero.check_coverage(engine, adapters_of(engine), MOMENT_KEYS)
+            moments_checked = True
 
         if logs:
             loss_value = _mean_over_ranks(local_loss, engine.device)
@@ -355,9 +447,11 @@ def train(cfg: RunConfig) -> dict:
         run_eval()
     if cfg.checkpoint.save_final and (cfg.checkpoint.every == 0 or state.step % cfg.checkpoint.every != 0):
         save_checkpoint()
+    if not cfg.checkpoint.save_final:
+        log_memory("steps")
     if rank == 0:
         plot_loss(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     metrics.close()
-    summary.update(step=state.step, output_dir=out, checkpoint=checkpoint.find_checkpoint(ckpt_dir)
-                   if checkpoint.complete_tags(ckpt_dir) else None, engine=engine)
+    newest = checkpoint.find_checkpoint(ckpt_dir, checksums=False) if checkpoint.complete_tags(ckpt_dir) else None
+    summary.update(step=state.step, output_dir=out, checkpoint=newest, engine=engine)
     return summary

@@ -30,8 +30,9 @@ import sys
 import torch
 
 from relora_ds import hardware
+from relora_ds.dist import free_port
 from relora_ds.bench import report as rep
-from relora_ds.bench.worker import MODES, free_port, worker_main
+from relora_ds.bench.worker import MODES, worker_main
 from relora_ds.engine import ds_config as dsc
 
 DEFAULT_RESULTS_DIR = os.path.join("benchmarks", "results")

@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import resource
-import socket
 import statistics
 import time
 
@@ -239,8 +238,6 @@ def is_oom(error: BaseException) -> bool:
 
 def worker_main(args) -> int:
     """Run one mode; print its result as one JSON line (rank 0). Exit code OOM_EXIT_CODE when out of memory."""
-    if "RANK" not in os.environ:  # no launcher: a free port, so concurrent jobs do not clash on 29500
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
         result = measure(args)
     except Exception as error:  # only an out-of-memory error is a result ("does not fit"); the rest propagate
@@ -253,9 +250,3 @@ def worker_main(args) -> int:
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

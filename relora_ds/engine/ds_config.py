@@ -82,14 +82,16 @@ def grad_accum_steps(config: dict) -> int:
 
 
 def reconcile(config: dict, *, lr: float, world_size: int, max_grad_norm: float | None = None,
-              source: str = "deepspeed_config") -> dict:
+              source: str = "deepspeed_config", cuda_available: bool | None = None) -> dict:
     """Check the JSON against the run config and return the dict handed to deepspeed.initialize.
 
     - `scheduler` sections are refused: the run config owns the LR schedule;
     - `optimizer.params.lr`, when present, must equal `schedule.lr`; otherwise it is filled in;
-    - `train_micro_batch_size_per_gpu` is required; `train_batch_size`, when present, must equal
-      micro batch x gradient accumulation x world size;
-    - `train.max_grad_norm`, when set, must agree with `gradient_clipping` (or fills it in).
+    - `train_micro_batch_size_per_gpu` is required. With `train_batch_size` and no
+      `gradient_accumulation_steps` it is the largest micro batch allowed: see fit_batch; otherwise
+      `train_batch_size`, when present, must equal micro batch x gradient accumulation x world size;
+    - `train.max_grad_norm`, when set, must agree with `gradient_clipping` (or fills it in);
+    - fp16 needs CUDA (`cuda_available`; None asks torch).
     The result is then checked by DeepSpeed's own config class.
     """
     config = copy.deepcopy(config)
@@ -108,6 +110,9 @@ def reconcile(config: dict, *, lr: float, world_size: int, max_grad_norm: float 
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
             raise DSConfigError(f"{source}: {key} must be a positive integer, got {config[key]!r}")
+    if "train_batch_size" in config and "gradient_accumulation_steps" not in config:
+        config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = fit_batch(
+            config["train_batch_size"], micro_batch_size(config), world_size, source)
     expected = micro_batch_size(config) * grad_accum_steps(config) * world_size
     if "train_batch_size" in config and config["train_batch_size"] != expected:
         raise DSConfigError(
@@ -121,10 +126,32 @@ def reconcile(config: dict, *, lr: float, world_size: int, max_grad_norm: float 
         config["gradient_clipping"] = float(max_grad_norm)
     if config.get("bf16", {}).get("enabled") and config.get("fp16", {}).get("enabled"):
         raise DSConfigError(f"{source}: bf16 and fp16 are both enabled; choose one")
+    if precision(config) == "fp16":
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available:
+            raise DSConfigError(f"{source}: fp16.enabled is true but CUDA is not available (DeepSpeed's fp16 needs "
+                                f"a GPU); on CPU use bf16 or fp32 (e.g. {SHIPPED_DIR}/cpu.json)")
     if zero_stage(config) not in (0, 1, 2, 3):
         raise DSConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero_stage(config)}")
     check_with_deepspeed(config, world_size, source)
     return config
+
+
+def fit_batch(train_batch_size: int, max_micro_batch: int, world_size: int,
+              source: str = "deepspeed_config") -> tuple[int, int]:
+    """(micro batch, gradient accumulation) giving `train_batch_size` sequences per step on `world_size` ranks:
+    the smallest accumulation whose micro batch, train_batch_size / (world size x accumulation), is a whole
+    number <= `max_micro_batch`. A world size that does not divide train_batch_size is a DSConfigError."""
+    if train_batch_size % world_size:
+        working = ", ".join(str(n) for n in range(1, min(train_batch_size, 1024) + 1) if train_batch_size % n == 0)
+        raise DSConfigError(f"{source}: train_batch_size {train_batch_size} is not divisible by the world size "
+                            f"{world_size} (GPUs over all nodes); GPU counts that work: {working}")
+    per_rank = train_batch_size // world_size
+    accum = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= max_micro_batch)
+    return per_rank // accum, accum
 
 
 def check_with_deepspeed(config: dict, world_size: int = 1, source: str = "deepspeed_config") -> None:

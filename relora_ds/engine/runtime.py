@@ -1,4 +1,4 @@
-"""DeepSpeed start-up, engine creation, LR setting and full-state gathering (for the warm-start switch)."""
+"""DeepSpeed start-up, engine creation and release (for the warm-start switch), LR setting, gradient norms."""
 
 import os
 
@@ -10,7 +10,11 @@ def prepare_deepspeed() -> None:
 
     DeepSpeed compiles a shared-memory comm op (30-70 s) at start-up on a fresh CPU machine; training
     does not need it (reference/deepspeed-cpu.md), so it is switched off when there is no CUDA.
+    An untested DeepSpeed version is refused first (engine/versions.py).
     """
+    from relora_ds.engine.versions import check_deepspeed_version
+
+    check_deepspeed_version()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.ops
@@ -20,13 +24,21 @@ def prepare_deepspeed() -> None:
 
 
 def init_distributed() -> None:
-    """Join the process group the launcher (deepspeed, torchrun, SLURM) describes; single process otherwise."""
+    """Join the process group the launcher (deepspeed, torchrun, SLURM) describes; single process otherwise.
+
+    A single process with no MASTER_PORT set takes a free port, so two such runs on one machine do not both
+    need 29500 (the rendezvous port of a world of 1 is used by nobody else).
+    """
     prepare_deepspeed()
     import deepspeed
     import torch.distributed as dist
 
+    from relora_ds.dist import free_port
+
     if dist.is_initialized():
         return
+    if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -35,6 +47,13 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK on a CUDA machine, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def make_engine(model: torch.nn.Module, ds_config: dict):
@@ -61,26 +80,41 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-@torch.no_grad()
-def gather_full_state(engine) -> dict[str, torch.Tensor]:
-    """Every parameter of the engine's module as a full fp32 CPU tensor, on every rank.
+# Attributes DeepSpeed 0.19 sets on module parameters that point back into an engine's optimizer (fp32 masters,
+# moments, the optimizer itself): removed when a module outlives its engine, or they keep all of it alive.
+OPTIMIZER_LINKS = ("_hp_mapping", "_z3_optimizer", "_dp_group")
+# Hook handles a DeepSpeedEngine keeps for the hooks it puts on its module (they hold the engine).
+ENGINE_MODULE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
 
-    Trainable parameters come from DeepSpeed's fp32 masters when there are any (bf16/ZeRO), so the
-    full-rank weights are carried across the warm-start switch without a bf16 rounding; frozen ones and
-    plain fp32 runs come from the (gathered, on ZeRO-3) module parameters. Collective: all ranks call it.
+
+def release_module(engine) -> torch.nn.Module:
+    """The engine's module, cut loose from the engine so that the engine, its optimizer, fp32 masters and
+    moments are freed; for handing the module to a new engine (the warm-start switch). Local, no communication.
+
+    Nothing of the module is copied: on ZeRO-3 its parameters stay partitioned, elsewhere whole. The module holds
+    the weights the optimizer wrote last (on bf16 runs the bf16 rounding of the fp32 masters). engine.destroy()
+    removes the ZeRO-3 module hooks; the engine's own module hooks and the parameters' links back to the optimizer
+    are removed here (a test checks that the optimizer is then garbage).
     """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
+    module = engine.module
+    engine.destroy()
+    for attr in ENGINE_MODULE_HOOKS:  # the engine's own hooks on the module (destroy leaves them)
+        handle = getattr(engine, attr, None)
+        if handle is not None:
+            handle.remove()
+    for param in module.parameters():
+        param.grad = None
+        for attr in OPTIMIZER_LINKS:
+            if hasattr(param, attr):
+                delattr(param, attr)
+    return module
 
-    state = {}
-    for name, param in engine.module.named_parameters():
-        master = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if master is not None:
-            state[name] = master.detach().float().cpu().clone()
-            continue
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            state[name] = param.detach().float().cpu().clone()
-    return state
+
+def global_grad_norm(engine) -> float | None:
+    """The global gradient norm DeepSpeed computed in the last step (ZeRO-1/2/3, bf16), identical on every rank;
+    None where it keeps none (ZeRO-0 fp32: see step_with_grad_norm)."""
+    norm = engine.get_global_grad_norm() if hasattr(engine.optimizer, "_global_grad_norm") else None
+    return None if norm is None else float(norm)
 
 
 def step_with_grad_norm(engine) -> float | None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from relora_ds.engine.ds_config import DSConfigError
+
 LAYOUTS = ("plain", "unfused", "hp", "zero3")
 
 
@@ -224,3 +226,105 @@ def release_gathered(param: torch.Tensor) -> None:
 
     if param.ds_status == ZeroParamStatus.AVAILABLE:
         param.partition()
+
+
+# --- fail fast: everything the restart needs, checked when the engine is made -------------------------------
+
+class LayoutError(DSConfigError):
+    """The engine's setup is one the restart cannot edit; one line naming the setting (the CLI prints it as such)."""
+
+
+def check_engine_settings(engine) -> None:
+    """Refuse, with the setting's name, what the restart does not support: fp16, ZeRO++ hpZ, quantized weights,
+    NVMe offload. Local; identical on every rank (the config is)."""
+    if engine.fp16_enabled():
+        raise LayoutError("fp16.enabled: the ReLoRA restart supports fp32 and bf16 only (fp16's loss scaling and "
+                          "master layout are not handled); use \"bf16\": {\"enabled\": true}")
+    if stage(engine) != 3:
+        return
+    if engine.zero_hpz_partition_size() > 1:
+        raise LayoutError(f"zero_optimization.zero_hpz_partition_size {engine.zero_hpz_partition_size()}: ZeRO++ "
+                          f"secondary partitions are not supported by the ReLoRA restart; set it to 1")
+    if engine.zero_quantized_weights() or engine.zero_quantized_nontrainable_weights():
+        raise LayoutError("zero_optimization.zero_quantized_weights / zero_quantized_nontrainable_weights: quantized "
+                          "weights are not supported by the ReLoRA restart; set them to false")
+    for what, offload in (("offload_param", engine.zero_offload_param()),
+                          ("offload_optimizer", engine.zero_offload_optimizer())):
+        if offload is not None and str(getattr(offload, "device", "")).endswith("nvme"):
+            raise LayoutError(f"zero_optimization.{what}.device nvme: NVMe offload is not supported by the ReLoRA "
+                              f"restart; use \"cpu\" or no offload")
+
+
+def coverage_errors(intervals, numel: int, replicated: bool) -> str | None:
+    """Why the ranks' fragments [(start, length) per rank] do not cover [0, numel) exactly once; None if they do.
+
+    Replicated layouts: every rank must hold the whole tensor. Sharded: the non-empty fragments, sorted, must tile
+    [0, numel) without a gap or an overlap.
+    """
+    if replicated:
+        bad = [r for r, (start, length) in enumerate(intervals) if (start, length) != (0, numel)]
+        return f"ranks {bad} do not hold the whole tensor" if bad else None
+    covered = 0
+    for start, length in sorted((s, n) for s, n in intervals if n > 0):
+        if start != covered:
+            return (f"elements [{covered}, {start}) are held by no rank" if start > covered
+                    else f"elements from {start} are held by two ranks")
+        covered = start + length
+    return None if covered == numel else f"elements [{covered}, {numel}) are held by no rank"
+
+
+def check_coverage(engine, named_params: dict, keys=(None,), kind: str | None = None) -> None:
+    """All-gather every rank's fragment interval of each parameter's fp32 master (key None) and of optimizer
+    state `keys`, and raise LayoutError on every rank alike unless each element is held exactly once
+    (a layout DeepSpeed changed under us would otherwise make the restart merge and prune nothing)."""
+    import torch.distributed as dist
+
+    kind = kind or layout(engine)
+    rows, labels = [], []
+    for name, param in named_params.items():
+        for key in keys:
+            frag = fragment(engine, param, key, kind)
+            length = frag.tensor.numel() if frag.tensor is not None else 0
+            rows.append((frag.start, length, frag.numel))
+            labels.append((name, key or "fp32 master", frag.numel, frag.replicated))
+    local = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().current_device_name()
+        gathered = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local.to(device))
+        everyone = torch.stack([g.cpu() for g in gathered])
+    else:
+        everyone = local.unsqueeze(0)
+    for i, (name, key, numel, replicated) in enumerate(labels):
+        intervals = [(int(s), int(n)) for s, n, _ in everyone[:, i].tolist()]
+        problem = coverage_errors(intervals, numel, replicated)
+        if problem:
+            raise LayoutError(f"the ReLoRA restart cannot read {name} ({key}) on this DeepSpeed {kind!r} layout: "
+                              f"{problem}; this DeepSpeed version or setting is not supported (docs/deepspeed.md)")
+
+
+def check_restart_support(engine, named_adapters: dict) -> bool:
+    """Fail fast, when an engine over wrapped layers is made: the settings (check_engine_settings), the optimizer
+    layout (`layout`), and the coverage of every adapter's fp32 master and, where they exist yet, its moments.
+    Returns whether the moments were checked (they appear at the first optimizer step on ZeRO-0: check again
+    then with `check_coverage(..., keys=MOMENT_KEYS)`). Collective."""
+    from relora_ds.relora.reset import MOMENT_KEYS
+
+    check_engine_settings(engine)
+    try:
+        kind = layout(engine)
+    except ValueError as e:
+        raise LayoutError(str(e)) from None
+    moments = has_state(engine, list(named_adapters.values()), MOMENT_KEYS, kind)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # the same answer everywhere
+        from deepspeed.accelerator import get_accelerator
+
+        flag = torch.tensor([0.0 if moments else 1.0], device=get_accelerator().current_device_name())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        moments = flag.item() == 0.0
+    check_coverage(engine, named_adapters, (None,) + (MOMENT_KEYS if moments else ()), kind)
+    return moments

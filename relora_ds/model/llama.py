@@ -3,6 +3,7 @@
 The only module that knows transformers' model classes. Parameter and FLOP counts live here too.
 """
 
+import contextlib
 import importlib.util
 
 import torch
@@ -63,25 +64,85 @@ def llama_config(preset: str, vocab_size: int, max_position_embeddings: int | No
 
 
 def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
-                      attn_implementation: str | None = None):
-    """The run's model: loaded from `model.init_from` when set, else the preset, randomly initialised."""
+                      attn_implementation: str | None = None, zero3_config: dict | None = None):
+    """The run's model: loaded from `model.init_from` when set, else the preset, randomly initialised.
+
+    zero3_config: the run's DeepSpeed config on ZeRO-3; the model is then built partitioned (no rank ever
+    holds it whole) with the same seeded weights as the unsharded build, and a checkpoint is loaded partition
+    by partition (see `zero3_construction`).
+    """
     attn = attn_implementation or model_cfg.attn_implementation
     if model_cfg.init_from:
         from relora_ds.model.hf import load_pretrained
 
-        return load_pretrained(model_cfg.init_from, attn_implementation=attn)
-    return build_model(model_cfg.preset, vocab_size, attn_implementation=attn, seed=seed)
+        return load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
+    return build_model(model_cfg.preset, vocab_size, attn_implementation=attn, seed=seed, zero3_config=zero3_config)
+
+
+def meta_model(model_cfg, vocab_size: int):
+    """The run's model on the meta device (no memory, no init), for checking settings against its layers before
+    any rank builds it. A one-line ValueError for a model.init_from that is not a model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_cfg.init_from:
+        from relora_ds.model.hf import check_model_dir
+
+        check_model_dir(model_cfg.init_from)
+        try:
+            config = AutoConfig.from_pretrained(model_cfg.init_from)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.init_from {model_cfg.init_from}: unreadable config.json "
+                             f"({' '.join(str(e).split())[:200]})") from None
+    else:
+        config = llama_config(model_cfg.preset, vocab_size, attn_implementation="sdpa")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@contextlib.contextmanager
+def zero3_construction(zero3_config: dict | None):
+    """Within it, transformers builds and loads models under ZeRO-3 (a no-op for None).
+
+    transformers' DeepSpeed integration (HfDeepSpeedConfig) makes `_from_config` build each module under
+    `deepspeed.zero.Init` with this config (partitioned as soon as it is built) and then initialise the weights
+    module by module on the gathered parameters (rank 0 draws), and makes `from_pretrained` copy a checkpoint
+    into the partitions parameter by parameter. The setting is global in transformers, so it is removed on exit.
+    """
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(zero3_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
 
 
 def build_model(preset: str, vocab_size: int, *, max_position_embeddings: int | None = None,
-                attn_implementation: str = "auto", dtype: torch.dtype | None = None, seed: int | None = None):
-    """A randomly initialised LlamaForCausalLM for `preset` (seeded when `seed` is given)."""
+                attn_implementation: str = "auto", dtype: torch.dtype | None = None, seed: int | None = None,
+                zero3_config: dict | None = None):
+    """A randomly initialised LlamaForCausalLM for `preset` (seeded when `seed` is given).
+
+    The weights are transformers' own init (normal(0, initializer_range) for linears and embeddings, ones for
+    norms), drawn once on full tensors: the construction-time draws of nn.Linear are skipped, which is what
+    transformers does under ZeRO-3, so the partitioned build (zero3_config) gives the same weights for a seed.
+    """
     from transformers import LlamaForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = llama_config(preset, vocab_size, max_position_embeddings, attn_implementation)
     if seed is not None:
         torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    if zero3_config is not None:
+        with zero3_construction(zero3_config):
+            model = LlamaForCausalLM._from_config(config)
+    else:
+        with no_init_weights():
+            model = LlamaForCausalLM(config)
+        model.initialize_weights()
     if dtype is not None:
         model = model.to(dtype)
     return model

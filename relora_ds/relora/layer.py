@@ -49,8 +49,10 @@ class ReLoRALinear(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.kernels = kernels
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
+        shape = (out_features, in_features) if init_base else (0,)  # from_linear brings its own W and bias
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features if init_base else 0, **factory),
+                                 requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         if trainable_scaling:
@@ -71,13 +73,17 @@ class ReLoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                     trainable_scaling: bool = False, kernels: str = "auto",
                     generator: torch.Generator | None = None) -> "ReLoRALinear":
-        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias tensors."""
+        """Wrap an existing nn.Linear, taking over its weight and bias Parameters themselves (frozen).
+
+        The same Parameter objects, not copies: no second W is allocated, and a ZeRO-3-partitioned W keeps
+        its partition (its shape is then (0,): the sizes come from in_features/out_features).
+        """
+        dtype = getattr(linear.weight, "ds_tensor", linear.weight).dtype
         module = cls(linear.in_features, linear.out_features, rank, alpha, dropout,
                      bias=linear.bias is not None, trainable_scaling=trainable_scaling, kernels=kernels,
-                     device=linear.weight.device, dtype=linear.weight.dtype, init_base=False)
-        module.weight = nn.Parameter(linear.weight.data, requires_grad=False)
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+                     device=linear.weight.device, dtype=dtype, init_base=False)
+        module.weight = linear.weight.requires_grad_(False)
+        module.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         if generator is not None:
             with torch.no_grad():
                 module.lora_A.copy_(functional.kaiming_uniform_A(rank, linear.in_features, generator))

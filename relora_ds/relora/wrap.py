@@ -24,6 +24,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
+    """The names of the nn.Linear modules `wrap` replaces, in model order; a one-line ValueError when none match or
+    when `rank` exceeds both dims of one. Reads only module types and sizes: works on a meta-device model."""
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear)
+               and _matches(name, target_modules)]
+    if not targets:
+        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"relora.target_modules {list(target_modules)} matched no nn.Linear in the model "
+                         f"(its linears: {', '.join(linears)})")
+    for name in targets:
+        linear = model.get_submodule(name)
+        if linear.out_features < rank and linear.in_features < rank:
+            raise ValueError(f"relora.rank {rank} is larger than both dims of {name} "
+                             f"({linear.out_features}, {linear.in_features}); lower relora.rank")
+    return targets
+
+
 def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
          target_modules=DEFAULT_TARGETS, trainable_scaling: bool = False, kernels: str = "auto",
          seed: int = 0) -> list[str]:
@@ -33,15 +51,9 @@ def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
     wraps identically; B is zero, so the model's output is unchanged. All other parameters keep
     their requires_grad. Returns the wrapped module names, in model order.
     """
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear)
-               and _matches(name, target_modules)]
-    if not targets:
-        raise ValueError(f"relora.target_modules {list(target_modules)} matched no nn.Linear in the model")
+    targets = wrap_targets(model, target_modules, rank)
     for name in targets:
         linear = model.get_submodule(name)
-        if linear.weight.shape[0] < rank and linear.weight.shape[1] < rank:
-            raise ValueError(f"relora.rank {rank} is larger than both dims of {name} {tuple(linear.weight.shape)}")
         module = ReLoRALinear.from_linear(linear, rank, alpha, dropout, trainable_scaling, kernels,
                                           generator=functional.restart_generator(seed, 0, name))
         _set_submodule(model, name, module)

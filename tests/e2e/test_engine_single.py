@@ -1,9 +1,6 @@
 """engine.runtime.make_engine in one process: ZeRO-0 skips DeepSpeed's gradient all-reduce (an exact no-op
 with one rank), and training is bitwise the same as with it."""
 
-import os
-import socket
-
 import pytest
 import torch
 
@@ -11,19 +8,11 @@ from relora_ds.engine import ds_config as dsc, runtime
 from tests.helpers.tiny import fixed_batch, tiny_model
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def single_process():
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_PORT", free_port())
-    runtime.init_distributed()
+    runtime.init_distributed()  # a free port: MASTER_PORT unset, world size 1
     assert dist.get_world_size() == 1
 
 

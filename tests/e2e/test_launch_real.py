@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from relora_ds.dist import free_port
 from tests.helpers.runs import ROOT, read_metrics, tiny_run_config, write_corpus, write_ds_config
-from tests.helpers.spawn import free_port
 
 pytestmark = pytest.mark.slow
 

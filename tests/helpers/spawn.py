@@ -9,17 +9,12 @@ rank fails, the others get a few seconds and are then terminated (they may be wa
 
 import os
 import queue
-import socket
 import time
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from relora_ds.dist import free_port
 
 
 def _worker(rank, world_size, port, fn, args, results):

@@ -1,0 +1,150 @@
+"""MANIFEST.json of a checkpoint tag: written before COMPLETE with every file's size and CRC32; a resume skips
+newer tags whose files no longer match it, an explicitly named tag that does not match is an error, and a
+tag from before manifests is taken as it is. Tags are built by hand (no DeepSpeed): files, then the module's
+mark_complete, as save() does."""
+
+import json
+import os
+import zlib
+
+import pytest
+import torch
+
+from relora_ds.engine import checkpoint
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def fake_tag(run_dir, step: int, *, manifest: bool = True) -> str:
+    tag_dir = os.path.join(run_dir, "checkpoints", checkpoint.tag_for(step))
+    os.makedirs(os.path.join(tag_dir, "zero"))
+    torch.save({"module": {"w": torch.full((4096,), float(step))}}, os.path.join(tag_dir, MODEL_FILE))
+    with open(os.path.join(tag_dir, "zero", "shard.bin"), "wb") as f:
+        f.write(os.urandom(1000))
+    with open(os.path.join(tag_dir, checkpoint.STATE_FILE), "w") as f:
+        json.dump({"step": step}, f)
+    if manifest:
+        checkpoint.mark_complete(tag_dir, step)
+    else:  # written by a relora-ds from before MANIFEST.json
+        with open(os.path.join(tag_dir, checkpoint.COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+    return tag_dir
+
+
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def flip_a_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_manifest_records_every_file_but_itself_and_complete(tmp_path):
+    tag_dir = fake_tag(tmp_path, 2)
+    with open(os.path.join(tag_dir, checkpoint.MANIFEST)) as f:
+        files = json.load(f)["files"]
+    assert sorted(files) == [MODEL_FILE, checkpoint.STATE_FILE, os.path.join("zero", "shard.bin")]
+    for relative, entry in files.items():
+        data = open(os.path.join(tag_dir, relative), "rb").read()
+        assert entry == {"size": len(data), "crc32": zlib.crc32(data)}
+    assert sorted(os.listdir(tag_dir)) == sorted([checkpoint.COMPLETE, checkpoint.MANIFEST, MODEL_FILE,
+                                                  checkpoint.STATE_FILE, "zero"])  # no temporary files left
+    checkpoint.verify(tag_dir)
+
+
+def test_file_crc32_streams_across_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "blob"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    assert checkpoint.file_crc32(str(path)) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize("damage, checksums_needed", [(truncate, False), (flip_a_byte, True)])
+def test_resume_skips_damaged_newest_tag(tmp_path, capsys, damage, checksums_needed):
+    older, newest = fake_tag(tmp_path, 2), fake_tag(tmp_path, 4)
+    damage(os.path.join(newest, MODEL_FILE))
+    capsys.readouterr()
+    assert checkpoint.find_checkpoint(str(tmp_path)) == older
+    assert checkpoint.find_checkpoint(os.path.join(tmp_path, "checkpoints")) == older
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2  # one line per find_checkpoint call
+    assert warnings[0].startswith(f"warning: {os.path.join(newest, MODEL_FILE)}: ")
+    assert "skipping checkpoint step_00000004" in warnings[0]
+    # Sizes alone catch a truncation, not a same-size corruption.
+    assert checkpoint.find_checkpoint(str(tmp_path), checksums=False) == (older if not checksums_needed else newest)
+
+
+def test_explicit_damaged_tag_is_a_one_line_error(tmp_path):
+    fake_tag(tmp_path, 2)
+    newest = fake_tag(tmp_path, 4)
+    size = os.path.getsize(os.path.join(newest, MODEL_FILE))
+    truncate(os.path.join(newest, MODEL_FILE))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.find_checkpoint(newest)  # `relora-ds export runs/x/checkpoints/step_00000004`
+    assert str(info.value) == (f"{os.path.join(newest, MODEL_FILE)}: {size // 2} bytes, MANIFEST.json records "
+                               f"{size} (truncated or overwritten)")
+
+
+def test_missing_file_is_named(tmp_path):
+    tag_dir = fake_tag(tmp_path, 2)
+    os.remove(os.path.join(tag_dir, "zero", "shard.bin"))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.verify(tag_dir, checksums=False)
+    assert str(info.value) == f"{os.path.join(tag_dir, 'zero', 'shard.bin')}: missing (listed in MANIFEST.json)"
+
+
+def test_same_size_corruption_names_the_file(tmp_path):
+    tag_dir = fake_tag(tmp_path, 2)
+    flip_a_byte(os.path.join(tag_dir, "zero", "shard.bin"))
+    checkpoint.verify(tag_dir, checksums=False)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.verify(tag_dir)
+    assert str(info.value) == f"{os.path.join(tag_dir, 'zero', 'shard.bin')}: CRC32 differs from MANIFEST.json " \
+                              f"(corrupt file)"
+
+
+def test_no_intact_tag_is_a_one_line_error(tmp_path, capsys):
+    for step in (2, 4):
+        truncate(os.path.join(fake_tag(tmp_path, step), MODEL_FILE))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.find_checkpoint(str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{os.path.join(tmp_path, 'checkpoints')}: none of its 2 complete checkpoints is "
+                              f"intact (the newest: {os.path.join(tmp_path, 'checkpoints', 'step_00000004')}")
+    assert len(capsys.readouterr().err.splitlines()) == 2
+
+
+def test_tag_without_manifest_is_taken_as_before(tmp_path):
+    fake_tag(tmp_path, 2)
+    old_style = fake_tag(tmp_path, 4, manifest=False)
+    truncate(os.path.join(old_style, MODEL_FILE))  # nothing to check it against
+    assert checkpoint.find_checkpoint(str(tmp_path)) == old_style
+    assert checkpoint.find_checkpoint(old_style) == old_style
+
+
+def test_unreadable_manifest_is_one_line(tmp_path):
+    tag_dir = fake_tag(tmp_path, 2)
+    with open(os.path.join(tag_dir, checkpoint.MANIFEST), "w") as f:
+        f.write("{\"files\": ")
+    with pytest.raises(checkpoint.CheckpointError, match=r"MANIFEST.json: unreadable \(JSONDecodeError: [^\n]*\)$"):
+        checkpoint.verify(tag_dir)
+
+
+def test_reading_a_truncated_file_is_one_line(tmp_path):
+    from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
+
+    tag_dir = fake_tag(tmp_path, 2, manifest=False)
+    assert lazy_fp32_state_dict(tag_dir)["w"].load().shape == (4096,)
+    truncate(os.path.join(tag_dir, MODEL_FILE))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        lazy_fp32_state_dict(tag_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{os.path.join(tag_dir, MODEL_FILE)}: cannot be read, truncated or corrupt? (")
