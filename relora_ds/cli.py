@@ -3,7 +3,7 @@
     relora-ds train --config RUN.yaml [--deepspeed_config DS.json] [--set key=value ...]
     relora-ds validate-config RUN.yaml [--set key=value ...]
     relora-ds tokenizer train --files a.jsonl b.txt --out DIR [--vocab-size 8192]
-    relora-ds pretokenize --source FILES --out DIR [--tokenizer DIR] [--seq-len 256]
+    relora-ds pretokenize --source FILES --out DIR [--tokenizer DIR] [--seq-len 256] [--num-proc N]
     relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
     relora-ds eval CHECKPOINT_OR_MODEL_DIR [--source sotu --split validation]
     relora-ds demo
@@ -60,11 +60,19 @@ def cmd_pretokenize(args) -> int:
     from relora_ds.data.pretokenize import pretokenize
     from relora_ds.data.tokenize import load_tokenizer
 
+    from relora_ds.data.pretokenize import check_num_proc, parse_shard_size
+
+    check_num_proc(args.num_proc)  # bad arguments fail before the tokenizer loads
+    parse_shard_size(args.shard_size)
     manifest = pretokenize(args.source, args.out, tokenizer=load_tokenizer(args.tokenizer), seq_len=args.seq_len,
                            format=args.format, text_column=args.text_column, split=args.split,
-                           hub_config=args.hub_config, streaming=args.streaming, max_tokens=args.max_tokens)
+                           hub_config=args.hub_config, streaming=args.streaming, max_tokens=args.max_tokens,
+                           num_proc=args.num_proc, shard_size=args.shard_size, progress=not args.no_progress,
+                           skip_bad_records=args.skip_bad_records)
+    shards = len(manifest["shards"])
     print(f"{manifest['num_sequences']} sequences of {manifest['seq_len']} tokens "
-          f"({manifest['num_tokens']} tokens) written to {args.out}")
+          f"({manifest['num_tokens']} tokens, {shards} shard{'s' if shards > 1 else ''}) written to {args.out} "
+          f"in {manifest['seconds']:.1f} s ({manifest['num_tokens'] / max(manifest['seconds'], 1e-3):,.0f} tokens/s)")
     return 0
 
 
@@ -199,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hub-config", default=None, help="datasets config name for hub datasets")
     p.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument("--num-proc", type=int, default=1, metavar="N",
+                   help="tokenizer processes, one core each (default 1: tokenize in this process); the output is "
+                        "the same for every N")
+    p.add_argument("--shard-size", default="1GiB", metavar="SIZE",
+                   help="largest token file, e.g. 1GiB, 500MB (default 1GiB); the output is tokens-00000.bin, "
+                        "tokens-00001.bin, ... with their sizes in manifest.json")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="count and log bad records (broken JSON lines, records without the text column) instead of "
+                        "stopping at the first (as data.skip_bad_records)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar with tokens/s and ETA on a terminal, else a line every 30 s)")
     p.set_defaults(fn=cmd_pretokenize)
 
     p = sub.add_parser("export", help="merge adapters and write a plain HF LlamaForCausalLM (safetensors)")

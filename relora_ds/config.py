@@ -96,12 +96,16 @@ class DataConfig:
     text_column: str = _field("text", "column holding the text")
     hub_config: str | None = _field(None, "datasets hub config name (e.g. 'en')")
     split: str = _field("train", "split to train on")
-    streaming: bool = _field(False, "stream a hub dataset instead of downloading it")
+    streaming: bool = _field(False, "read the source lazily as a stream sharded across ranks (hub: without "
+                                    "downloading it) instead of packing it into a cached dataset first")
     validation_source: str | None = _field(None, "held-out source; null: the source's validation split if any")
     validation_split: str | None = _field(None, "held-out split name")
     tokenizer: str | None = _field(None, "HF tokenizer dir or hub name; null: the shipped SOTU tokenizer")
     seq_len: int = _field(256, "tokens per packed training sequence")
-    num_workers: int = _field(0, "DataLoader worker processes")
+    num_workers: int = _field(0, "background processes that read, tokenize and pack a stream (data.streaming), "
+                                 "each its own share; 0: in the training process")
+    prefetch_batches: int = _field(16, "micro-batches the data workers prepare ahead of the step (data.num_workers > 0)")
+    skip_bad_records: bool = _field(False, "count and log bad records instead of stopping")
 
 
 @dataclass
@@ -312,6 +316,7 @@ def validate(cfg: RunConfig) -> list[str]:
     in_range("schedule.min_lr_ratio", s.min_lr_ratio, 0, 1, high_open=False)
     at_least("data.seq_len", d.seq_len, 8)
     at_least("data.num_workers", d.num_workers, 0)
+    at_least("data.prefetch_batches", d.prefetch_batches, 1)
     at_least("train.total_steps", t.total_steps, 1)
     at_least("train.seed", t.seed, 0)
     at_least("train.eval_every", t.eval_every, 0)

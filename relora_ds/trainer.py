@@ -328,7 +328,8 @@ def train(cfg: RunConfig) -> dict:
     train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=cache_dir)
     val_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="validation", cache_dir=cache_dir)
     batches = data_loader.DistributedBatches(train_set, micro_batch_size=micro_bs, rank=rank, world_size=world,
-                                             seed=cfg.train.seed)
+                                             seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                             prefetch_batches=cfg.data.prefetch_batches)
     eval_set = (data_loader.eval_batches(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
                                          rank=rank, world_size=world) if val_set is not None else [])
 
@@ -451,6 +452,7 @@ def train(cfg: RunConfig) -> dict:
         log_memory("steps")
     if rank == 0:
         plot_loss(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    batches.close()  # the data workers, if any
     metrics.close()
     newest = checkpoint.find_checkpoint(ckpt_dir, checksums=False) if checkpoint.complete_tags(ckpt_dir) else None
     summary.update(step=state.step, output_dir=out, checkpoint=newest, engine=engine)

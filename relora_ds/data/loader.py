@@ -4,6 +4,7 @@
     dataset_from_config(cfg.data, ...)  -> the same for the train / validation role (None: no validation)
     DistributedBatches(dataset, ...)    iterator of {"input_ids", "labels"} LongTensor[mb, seq_len]
     eval_batches(dataset, ...)          fixed held-out batches, this rank's share
+    stream_batches / iterate_tokens     a source as the trainer streams it, for benchmarks and tools
 
 Raw sources are packed once into a cache directory (the same layout `relora-ds pretokenize` writes),
 keyed by the source content, tokenizer vocabulary and seq_len; concurrent ranks take a file lock and
@@ -14,31 +15,46 @@ rank r holds positions [(i*world + r)*mb, +mb) of that permutation; the tail tha
 global micro-batch (world*mb sequences) is skipped in that epoch. The position is two integers, so a
 resume continues on unseen data in O(1), without reading the batches before it.
 
-Streaming sources (data.streaming) have no random access: they are tokenized and packed on the fly, in
-stream order (no shuffling), every rank reads the whole stream and keeps its own micro-batches, and a
-resume skips the already-used documents by reading past them (not tokenizing them). That read is
-O(documents consumed), the price of streaming.
+Streaming sources (data.streaming) have no random access. They are split across ranks (and data workers) by
+the one rule of stream.py: N = world_size x max(1, data.num_workers) readers, reader k taking the shards (files,
+hub shards) k, k+N, ... when their count is a multiple of N, else the records k, k+N, ...; each reader tokenizes
+and packs only its own share, in stream order (no shuffling), in this process (data.num_workers 0) or in a
+worker process with data.prefetch_batches micro-batches prepared ahead (workers.py). The rank takes its
+readers' micro-batches in turn. The position is each reader's (stream position, partial packing buffer): a
+resume opens every share where it stopped, without re-reading, re-downloading or re-tokenizing what came
+before, and continues with exactly the windows the uninterrupted run would have seen.
+
+Changing the world size on resume: map-style data continues the saved epoch's permutation at the saved global
+position with the new number of ranks (nothing repeated, nothing skipped). A stream continues only onto the same
+number of readers N (e.g. half the ranks with twice the data.num_workers: every reader continues its own share
+exactly, only which rank runs it changes); any other change is refused with a one-line DataError naming the rule.
 """
 
 import fcntl
 import hashlib
-import itertools
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from relora_ds.data import DataError
-from relora_ds.data.packing import pack_with_positions
 from relora_ds.data.pretokenize import MANIFEST_FILE, TOKENS_FILE, check_manifest, read_manifest, write_packed
 from relora_ds.data.sources import Source, file_format, resolve_source
-from relora_ds.data.tokenize import encode_documents, vocab_hash
+from relora_ds.data.stream import ShareBatches
+from relora_ds.data.tokenize import load_tokenizer, vocab_hash
+from relora_ds.data.workers import RankStream
 
 
 class PackedDataset:
-    """Random-access packed sequences from a packed dataset directory (tokens.bin memmap + manifest.json)."""
+    """Random-access packed sequences of a packed dataset directory (manifest.json + token shards), read in place.
+
+    One read-only numpy memmap per shard file (tokens-00000.bin, ...; the v1 layout's single tokens.bin is one
+    shard), opened on first use; global row i lives in the last shard whose first row is <= i. Nothing is
+    written, locked or loaded up front, so any number of ranks and nodes can read the same directory on a
+    shared filesystem; a pickled copy (a worker process) carries no open maps and reopens them itself.
+    """
 
     def __init__(self, path: str, *, tokenizer=None, seq_len: int | None = None):
         if tokenizer is not None and seq_len is not None:
@@ -47,38 +63,68 @@ class PackedDataset:
             self.manifest = read_manifest(path)
         self.path = path
         self.seq_len = self.manifest["seq_len"]
-        self.tokens = np.memmap(os.path.join(path, TOKENS_FILE), dtype=self.manifest["dtype"], mode="r",
-                                shape=(self.manifest["num_sequences"], self.seq_len))
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.shards = [(s["file"], s["num_sequences"]) for s in self.manifest["shards"]]
+        self._starts = np.cumsum([0] + [n for _, n in self.shards], dtype=np.int64)  # first row of each shard
+        self._maps: list[np.memmap | None] = [None] * len(self.shards)
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
+        return int(self._starts[-1])
 
     @property
     def num_tokens(self) -> int:
         return len(self) * self.seq_len
 
+    def _shard(self, s: int) -> np.memmap:
+        if self._maps[s] is None:
+            name, rows = self.shards[s]
+            self._maps[s] = np.memmap(os.path.join(self.path, name), dtype=self.dtype, mode="r",
+                                      shape=(rows, self.seq_len))
+        return self._maps[s]
+
+    def _rows(self, indices) -> np.ndarray:
+        """int64 [len(indices), seq_len] of the given global rows (negative ones count from the end)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        idx = np.where(idx < 0, idx + n, idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"{self.path}: sequence index out of range for {n} sequences")
+        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard_of):
+            mine = shard_of == s
+            out[mine] = self._shard(int(s))[idx[mine] - self._starts[s]]
+        return out
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(self.tokens[index].astype(np.int64))
+        return torch.from_numpy(self._rows([index])[0])
 
     def get_batch(self, indices) -> torch.Tensor:
         """LongTensor[len(indices), seq_len] of the given sequences."""
-        return torch.from_numpy(self.tokens[np.asarray(indices, dtype=np.int64)].astype(np.int64))
+        return torch.from_numpy(self._rows(indices))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": [None] * len(self.shards)}
 
     def __repr__(self) -> str:
-        return f"PackedDataset({self.path!r}, {len(self)} x {self.seq_len} tokens)"
+        return f"PackedDataset({self.path!r}, {len(self)} x {self.seq_len} tokens, {len(self.shards)} shards)"
 
 
 class StreamingPackedDataset:
-    """Packed sequences of a document stream, tokenized on the fly; sequential access only."""
+    """A source read as a sharded stream (stream.py), tokenized and packed on the fly; sequential access only."""
 
-    def __init__(self, documents: Callable[[], Iterable[str]], *, tokenizer, seq_len: int, name: str = "stream"):
-        self.documents, self.tokenizer, self.seq_len, self.name = documents, tokenizer, seq_len, name
+    def __init__(self, source: Source, *, tokenizer, seq_len: int):
+        self.source, self.tokenizer, self.seq_len, self.name = source, tokenizer, seq_len, source.name
 
-    def windows(self, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[list[int], tuple[int, int]]]:
-        """(window, position of the next window) from `start` = (document index, token offset)."""
-        docs = itertools.islice(iter(self.documents()), start[0], None)  # skipped documents are read, not tokenized
-        yield from pack_with_positions(encode_documents(self.tokenizer, docs), self.seq_len,
-                                       self.tokenizer.eos_token_id, start)
+    def windows(self, limit: int | None = None) -> Iterator[list[int]]:
+        """The windows of the whole stream (one reader, one pass), in order; at most `limit`."""
+        count = 0
+        for batch, _ in ShareBatches(self.source, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                                     micro_batch_size=1, passes=1):
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield batch[0].tolist()
 
     def __repr__(self) -> str:
         return f"StreamingPackedDataset({self.name!r}, seq_len={self.seq_len})"
@@ -88,10 +134,10 @@ class StreamingPackedDataset:
 
 def build_dataset(source: str, *, tokenizer, seq_len: int, format: str = "auto", text_column: str = "text",
                   split: str = "train", hub_config: str | None = None, streaming: bool = False,
-                  cache_dir: str | None = None):
+                  cache_dir: str | None = None, skip_bad_records: bool = False):
     """Resolve `source` ('sotu', files/dirs/globs, a pretokenized dir, a hub name) into a packed dataset."""
     src = resolve_source(source, format=format, split=split, text_column=text_column, hub_config=hub_config,
-                         streaming=streaming)
+                         streaming=streaming, skip_bad_records=skip_bad_records)
     return dataset_from_source(src, tokenizer=tokenizer, seq_len=seq_len, cache_dir=cache_dir)
 
 
@@ -101,7 +147,7 @@ def dataset_from_source(src: Source, *, tokenizer, seq_len: int, cache_dir: str 
     if src.streaming:
         if src.kind == "hub":
             src.hub_dataset()  # fail now (offline, unknown name), not at the first batch
-        return StreamingPackedDataset(src.documents, tokenizer=tokenizer, seq_len=seq_len, name=src.name)
+        return StreamingPackedDataset(src, tokenizer=tokenizer, seq_len=seq_len)
     return _cached_packed(src, tokenizer=tokenizer, seq_len=seq_len, cache_dir=cache_dir)
 
 
@@ -136,7 +182,8 @@ def dataset_from_config(data_cfg, tokenizer, *, split: str = "train", cache_dir:
     local directory, its files named validation*; else None.
     """
     common = dict(tokenizer=tokenizer, seq_len=data_cfg.seq_len, text_column=data_cfg.text_column,
-                  hub_config=data_cfg.hub_config, streaming=data_cfg.streaming, cache_dir=cache_dir)
+                  hub_config=data_cfg.hub_config, streaming=data_cfg.streaming, cache_dir=cache_dir,
+                  skip_bad_records=getattr(data_cfg, "skip_bad_records", False))
     if split == "train":
         return build_dataset(data_cfg.source, format=data_cfg.format, split=data_cfg.split, **common)
     if split != "validation":
@@ -161,15 +208,26 @@ def dataset_from_config(data_cfg, tokenizer, *, split: str = "train", cache_dir:
 # --- batches -------------------------------------------------------------------------------------------------
 
 class DistributedBatches:
-    """This rank's micro-batches of a seeded per-epoch permutation; endless (wraps into new epochs); resumable.
+    """This rank's micro-batches; endless (wraps into new epochs / passes); resumable in O(1).
 
-    state_dict() -> {"kind", "micro_step", "epoch", "position", "tokens_seen", "seed", "num_sequences"}:
-    `position` is where the next global micro-batch starts (a sequence index into the epoch's permutation,
-    or [document, token offset] for a stream); `tokens_seen` counts all ranks' tokens.
+    Map-style data (PackedDataset): a seeded per-epoch permutation, read in place (the module docstring).
+    A stream (StreamingPackedDataset): this rank's readers, in this process or in `num_workers` worker processes
+    with `prefetch_batches` prepared ahead (stream.py, workers.py). Call close() to stop the workers (also done
+    when the object is collected and when the process exits).
+
+    state_dict(), JSON, identical on every rank (for a stream on several ranks it is a collective: it gathers
+    every rank's readers):
+      map-style: {"kind": "indexed", "micro_step", "epoch", "position", "tokens_seen", "seed", "num_sequences"}:
+        `position` is where the next global micro-batch starts (a sequence index into the epoch's permutation)
+      stream: {"kind": "stream", "micro_step", "tokens_seen", "seed", "world_size", "num_workers", "readers",
+        "per_rank", "turn", "source", "tokenizer", "seq_len", "shares": {reader index: reader state or null}}:
+        `turn` is which of a rank's readers serves its next batch; a reader state is stream.py's
+        {"epoch", "position", "buffer", "bad_records"}
+    `tokens_seen` counts all ranks' tokens.
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 start_step: int = 0):
+                 start_step: int = 0, num_workers: int = 0, prefetch_batches: int = 16):
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"micro_batch_size {micro_batch_size}, rank {rank}, world_size {world_size}: "
                              f"need micro_batch_size >= 1 and 0 <= rank < world_size")
@@ -177,28 +235,33 @@ class DistributedBatches:
         self.streaming = isinstance(dataset, StreamingPackedDataset)
         self.global_batch = micro_batch_size * world_size
         self.epoch, self.micro_step, self.tokens_seen = 0, 0, 0
-        self.position = (0, 0) if self.streaming else 0
+        self.position = 0
         self._perm_epoch, self._perm = None, None
         self._stream = None
-        if not self.streaming:
-            if len(dataset) < self.global_batch:
-                raise DataError(f"data: {len(dataset)} packed sequences of {dataset.seq_len} tokens are fewer than "
-                                f"one global micro-batch (micro_batch_size {micro_batch_size} x world_size "
-                                f"{world_size}); use more data or a smaller batch")
+        if self.streaming:
             if start_step:
-                per_epoch = len(dataset) // self.global_batch
-                self.epoch, self.position = divmod(start_step, per_epoch)
-                self.position *= self.global_batch
-                self.micro_step = start_step
-                self.tokens_seen = start_step * self.global_batch * dataset.seq_len
-        elif start_step:
-            raise ValueError("start_step is not supported for a streaming dataset; use load_state_dict")
+                raise ValueError("start_step is not supported for a streaming dataset; use load_state_dict")
+            self._stream = RankStream(dataset.source, tokenizer=dataset.tokenizer, seq_len=dataset.seq_len,
+                                      micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+                                      num_workers=num_workers, prefetch_batches=prefetch_batches)
+            self.num_workers = num_workers
+            return
+        if len(dataset) < self.global_batch:
+            raise DataError(f"data: {len(dataset)} packed sequences of {dataset.seq_len} tokens are fewer than "
+                            f"one global micro-batch (micro_batch_size {micro_batch_size} x world_size "
+                            f"{world_size}); use more data or a smaller batch")
+        if start_step:
+            per_epoch = len(dataset) // self.global_batch
+            self.epoch, self.position = divmod(start_step, per_epoch)
+            self.position *= self.global_batch
+            self.micro_step = start_step
+            self.tokens_seen = start_step * self.global_batch * dataset.seq_len
 
     def __iter__(self) -> "DistributedBatches":
         return self
 
     def __next__(self) -> dict:
-        ids = self._next_stream() if self.streaming else self._next_indexed()
+        ids = next(self._stream) if self.streaming else self._next_indexed()
         self.micro_step += 1
         self.tokens_seen += self.global_batch * self.dataset.seq_len
         return {"input_ids": ids, "labels": ids.clone()}
@@ -214,49 +277,106 @@ class DistributedBatches:
         self.position += self.global_batch
         return self.dataset.get_batch(indices)
 
-    def _next_stream(self) -> torch.Tensor:
-        round_ = self._read_round()
-        if round_ is None:  # the stream ended inside this round: next epoch, from the start
-            self.epoch, self.position, self._stream = self.epoch + 1, (0, 0), None
-            round_ = self._read_round()
-            if round_ is None:
-                raise DataError(f"data.source {self.dataset.name!r}: the stream holds fewer than one global "
-                                f"micro-batch ({self.global_batch} sequences of {self.dataset.seq_len} tokens)")
-        windows, self.position = round_
-        return torch.tensor(windows[self.rank * self.mb:(self.rank + 1) * self.mb], dtype=torch.long)
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
 
-    def _read_round(self):
-        if self._stream is None:
-            self._stream = self.dataset.windows(tuple(self.position))
-        windows, position = [], None
-        for window, position in itertools.islice(self._stream, self.global_batch):
-            windows.append(window)
-        if len(windows) < self.global_batch:
-            return None
-        return windows, position
+    def __enter__(self) -> "DistributedBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"kind": "stream" if self.streaming else "indexed", "micro_step": self.micro_step,
-                "epoch": self.epoch, "position": list(self.position) if self.streaming else self.position,
-                "tokens_seen": self.tokens_seen, "seed": self.seed,
-                "num_sequences": None if self.streaming else len(self.dataset)}
+        if not self.streaming:
+            return {"kind": "indexed", "micro_step": self.micro_step, "epoch": self.epoch,
+                    "position": self.position, "tokens_seen": self.tokens_seen, "seed": self.seed,
+                    "num_sequences": len(self.dataset)}
+        return self.merge_states(_gather(self.local_state_dict(), self.world))
+
+    def local_state_dict(self) -> dict:
+        """A stream's state with this rank's readers only; state_dict() merges all ranks' (merge_states)."""
+        if not self.streaming:
+            return self.state_dict()
+        ds = self.dataset
+        return {"kind": "stream", "micro_step": self.micro_step, "tokens_seen": self.tokens_seen, "seed": self.seed,
+                "world_size": self.world, "num_workers": self.num_workers, "source": ds.source.identity(),
+                "tokenizer": vocab_hash(ds.tokenizer), "seq_len": ds.seq_len, **self._stream.local_state()}
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One state of a stream from every rank's local_state_dict() (in any order)."""
+        merged = dict(states[0])
+        merged["shares"] = {k: v for state in states for k, v in state["shares"].items()}
+        return merged
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` left off (O(1) for indexed data). An empty dict is a no-op (fresh start)."""
+        """Continue where `state` left off, in O(1). An empty dict is a no-op (fresh start)."""
         if not state:
             return
         kind = "stream" if self.streaming else "indexed"
         if state.get("kind", kind) != kind:
             raise DataError(f"data.streaming: the checkpoint's data position is of kind {state['kind']!r} but "
                             f"this run's dataset is {kind!r}")
-        if not self.streaming and state["num_sequences"] != len(self.dataset):
-            raise DataError(f"data: the checkpoint's data position is for {state['num_sequences']} packed "
-                            f"sequences but the dataset now has {len(self.dataset)} "
-                            f"(data.source, data.seq_len or data.tokenizer changed)")
-        self.micro_step, self.epoch, self.tokens_seen = state["micro_step"], state["epoch"], state["tokens_seen"]
+        if self.streaming:
+            self._load_stream_state(state)
+        else:
+            if state["num_sequences"] != len(self.dataset):
+                raise DataError(f"data: the checkpoint's data position is for {state['num_sequences']} packed "
+                                f"sequences but the dataset now has {len(self.dataset)} "
+                                f"(data.source, data.seq_len or data.tokenizer changed)")
+            self.epoch, self.position = state["epoch"], int(state["position"])
+            self._perm_epoch = None
+        self.micro_step, self.tokens_seen = state["micro_step"], state["tokens_seen"]
         self.seed = state.get("seed", self.seed)
-        self.position = tuple(state["position"]) if self.streaming else int(state["position"])
-        self._perm_epoch, self._stream = None, None
+
+    def _load_stream_state(self, state: dict) -> None:
+        ds, stream = self.dataset, self._stream
+        if "shares" not in state:
+            raise DataError("data: the checkpoint's stream position is of the older format (one position in the "
+                            "whole stream, read by every rank); the sharded stream cannot continue it exactly: "
+                            "resume with the relora-ds version that wrote it, or start the stream afresh")
+        if state["readers"] != stream.readers:
+            raise DataError(_readers_changed(state, self.world, self.num_workers, stream.readers))
+        changed = [name for name, saved, now in (("data.source", state["source"], ds.source.identity()),
+                                                 ("data.tokenizer", state["tokenizer"], vocab_hash(ds.tokenizer)),
+                                                 ("data.seq_len", state["seq_len"], ds.seq_len)) if saved != now]
+        if changed:
+            raise DataError(f"data: the checkpoint's stream position is for another {' and '.join(changed)} "
+                            f"(a stream continues only on the same files or hub split, tokenizer and seq_len)")
+        missing = [str(k) for k in range(stream.first, stream.first + stream.per_rank) if str(k) not in state["shares"]]
+        if missing:
+            raise DataError(f"data: the checkpoint's stream position has no state for reader(s) {', '.join(missing)} "
+                            f"(rank {self.rank}); save it with state_dict() on every rank, not local_state_dict()")
+        same_split = state["per_rank"] == stream.per_rank
+        stream.load_local_state(state["shares"], state["turn"] if same_split else 0)
+
+
+def _gather(local: dict, world: int) -> list[dict]:
+    if world == 1:
+        return [local]
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == world):
+        raise ValueError(f"state_dict() of a stream on {world} ranks gathers every rank's readers and needs "
+                         f"torch.distributed on those ranks; without it take local_state_dict() on each rank and "
+                         f"merge_states()")
+    states = [None] * world
+    dist.all_gather_object(states, local)
+    return states
+
+
+def _readers_changed(state: dict, world: int, num_workers: int, readers: int) -> str:
+    saved = state["readers"]
+    hint = ""
+    if saved % world == 0:
+        hint = f"; with world size {world}, data.num_workers {saved // world} continues it exactly"
+    return (f"data: the checkpoint's stream was read by {saved} readers (world size {state['world_size']} x "
+            f"max(1, data.num_workers {state['num_workers']})) but this run has {readers} (world size {world} x "
+            f"max(1, data.num_workers {num_workers})); a stream resumes only onto the same number of readers, "
+            f"each continuing its own share (README, Data){hint}")
 
 
 def eval_batches(dataset, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int) -> list[dict]:
@@ -268,7 +388,7 @@ def eval_batches(dataset, *, micro_batch_size: int, max_batches: int, rank: int,
     per_rank = max(1, max_batches // world_size)
     needed = per_rank * world_size * micro_batch_size
     if isinstance(dataset, StreamingPackedDataset):
-        rows = [w for w, _ in itertools.islice(dataset.windows(), needed)]
+        rows = list(dataset.windows(needed))
         tokens = torch.tensor(rows, dtype=torch.long) if rows else torch.empty(0, dataset.seq_len, dtype=torch.long)
     else:
         have = (len(dataset) // (world_size * micro_batch_size)) * world_size * micro_batch_size
@@ -283,3 +403,37 @@ def eval_batches(dataset, *, micro_batch_size: int, max_batches: int, rank: int,
         ids = tokens[start:start + micro_batch_size]
         batches.append({"input_ids": ids, "labels": ids.clone()})
     return batches
+
+
+# --- a source as the trainer streams it (benchmarks, tools) ---------------------------------------------------
+
+def stream_batches(source: str = "sotu", *, tokenizer=None, seq_len: int = 256, micro_batch_size: int = 8,
+                   num_workers: int = 0, prefetch_batches: int = 16, rank: int = 0, world_size: int = 1,
+                   format: str = "auto", text_column: str = "text", split: str = "train",
+                   hub_config: str | None = None, skip_bad_records: bool = False) -> DistributedBatches:
+    """The DistributedBatches the trainer builds for `source` with data.streaming: true, as rank `rank` of
+    `world_size` (no torch.distributed needed for one rank). `tokenizer`: a loaded tokenizer, a name/dir, or
+    None for the shipped one. Close it (or use `with`) to stop its workers."""
+    tok = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+    dataset = build_dataset(source, tokenizer=tok, seq_len=seq_len, format=format, text_column=text_column,
+                            split=split, hub_config=hub_config, streaming=True, skip_bad_records=skip_bad_records)
+    return DistributedBatches(dataset, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=0,
+                              num_workers=num_workers, prefetch_batches=prefetch_batches)
+
+
+def iterate_tokens(source: str = "sotu", *, state: dict | None = None, **kwargs) -> Iterator[torch.Tensor]:
+    """Endless: this rank's micro-batches (LongTensor[micro_batch_size, seq_len]) of `source`, read, tokenized,
+    packed (and prefetched by `num_workers` processes) exactly as the trainer streams them. Keyword arguments:
+    stream_batches'. `state`: a state_dict() to resume from. Workers stop when the iterator is closed.
+
+        for ids in itertools.islice(iterate_tokens("sotu", seq_len=512, num_workers=2), 100):
+            tokens += ids.numel()
+    """
+    batches = stream_batches(source, **kwargs)
+    try:
+        if state:
+            batches.load_state_dict(state)
+        for batch in batches:
+            yield batch["input_ids"]
+    finally:
+        batches.close()

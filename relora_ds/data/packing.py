@@ -23,8 +23,8 @@ def pack_with_positions(token_lists: Iterable[list[int]], seq_len: int, eos_id: 
 
     `token_lists` are the documents from index start[0] on, the first of which is entered at token
     offset start[1] (offsets count the appended EOS as the document's last token). Feeding the yielded
-    position back as `start` (with the documents from that index) continues the same windows exactly;
-    the streaming loader resumes this way.
+    position back as `start` (with the documents from that index) continues the same windows exactly.
+    (The sharded stream packs the same layout incrementally and resumes from its saved buffer: stream.py.)
     """
     if seq_len < 1:
         raise ValueError(f"seq_len {seq_len}: must be at least 1")

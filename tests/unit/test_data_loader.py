@@ -69,9 +69,9 @@ def test_manifest_mismatches_are_refused_with_one_line(tmp_path, corpus, tok):
     with pytest.raises(DataError, match=r"data/manifest\.json: tokenizer '.*sotu-bpe-8k' \(vocab 8192, hash \w+\) "
                                         r"does not match data\.tokenizer '.*tok' \(vocab \d+, hash \w+\)"):
         pt.check_manifest(out, other, SEQ)
-    with open(os.path.join(out, "tokens.bin"), "r+b") as f:
+    with open(os.path.join(out, "tokens-00000.bin"), "r+b") as f:
         f.truncate(10)
-    with pytest.raises(DataError, match=r"tokens\.bin: 10 bytes, but .*manifest\.json describes"):
+    with pytest.raises(DataError, match=r"tokens-00000\.bin: 10 bytes, but .*manifest\.json describes"):
         pt.read_manifest(out)
     with pytest.raises(DataError, match=r"manifest\.json: not found"):
         pt.read_manifest(str(tmp_path))
@@ -155,31 +155,6 @@ def test_too_little_data_for_one_global_batch(tmp_path, corpus, tok):
         loader.DistributedBatches(ds, micro_batch_size=len(ds), rank=0, world_size=2, seed=0)
 
 
-def test_streaming_packs_on_the_fly_shards_and_resumes(tmp_path, corpus, tok):
-    path, texts = corpus
-    stream = loader.StreamingPackedDataset(lambda: iter(texts), tokenizer=tok, seq_len=SEQ)
-    expected = _expected_windows(tok, texts)
-    kw = dict(micro_batch_size=2, world_size=2, seed=0)
-    rank0 = _take(loader.DistributedBatches(stream, rank=0, **kw), 4)
-    rank1 = _take(loader.DistributedBatches(stream, rank=1, **kw), 4)
-    # stream order: global micro-batch g = 2*i + r holds windows [2g, 2g + 2)
-    assert [b.tolist() for b in rank0] == [expected[4 * i:4 * i + 2] for i in range(4)]
-    assert [b.tolist() for b in rank1] == [expected[4 * i + 2:4 * i + 4] for i in range(4)]
-    rounds = len(expected) // 4
-    full = _take(loader.DistributedBatches(stream, rank=1, **kw), rounds + 2)  # wraps into epoch 1
-    assert full[rounds].tolist() == expected[2:4]
-    first = loader.DistributedBatches(stream, rank=1, **kw)
-    _take(first, 5)
-    state = first.state_dict()
-    assert state["kind"] == "stream" and state["position"][0] > 0
-    resumed = loader.DistributedBatches(stream, rank=1, **kw)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(_take(resumed, 4), full[5:9]))
-    indexed = loader.build_dataset(path, tokenizer=tok, seq_len=SEQ, cache_dir=str(tmp_path))
-    with pytest.raises(DataError, match="position is of kind 'stream' but this run's dataset is 'indexed'"):
-        loader.DistributedBatches(indexed, rank=1, **kw).load_state_dict(state)
-
-
 def test_streaming_hub_source_with_a_local_generator(monkeypatch, tok):
     import datasets
 
@@ -195,10 +170,11 @@ def test_streaming_hub_source_with_a_local_generator(monkeypatch, tok):
                               hub_config="en", split="train", streaming=True)
     assert isinstance(ds, loader.StreamingPackedDataset)
     assert opened == [("someone/corpus", "en", "train", True)]
-    assert [w for w, _ in ds.windows()] == _expected_windows(tok, texts)
+    assert list(ds.windows()) == _expected_windows(tok, texts)
     wrong = loader.build_dataset("someone/corpus", tokenizer=tok, seq_len=SEQ, text_column="body", streaming=True)
     with pytest.raises(DataError, match=r"hub dataset 'someone/corpus' row 0: no 'body' field \(fields: content, id\)"):
         next(wrong.windows())
+    # streams (sharding, resume, workers) are tested in test_data_stream.py
 
 
 def test_eval_batches_are_fixed_split_across_ranks_and_equal_in_count(tmp_path, corpus, tok):
@@ -214,8 +190,8 @@ def test_eval_batches_are_fixed_split_across_ranks_and_equal_in_count(tmp_path, 
     assert len(capped) == len(ds) // 4
     with pytest.raises(DataError, match=r"validation data: 0 packed sequences are fewer than one micro-batch per rank"):
         loader.eval_batches(ds, micro_batch_size=len(ds), max_batches=2, rank=0, world_size=2)
-    stream = loader.StreamingPackedDataset(lambda: iter(corpus[1]), tokenizer=tok, seq_len=SEQ)
-    streamed = loader.eval_batches(stream, micro_batch_size=2, max_batches=5, rank=1, world_size=2)
+    streamed = loader.eval_batches(loader.build_dataset(corpus[0], tokenizer=tok, seq_len=SEQ, streaming=True),
+                                   micro_batch_size=2, max_batches=5, rank=1, world_size=2)
     assert [b["input_ids"].tolist() for b in streamed] == [expected[2:4], expected[6:8]]
 
 

@@ -119,3 +119,84 @@ def test_hub_name_offline_fails_with_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     _one_line_error(r"data\.source 'someone/no-such-dataset': not a local file or directory, and the datasets hub "
                     r"could not provide it \(offline mode is on", _docs, "someone/no-such-dataset")
+
+
+def test_not_utf8_names_the_file_and_line(tmp_path):
+    good = json.dumps({"text": "fine"}).encode()
+    (tmp_path / "l.jsonl").write_bytes(good + b"\n" + good + b"\n" + b'{"text": "caf\xe9"}\n')
+    _one_line_error(r"l\.jsonl line 3: not UTF-8 text \(.*invalid continuation byte.*\); expected UTF-8 JSON lines$",
+                    _docs, str(tmp_path / "l.jsonl"))
+    with gzip.open(tmp_path / "l.jsonl.gz", "wb") as f:
+        f.write(good + b"\n\xff\xfe\n")
+    _one_line_error(r"l\.jsonl\.gz line 2: not UTF-8 text", _docs, str(tmp_path / "l.jsonl.gz"))
+    (tmp_path / "t.txt").write_bytes(b"first line\nsecond \xff line\n")
+    _one_line_error(r"t\.txt line 2: not UTF-8 text \(.*\); expected UTF-8$", _docs, str(tmp_path / "t.txt"))
+    (tmp_path / "a.json").write_bytes(b'[{"text": "a"},\n {"text": "\xe9"}]')
+    _one_line_error(r"a\.json line 2: not UTF-8 text", _docs, str(tmp_path / "a.json"))
+
+
+def test_bad_records_of_every_kind_and_empty_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    _one_line_error(r"ints\.parquet row 0: column 'text' holds int, expected a string$", _docs,
+                    str(tmp_path / "ints.parquet"))
+    _write_jsonl(tmp_path / "list.jsonl", [["not", "an", "object"]])
+    _one_line_error(r"list\.jsonl line 1: expected a JSON object with a 'text' field, got list$", _docs,
+                    str(tmp_path / "list.jsonl"))
+    (tmp_path / "empty.json").write_text("[]")
+    _one_line_error(r"empty\.json: holds no text; expected one JSON object per line with a text field$", _docs,
+                    str(tmp_path / "empty.json"))
+    (tmp_path / "broken.json").write_text('[{"text": "a"},')
+    _one_line_error(r"broken\.json: not valid JSON \(Expecting value at line 1\)$", _docs,
+                    str(tmp_path / "broken.json"))
+    (tmp_path / "blank.txt").write_text("   \n")
+    _one_line_error(r"blank\.txt: holds no text; expected UTF-8 text$", _docs, str(tmp_path / "blank.txt"))
+
+
+def _mixed_bad_source(tmp_path):
+    """A directory of 5 good documents and 8 bad records (5 lines, an empty file, a parquet file of 2 rows
+    without the column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    lines = [json.dumps({"text": "good one"}).encode(), b'{"text": "broken', b'{"text": "caf\xe9"}',
+             json.dumps({"body": "no text field"}).encode(), json.dumps({"text": 7}).encode(),
+             json.dumps({"text": "good two"}).encode(), b"[1, 2]", json.dumps({"text": "good three"}).encode()]
+    (d / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (d / "b.jsonl").write_text("")
+    pq.write_table(pa.table({"body": ["x", "y"]}), d / "c.parquet")
+    _write_jsonl(d / "d.jsonl", [{"text": "good four"}, {"text": "good five"}])
+    return str(d)
+
+
+def test_skip_bad_records_counts_them_and_logs_once(tmp_path, capsys):
+    source = _mixed_bad_source(tmp_path)
+    _one_line_error(r"a\.jsonl line 2: not valid JSON \(Unterminated string starting at\); expected one JSON "
+                    r"object per line$", _docs, source)
+    assert _docs(source, skip_bad_records=True) == ["good one", "good two", "good three", "good four", "good five"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("warning: data: skipping bad record: ") and "a.jsonl line 2: not valid JSON" in err[0]
+    assert err[1].startswith(f"warning: data: skipped 8 bad records in data.source {source!r} "
+                             f"(data.skip_bad_records); the first: ")
+    src = resolve_source(source, skip_bad_records=True)
+    assert src.fingerprint() != resolve_source(source).fingerprint()  # another packed cache
+
+
+def test_skip_bad_records_in_a_sharded_stream_counts_each_record_once(tmp_path, capsys):
+    from relora_ds.data import stream
+    from relora_ds.data.sources import BadRecords
+
+    src = resolve_source(_mixed_bad_source(tmp_path), streaming=True, skip_bad_records=True)
+    counts, texts = [], []
+    for k in range(3):  # 4 files, 3 readers: split by records; every reader sees the file-level problems
+        bad = BadRecords(True)
+        texts += [t for group, _ in stream.share_records(src, k, 3, None, bad) for t in group]
+        counts.append(bad.count)
+    assert sorted(texts) == ["good five", "good four", "good one", "good three", "good two"]
+    assert sum(counts) == 8
+    capsys.readouterr()
