@@ -14,6 +14,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -355,6 +356,19 @@ def validate(cfg: RunConfig) -> list[str]:
                 errors.append(f"schedule.warmup_steps ({s.warmup_steps}) must be <= relora.reset_every "
                               f"({r.reset_every}): the first warm-up must end before the first restart")
     return errors
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_byte_size(text) -> int:
+    """Bytes in "5GB", "500MB", "2GiB", "1.5GB" or a plain number of bytes (GB = 10^9, GiB = 2^30, as in Hugging
+    Face's max_shard_size); 0 when `text` is not a size (the caller names its option in the error)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return max(text, 0)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]) if match else 0
 
 
 def reference_markdown() -> str:

@@ -18,13 +18,12 @@ the trained model's logits.
 import json
 import math
 import os
-import re
 import shutil
 import struct
 
 import torch
 
-from relora_ds.config import RunConfig
+from relora_ds.config import RunConfig, parse_byte_size
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
@@ -38,8 +37,6 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 class ExportError(CheckpointError):
@@ -50,10 +47,7 @@ class ExportError(CheckpointError):
 def parse_size(text) -> int:
     """Bytes in "5GB", "500MB", "2GiB", "1.5GB" or a plain number of bytes (GB = 10^9, GiB = 2^30, as in
     Hugging Face's max_shard_size); a one-line ExportError otherwise."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
-    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]) if match else 0
+    size = parse_byte_size(text)
     if size < 1:
         raise ExportError(f"--max-shard-size {text!r}: not a size; expected a positive number with a unit, "
                           f"such as 5GB, 500MB or 2GiB")

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from relora_ds.config import parse_byte_size
 from relora_ds.data import DataError
 from relora_ds.data.sources import resolve_source
 from relora_ds.data.tokenize import vocab_hash
@@ -47,8 +48,6 @@ SHARD_PATTERN = "tokens-{:05d}.bin"
 DEFAULT_SHARD_SIZE = "1GiB"
 _JOB_CHARS = 1 << 18  # text per tokenizer job (256 KiB: ~40 jobs per 10 MB, enough to balance the workers)
 _JOB_DOCS = 4096
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -57,11 +56,7 @@ def token_dtype(vocab_size: int) -> str:
 
 def parse_shard_size(text) -> int:
     """Bytes in "1GiB", "500MB", "64KiB" or a plain number of bytes; a one-line DataError otherwise."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]) if match else 0
+    size = parse_byte_size(text)
     if size < 1:
         raise DataError(f"--shard-size {text!r}: not a size; expected a positive number of bytes with an optional "
                         f"unit, such as 1GiB, 500MB or 64KiB")
