@@ -3,7 +3,8 @@
 
     (a) the tokenizer alone: relora_ds.data.tokenize.encode_documents (encode_batch, 256 documents a call), one
         process, documents already in memory; also the Rust tokenizer's encode_batch_fast (no offsets), which
-        is what the pretokenize workers call
+        is what the pretokenize workers and the training streams call (tokenize.Encoder); both timed in turn with
+        the (b) runs, so that the ratios (b)/(a) compare runs made under the same machine conditions
     (b) one rank's training stream (loader.stream_batches: what the trainer builds with data.streaming: true,
         world size 1) with data.num_workers 0, 1 and 2: read, tokenize, pack and hand out micro-batches; timed
         from the first batch on, so worker start-up is reported apart
@@ -20,7 +21,7 @@ wrapped as a transformers PreTrainedTokenizerFast.
 
 The corpus: --copies copies of the shipped SOTU train split (2.0 M tokens each with the BPE), one jsonl.gz file per
 copy. Everything runs with TOKENIZERS_PARALLELISM=false, so one process tokenizes on one core and "N workers /
-processes" means N cores. Medians of --repeats runs.
+processes" means N cores. Medians of --repeats runs (--resume-repeats for the resumes, the steps timed in turn).
 
     python benchmarks/data.py                      # everything; results to benchmarks/results/<date>-data-cpu.{json,md}
     python benchmarks/data.py --quick --out /tmp/d # a smoke run: small corpus, few steps
@@ -54,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # for torch either
 from relora_ds.data import pretokenize as pt  # noqa: E402
 from relora_ds.data.sources import resolve_source  # noqa: E402
-from relora_ds.data.tokenize import encode_documents, load_tokenizer  # noqa: E402
+from relora_ds.data.tokenize import Encoder, encode_documents, load_tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"pipeline_2_workers_vs_tokenizer": 1.6, "pretokenize_2_vs_1": 1.7, "resume_10000_vs_10": 1.2}
@@ -71,6 +72,8 @@ def parse_args(argv=None):
                    help="micro-steps to resume at (default 10 10000)")
     p.add_argument("--resume-micro-batch", type=int, default=1,
                    help="sequences per micro-batch of the resume runs (default 1: step 10000 is 5.1 M tokens in)")
+    p.add_argument("--resume-repeats", type=int, default=9,
+                   help="timed resumes per step, the steps in turn (default 9; a resume costs ~0.1 s)")
     p.add_argument("--resume-workers", type=int, nargs="+", default=[0, 2], help="num_workers of the resume runs")
     p.add_argument("--resume-formats", nargs="+", default=["jsonl.gz", "jsonl"], choices=["jsonl.gz", "jsonl"],
                    help="corpus files of the resume runs (default both: a .gz file is decompressed up to the offset)")
@@ -84,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default="", help="suffix of the result file names")
     args = p.parse_args(argv)
     if args.quick:
-        args.copies, args.repeats, args.pipeline_tokens = 1, 1, 5e5
+        args.copies, args.repeats, args.pipeline_tokens, args.resume_repeats = 1, 1, 5e5, 1
         args.resume_steps = [10, 1000]
     if args.out is None and not args.quick:
         args.out = os.path.join(HERE, "results")
@@ -129,21 +132,16 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def tokenizer_alone(tok, docs: list[str], repeats: int) -> dict:
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def tokenizer_run(tok, docs: list[str], which: str, encoder=None) -> dict:
+    """One pass of the tokenizer alone over `docs`, 256 documents a call: which "encode_batch" (transformers,
+    (a)) or "encode_batch_fast" (the Rust call of tokenize.Encoder, (a'))."""
+    started = time.perf_counter()
+    if which == "encode_batch":
         tokens = sum(len(ids) for ids in encode_documents(tok, docs))
-        seconds = time.perf_counter() - started
-        runs.append({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds})
-    encoder = pt.Encoder(tok.backend_tokenizer.to_str(), tok.eos_token_id, pt.token_dtype(len(tok)))
-    fast = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+    else:
         tokens = sum(len(encoder(docs[i:i + 256])) - len(docs[i:i + 256]) for i in range(0, len(docs), 256))
-        fast.append(tokens / (time.perf_counter() - started))
-    return {"runs": runs, "tokens_per_s": median_of(runs, "tokens_per_s"),
-            "encode_batch_fast_tokens_per_s": statistics.median(fast)}
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
 def _stream(corpus: str, tok, seq_len: int, micro_batch: int, workers: int):
@@ -223,33 +221,43 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy, own
 
 
-def resume_runs(corpus: str, tok, args, step: int, workers: int) -> dict:
-    """Run the stream to `step`, save its state, take the next batch; then time a fresh stream resumed from the
-    state up to its first batch, which must be that next batch."""
+def resume_runs(corpus: str, tok, args, workers: int) -> list[dict]:
+    """For each of args.resume_steps: run the stream there (one pass, states taken on the way, not timed), keep its
+    state and the next batch; then time fresh streams resumed from each state up to their first batch, which must
+    be that next batch. The steps are timed in turn within each of args.resume_repeats rounds (alternating order),
+    so that machine noise and the cost of starting workers fall on every step alike."""
+    steps = sorted(args.resume_steps)
+    states, expected, reach_s = {}, {}, {}
     batches = _stream(corpus, tok, args.seq_len, args.resume_micro_batch, workers)
     try:
-        started = time.perf_counter()
-        for _ in range(step):
-            next(batches)
-        reach_s = time.perf_counter() - started
-        state = json.loads(json.dumps(batches.state_dict()))  # as a checkpoint holds it
-        expected = next(batches)["input_ids"]
+        started, done = time.perf_counter(), 0
+        for step in steps:
+            for _ in range(step - done):
+                next(batches)
+            done = step
+            reach_s[step] = time.perf_counter() - started
+            states[step] = json.loads(json.dumps(batches.state_dict()))  # as a checkpoint holds it
+            expected[step] = next(batches)["input_ids"]
+            done += 1
     finally:
         _close(batches)
-    runs = []
-    for _ in range(args.repeats):
+
+    def resume(step: int) -> dict:
         started = time.perf_counter()
         resumed = _stream(corpus, tok, args.seq_len, args.resume_micro_batch, workers)
         try:
-            resumed.load_state_dict(state)
+            resumed.load_state_dict(states[step])
             got = next(resumed)["input_ids"]
             seconds = time.perf_counter() - started
         finally:
             _close(resumed)
-        assert got.equal(expected), f"resume at step {step} with {workers} workers gave another batch"
-        runs.append({"seconds": seconds})
-    return {"step": step, "workers": workers, "reach_s": reach_s, "runs": runs, "seconds": median_of(runs, "seconds"),
-            "state_bytes": len(json.dumps(state))}
+        assert got.equal(expected[step]), f"resume at step {step} with {workers} workers gave another batch"
+        return {"seconds": seconds}
+
+    runs = interleaved(steps, resume, args.resume_repeats)
+    return [{"step": step, "workers": workers, "reach_s": reach_s[step], "runs": runs[step],
+             "seconds": median_of(runs[step], "seconds"), "state_bytes": len(json.dumps(states[step]))}
+            for step in args.resume_steps]
 
 
 # --- report --------------------------------------------------------------------------------------------------
@@ -292,7 +300,8 @@ def markdown(record: dict) -> str:
              f"Corpus: {a['copies']} x the SOTU train split as {a['copies']} jsonl.gz files; seq_len {a['seq_len']}; "
              f"(b) micro-batch {a['micro_batch']}, {a['pipeline_tokens'] / 1e6:g} M tokens timed from the first "
              f"batch on; resume runs with micro-batch {a['resume_micro_batch']}. TOKENIZERS_PARALLELISM=false "
-             f"(1 process = 1 core). Medians of {a['repeats']} runs.", ""]
+             f"(1 process = 1 core). Medians of {a['repeats']} runs ({a.get('resume_repeats', a['repeats'])} for each resume, "
+             f"the steps timed in turn).", ""]
     names = list(record["tokenizers"])
     tok_of = record["tokenizers"]
     lines += ["| tokens/s (x of (a)) | " + " | ".join(tok_of[n]["tokenizer"] for n in names) + " |",
@@ -381,8 +390,6 @@ def main(argv=None) -> int:
             tok = load_tokenizer(None) if name == "bpe" else unigram_tokenizer(docs)
             r = {"tokenizer": tok.name_or_path if name == "unigram" else "sotu-bpe-8k (shipped, byte-level BPE)",
                  "vocab_size": len(tok)}
-            print(f"[{name}] (a) tokenizer alone", flush=True)
-            r["tokenizer_alone"] = tokenizer_alone(tok, docs, args.repeats)
             print(f"[{name}] (c) pretokenize", flush=True)
             runs = interleaved(args.procs, lambda n: pretokenize_run(corpus, tok, args, n, scratch), args.repeats)
             r["pretokenize"] = [{"procs": n, "runs": runs[n], "tokens_per_s": median_of(runs[n], "tokens_per_s")}
@@ -390,13 +397,21 @@ def main(argv=None) -> int:
             digests = {run["sha256"] for n in args.procs for run in runs[n]}
             r["pretokenize_outputs_identical"] = len(digests) == 1
             assert r["pretokenize_outputs_identical"], "pretokenize output differs between runs or --num-proc values"
-            print(f"[{name}] (b) training stream", flush=True)
-            runs = interleaved(args.workers, lambda w: pipeline_run(corpus, tok, args, w), args.repeats)
+            print(f"[{name}] (a) tokenizer alone and (b) training stream, in turn", flush=True)
+            encoder = Encoder.of(tok)
+            alone = ["encode_batch", "encode_batch_fast"]  # (a), (a'): timed in turn with (b), same conditions
+            runs = interleaved(alone + args.workers, lambda w: tokenizer_run(tok, docs, w, encoder) if w in alone
+                               else pipeline_run(corpus, tok, args, w), args.repeats)
+            r["tokenizer_alone"] = {"runs": runs["encode_batch"], "tokens_per_s": median_of(runs["encode_batch"],
+                                                                                             "tokens_per_s"),
+                                    "encode_batch_fast_runs": runs["encode_batch_fast"],
+                                    "encode_batch_fast_tokens_per_s": median_of(runs["encode_batch_fast"],
+                                                                                "tokens_per_s")}
             r["pipeline"] = [{"workers": w, "runs": runs[w], "tokens_per_s": median_of(runs[w], "tokens_per_s"),
                               "first_batch_s": median_of(runs[w], "first_batch_s")} for w in args.workers]
             print(f"[{name}] resume", flush=True)
-            r["resume"] = [{"format": fmt, **resume_runs(corpora[fmt], tok, args, step, w)}
-                           for fmt in args.resume_formats for w in args.resume_workers for step in args.resume_steps]
+            r["resume"] = [{"format": fmt, **res} for fmt in args.resume_formats for w in args.resume_workers
+                           for res in resume_runs(corpora[fmt], tok, args, w)]
             r["targets"] = targets(r)
             r["corpus_tokens"] = r["pretokenize"][0]["runs"][0]["tokens"]
             record["tokenizers"][name] = r

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from relora_ds.data import DataError
-from relora_ds.data.pretokenize import MANIFEST_FILE, TOKENS_FILE, check_manifest, read_manifest, write_packed
+from relora_ds.data.pretokenize import MANIFEST_FILE, check_manifest, read_manifest, write_packed
 from relora_ds.data.sources import Source, file_format, resolve_source
 from relora_ds.data.stream import ShareBatches
 from relora_ds.data.tokenize import load_tokenizer, vocab_hash

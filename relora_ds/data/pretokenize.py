@@ -38,7 +38,7 @@ import numpy as np
 from relora_ds.config import parse_byte_size
 from relora_ds.data import DataError
 from relora_ds.data.sources import resolve_source
-from relora_ds.data.tokenize import vocab_hash
+from relora_ds.data.tokenize import Encoder, vocab_hash
 
 FORMAT = "relora-ds packed v2"
 FORMAT_V1 = "relora-ds packed v1"  # one tokens.bin; still read
@@ -174,34 +174,6 @@ class _Jobs:
                 job, chars = [], 0
         if job:
             yield job
-
-
-class Encoder:
-    """Texts -> one flat array of token ids, an EOS after every text (the packer's stream for those documents).
-
-    Built from the tokenizer's serialized Rust tokenizer (tokenizer.json), so a worker process needs neither
-    transformers nor the tokenizer files; encodes without special tokens, padding or truncation, as
-    tokenize.encode_batch does through transformers (the same ids, tested)."""
-
-    def __init__(self, tokenizer_json: str, eos_id: int, dtype: str):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
-        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)  # no offsets
-        self.eos_id, self.dtype = eos_id, np.dtype(dtype)
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
-        out = np.empty(sum(map(len, ids)) + len(ids), dtype=self.dtype)
-        at = 0
-        for doc in ids:
-            out[at:at + len(doc)] = doc
-            at += len(doc)
-            out[at] = self.eos_id
-            at += 1
-        return out
 
 
 _WORKER_ENCODER: Encoder | None = None

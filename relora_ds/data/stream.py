@@ -43,7 +43,7 @@ import torch
 
 from relora_ds.data import DataError
 from relora_ds.data.sources import BadRecords, Cursor, Source, file_records, hub_records
-from relora_ds.data.tokenize import encode_batch
+from relora_ds.data.tokenize import Encoder
 
 
 def by_shards(num_shards: int, readers: int) -> bool:
@@ -128,7 +128,7 @@ class ShareBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
         need = self.mb * self.seq_len
-        eos = self.tokenizer.eos_token_id
+        encode = Encoder.of(self.tokenizer)  # the Rust tokenizer without offsets, packed with numpy
         epoch, position = self.state["epoch"], self.state["position"]
         buffer = np.asarray(self.state["buffer"], dtype=np.int64)  # tokens not handed out yet
         bad = BadRecords(self.src.skip_bad_records, self.state["bad_records"])
@@ -148,11 +148,7 @@ class ShareBatches:
                 if chunk is None:
                     break
                 texts, position = chunk
-                tokens = []
-                for ids in encode_batch(self.tokenizer, texts):
-                    tokens += ids
-                    tokens.append(eos)
-                buffer = np.concatenate([buffer, np.array(tokens, dtype=np.int64)])
+                buffer = np.concatenate([buffer, encode(texts)])
             bad.end_pass(f"data.source {self.src.name!r}, {share}, pass {epoch}")
             passes += 1
             if self.passes is not None and passes >= self.passes:

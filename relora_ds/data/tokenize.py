@@ -9,6 +9,8 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+
 from relora_ds.data import SAMPLE_DIR, DataError
 
 SHIPPED_TOKENIZER = os.path.join(SAMPLE_DIR, "sotu-bpe-8k")
@@ -52,6 +54,40 @@ def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+class Encoder:
+    """Texts -> one flat array of token ids, an EOS after every text (the packer's stream for those documents).
+
+    The fast path of tokenization: used by pretokenize's workers and by the training streams (stream.py).
+    Built from the tokenizer's serialized Rust tokenizer (tokenizer.json), so a worker process needs neither
+    transformers nor the tokenizer files; encodes without special tokens, padding or truncation, as
+    tokenize.encode_batch does through transformers (the same ids, tested)."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int, dtype: str = "int64"):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)  # no offsets
+        self.eos_id, self.dtype = eos_id, np.dtype(dtype)
+
+    @classmethod
+    def of(cls, tokenizer, dtype: str = "int64") -> "Encoder":
+        """The Encoder of a transformers fast tokenizer (a copy of its Rust tokenizer: the original is not changed)."""
+        return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, dtype)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
+        out = np.empty(sum(map(len, ids)) + len(ids), dtype=self.dtype)
+        at = 0
+        for doc in ids:
+            out[at:at + len(doc)] = doc
+            at += len(doc)
+            out[at] = self.eos_id
+            at += 1
+        return out
 
 
 def encode_documents(tokenizer, documents: Iterable[str], batch_size: int = 256) -> Iterator[list[int]]:

@@ -15,7 +15,7 @@ import torch
 from relora_ds.data import DataError, loader, sources, stream
 from relora_ds.data.packing import pack_documents
 from relora_ds.data.sources import BadRecords
-from relora_ds.data.tokenize import encode_batch, load_tokenizer
+from relora_ds.data.tokenize import Encoder, encode_batch, load_tokenizer
 
 WORDS = "the union state congress people nation peace war law year government public great".split()
 SEQ, MB = 16, 2
@@ -24,6 +24,12 @@ SEQ, MB = 16, 2
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(None)
+
+
+def _spy_encoder(monkeypatch, hook):
+    """Calls hook(texts) before every tokenizer call of the streams (the Encoder), then encodes as usual."""
+    real = Encoder.__call__
+    monkeypatch.setattr(Encoder, "__call__", lambda self, texts: hook(texts) or real(self, texts))
 
 
 def _texts(n, seed=0):
@@ -90,7 +96,7 @@ def test_each_rank_tokenizes_and_packs_only_its_own_share(tmp_path, tok, monkeyp
     texts = _texts(40)
     path = _write_files(tmp_path, texts, 1)[0]
     seen = []
-    monkeypatch.setattr(stream, "encode_batch", lambda t, batch: seen.append(list(batch)) or encode_batch(t, batch))
+    _spy_encoder(monkeypatch, lambda batch: seen.append(list(batch)))
     ds = _stream(path, tok)
     for rank in range(2):
         seen.clear()
@@ -173,7 +179,7 @@ def test_resume_neither_rereads_nor_retokenizes(tmp_path, tok, monkeypatch):
     json_line = sources._json_line
     monkeypatch.setattr(sources, "_json_line", lambda line, n, path, *a: parsed.append((path, n)) or
                         json_line(line, n, path, *a))
-    monkeypatch.setattr(stream, "encode_batch", lambda t, b: tokenized.extend(b) or encode_batch(t, b))
+    _spy_encoder(monkeypatch, tokenized.extend)
     ds = _stream(str(tmp_path), tok)
     for world in (1, 2):
         first = _ranks(ds, world, 0)
@@ -314,9 +320,7 @@ def test_worker_errors_reach_the_trainer_as_one_line(tmp_path, tok, monkeypatch)
         assert _children(before) == []
     os.makedirs(tmp_path / "good")
     good = _write_files(tmp_path / "good", texts, 1)[0]
-    real = stream.encode_batch
-    monkeypatch.setattr(stream, "encode_batch", lambda t, b: real(t, b) if "doc7 " not in " ".join(b)
-                        else 1 / 0)  # a bug in a worker, not a data error
+    _spy_encoder(monkeypatch, lambda b: "doc7 " in " ".join(b) and 1 / 0)  # a bug in a worker, not a data error
     [batches] = _ranks(_stream(good, tok), 1, 2)
     with pytest.raises(DataError, match=r"^data worker \d of rank 0 \(reader \d of 2\) failed: ZeroDivisionError: "
                                         r"division by zero \(at test_data_stream\.py:\d+\)$"):

@@ -170,3 +170,15 @@ def test_paper_recipes_use_the_paper_global_batch(name, tokens):
     config = dsc.load_ds_config(cfg.train.deepspeed_config)
     assert config["train_batch_size"] * cfg.data.seq_len == tokens
     assert (dsc.precision(config), dsc.zero_stage(config)) == ("bf16", 2 if name == "60m.yaml" else 3)
+
+
+@pytest.mark.parametrize("name", ["60m.yaml", "1b.yaml"])
+def test_streaming_recipes_tokenize_off_the_training_loop(name):
+    """The shipped streaming recipes use data workers, and C4 en's 1024 shards split whole over their readers
+    for every power-of-two GPU count (each reader takes whole shards: stream.by_shards)."""
+    from relora_ds.config import load_config
+    from relora_ds.data.stream import by_shards
+
+    cfg = load_config(os.path.join(ROOT, "relora_ds", "configs", name))
+    assert cfg.data.streaming and cfg.data.num_workers >= 1
+    assert all(by_shards(1024, gpus * cfg.data.num_workers) for gpus in (1, 2, 4, 8, 16, 64, 256))
