@@ -6,8 +6,10 @@
     relora-ds pretokenize --source FILES --out DIR [--tokenizer DIR] [--seq-len 256] [--num-proc N]
     relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
     relora-ds eval CHECKPOINT_OR_MODEL_DIR [--source sotu --split validation]
+    relora-ds analyze RUN_DIR | A B --out DIR [--compare RUN2 ...] [--labels ...] [--targets q_proj,...]
     relora-ds demo
     relora-ds bench --preset 1b --seq-len 2048 --micro-batch 4 [--max-microbatch] [--profile]
+    relora-ds compare --config BASE.yaml --out DIR [--variants full,lora,lora_warm,relora] [--variant NAME]
 """
 
 import argparse
@@ -124,6 +126,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    """Singular-value spectra of ΔW (relora_ds/analyze.py): spectra.json and spectra.png in --out."""
+    from relora_ds.analyze import analyze, parse_targets, summarize
+
+    results, json_path, png_path = analyze(args.paths, args.out, compare=args.compare or (), labels=args.labels,
+                                           targets=parse_targets(args.targets), progress=not args.no_progress)
+    for label, result in results.items():
+        summary = summarize(result)
+        ranks = ", ".join(f"{p} {s['mean_effective_rank']:.1f}" for p, s in summary["by_projection"].items())
+        print(f"{label}: {summary['num_above_0_1']} of {summary['num_singular_values']} singular values of ΔW above "
+              f"0.1 over {len(result['entries'])} weights; mean effective rank {ranks}")
+    print(f"  spectra  {json_path}\n  figure   {png_path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Train the tiny LLaMA on the shipped SOTU corpus with warm start → ReLoRA, evaluate, export."""
     import time
@@ -167,6 +184,13 @@ def cmd_bench(args) -> int:
             print(f"error: {e.code}", file=sys.stderr)
             return 2
         raise
+
+
+def cmd_compare(args) -> int:
+    """The paper's Table 2 / Table 6 comparisons: one run per variant of a base config, and a report."""
+    from relora_ds.compare import run_from_args
+
+    return run_from_args(args)
 
 
 # --- parser ---------------------------------------------------------------------------------------------
@@ -243,6 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=50, help="number of batches (default 50)")
     p.set_defaults(fn=cmd_eval)
 
+    p = sub.add_parser("analyze", help="singular values of ΔW of a run (final - reference) or of two models (B - A)",
+                       description="ΔW = W_final - W_reference of RUN_DIR, or W_B - W_A; writes spectra.json and "
+                                   "spectra.png (one histogram per projection) to --out. See relora_ds/analyze.py.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a run dir (its reference checkpoint against its newest), or A and B: each a run dir, a "
+                        "step_* checkpoint dir or an exported model dir")
+    p.add_argument("--out", required=True, help="output directory (spectra.json, spectra.png)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
+                   help="more run dirs (final - reference each), overlaid in the same figure")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="one label per run (default: the directory names)")
+    p.add_argument("--targets", default=None, metavar="NAMES",
+                   help="comma-separated linear modules to analyse, e.g. q_proj,v_proj (default: the run config's "
+                        "relora.target_modules; for exported models the LLaMA projections)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(fn=cmd_analyze)
+
     p = sub.add_parser("demo", help="CPU demo: tiny LLaMA on the shipped SOTU corpus, warm start -> ReLoRA")
     p.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -256,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--results-dir). See benchmarks/README.md.")
     add_bench_arguments(p)
     p.set_defaults(fn=cmd_bench)
+
+    from relora_ds.compare import __doc__ as compare_doc, add_arguments as add_compare_arguments
+
+    p = sub.add_parser("compare", help="full / LoRA / LoRA+warm start / ReLoRA and ablations on one base config, "
+                                       "with a report", description=compare_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_compare_arguments(p)
+    p.set_defaults(fn=cmd_compare)
     return parser
 
 

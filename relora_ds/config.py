@@ -143,6 +143,12 @@ class CheckpointConfig:
     every: int = _field(500, "steps between checkpoints; 0: only at the end")
     keep_last: int = _field(3, "periodic checkpoints kept on disk; 0: keep all")
     save_final: bool = _field(True, "save a checkpoint at the end of training")
+    at_switch: bool = _field(True, "save a checkpoint at the warm-start switch (step relora.warm_start_steps, before "
+                                   "wrapping; step 0 when wrapping at the start): the reference W of `relora-ds "
+                                   "analyze RUN_DIR`, kept whatever keep_last says")
+    reference_step: int | None = _field(
+        None, "a step whose checkpoint is saved and kept as that reference instead; set it on full-rank runs "
+              "compared with low-rank ones (relora-ds compare sets it); null: the switch, with at_switch")
 
 
 SECTIONS = {
@@ -327,6 +333,9 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("log.peak_tflops", lg.peak_tflops)
     at_least("checkpoint.every", ck.every, 0)
     at_least("checkpoint.keep_last", ck.keep_last, 0)
+    at_least("checkpoint.reference_step", ck.reference_step, 0)
+    if ck.reference_step is not None and ck.reference_step >= t.total_steps:
+        errors.append(f"checkpoint.reference_step ({ck.reference_step}) must be < train.total_steps ({t.total_steps})")
 
     # How the phases and the schedule fit together.
     if t.total_steps <= s.warmup_steps:

@@ -131,9 +131,12 @@ class _Source:
             return float(torch.tanh(g.load()))
         return float(self.cfg.relora.alpha) / self.cfg.relora.rank
 
-    def tensors(self):
-        """(name, fp32 tensor) of the plain model, one at a time, wrapped layers merged."""
+    def tensors(self, names=None):
+        """(name, fp32 tensor) of the plain model, one at a time, wrapped layers merged; with `names` (a collection),
+        only those, still in the model's order (nothing else is read)."""
         for name in self.shapes:
+            if names is not None and name not in names:
+                continue
             tensor = self.lazy[name].load()
             prefix = self.wrapped.get(name)
             if prefix is not None:
@@ -149,6 +152,14 @@ def merged_tensors(path: str):
     a tied lm_head.weight is left out (as save_pretrained does). `path`: a run dir, its checkpoints/ dir or one
     step_* dir. A checkpoint whose tensors are not its config's model is a one-line CheckpointError."""
     yield from _Source(path).tensors()
+
+
+def open_checkpoint(path: str) -> _Source:
+    """The checkpoint at `path` (a run dir, its checkpoints/ dir or one step_* dir) opened without reading any tensor:
+    `.tag_dir`, `.state` (the run state), `.cfg` (its RunConfig), `.shapes` (the plain model's tensor names in state
+    dict order, tied aliases left out, with their shapes), `.wrapped` (weight name -> adapter prefix) and
+    `.tensors(names=None)`, the merged tensors as `merged_tensors` yields them. One-line CheckpointError as there."""
+    return _Source(path)
 
 
 def load_checkpoint_model(path: str):

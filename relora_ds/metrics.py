@@ -22,7 +22,7 @@ import uuid
 import sys
 import time
 
-EVENTS = ("switch", "restart", "eval", "checkpoint", "resume", "memory")
+EVENTS = ("switch", "restart", "eval", "checkpoint", "resume", "memory", "data")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -242,7 +242,7 @@ class Metrics:
             self._print(self.step_line(step, values))
 
     def log_event(self, event: str, step: int, **values) -> None:
-        """Record one event (switch, restart, eval, checkpoint, resume, memory) and print it on one line."""
+        """Record one event (switch, restart, eval, checkpoint, resume, memory, data) and print it on one line."""
         if event not in EVENTS:
             raise ValueError(f"metrics event must be one of {', '.join(EVENTS)}, got {event!r}")
         if not self.active:

@@ -117,16 +117,20 @@ def plot_loss(metrics_jsonl: str, out_png: str, title: str | None = None) -> str
 
     The default title is the run directory's name.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     curves = read_curves(metrics_jsonl)
     if title is None:
         title = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl)))
-    fig = loss_figure(curves, title)
+    return save_figure(loss_figure(curves, title), out_png)
+
+
+def save_figure(fig, out_png: str) -> str:
+    """Write a (pyplot-free) matplotlib Figure to `out_png` atomically, on an Agg canvas; return `out_png`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     out_dir = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".loss-", suffix=".png.tmp", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png.tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")
@@ -138,4 +142,4 @@ def plot_loss(metrics_jsonl: str, out_png: str, title: str | None = None) -> str
     return out_png
 
 
-__all__ = ["LossCurves", "read_curves", "smooth", "loss_figure", "plot_loss"]
+__all__ = ["LossCurves", "read_curves", "smooth", "loss_figure", "plot_loss", "save_figure"]

@@ -1,8 +1,8 @@
 """The learning-rate multiplier λ(t) on the peak LR: warm-up, cosine to a floor, ReLoRA's jagged restarts.
 
-Notation (reference/algorithm.md): t step (0 where training starts), N total steps, W0 first warm-up,
-Wr restart warm-up, C cycle length (relora.reset_every), m min LR ratio, S restart offset
-(relora.warm_start_steps), env(p) = m + (1 − m)·½(1 + cos πp) with p clipped to [0, 1].
+Notation (docs/algorithm.md, "The learning-rate schedule"): t step (0 where training starts), N total
+steps, W0 first warm-up, Wr restart warm-up, C cycle length (relora.reset_every), m min LR ratio, S restart
+offset (relora.warm_start_steps), env(p) = m + (1 − m)·½(1 + cos πp) with p clipped to [0, 1].
 
     t < W0:                      λ = t / W0
     t_r <= t < t_r + Wr:         λ = (t − t_r)/Wr · env((t_r + Wr − W0) / (N − W0))

@@ -72,6 +72,17 @@ def next_restart(cfg: RunConfig, state: TrainState) -> int | None:
     return upcoming if upcoming < cfg.train.total_steps else None
 
 
+def reference_step(cfg: RunConfig) -> int | None:
+    """The step whose checkpoint is kept as the ΔW reference of `relora-ds analyze`: checkpoint.reference_step, else
+    the warm-start switch (checkpoint.at_switch; low-rank modes: relora.warm_start_steps, 0 when wrapping at the
+    start); None for none."""
+    if cfg.checkpoint.reference_step is not None:
+        return cfg.checkpoint.reference_step
+    if cfg.checkpoint.at_switch and cfg.relora.mode != "full":
+        return cfg.relora.warm_start_steps
+    return None
+
+
 # --- building blocks ----------------------------------------------------------------------------------
 
 def switch_to_relora(cfg: RunConfig, model, ds_config: dict):
@@ -326,6 +337,8 @@ def train(cfg: RunConfig) -> dict:
     check_model_settings(cfg, vocab_size)  # before any rank reads data or builds anything
     cache_dir = os.path.join(out, "cache")
     train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=cache_dir)
+    # Tokens in one epoch of the training data: known for map-style (packed) data, not for a stream.
+    train_tokens = train_set.num_tokens if isinstance(train_set, data_loader.PackedDataset) else None
     val_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="validation", cache_dir=cache_dir)
     batches = data_loader.DistributedBatches(train_set, micro_batch_size=micro_bs, rank=rank, world_size=world,
                                              seed=cfg.train.seed, num_workers=cfg.data.num_workers,
@@ -361,6 +374,8 @@ def train(cfg: RunConfig) -> dict:
                           rank_peak_gib=[round(v, 3) for v in per_rank], kind=phases.kind)
 
     log_memory("resume" if resume_tag else "build", build_peak)
+    if train_tokens:
+        metrics.log_event("data", state.step, train_tokens=train_tokens)
     tokens_per_step = micro_bs * grad_accum * world * cfg.data.seq_len
     # MFU = tokens/s per device × full-rank FLOPs per token / peak FLOP/s per device (None: left out of the log).
     model_flops = flops_per_token_full(cfg, engine.module.config)
@@ -379,12 +394,12 @@ def train(cfg: RunConfig) -> dict:
         if rank == 0:
             plot_loss(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
 
-    def save_checkpoint():
+    def save_checkpoint(reference: bool = False):
         state.data = batches.state_dict()
         log_memory("steps")
         tag_dir = checkpoint.save(engine, ckpt_dir, step=state.step, keep_last=cfg.checkpoint.keep_last,
-                                  state={**state.to_dict(), "config": cfg.to_dict()})
-        metrics.log_event("checkpoint", state.step, path=tag_dir)
+                                  state={**state.to_dict(), "config": cfg.to_dict()}, reference=reference)
+        metrics.log_event("checkpoint", state.step, path=tag_dir, **({"reference": True} if reference else {}))
         log_memory("checkpoint")
 
     if state.step == 0 and cfg.train.eval_every > 0:
@@ -392,6 +407,8 @@ def train(cfg: RunConfig) -> dict:
     last_log_step, last_log_time = state.step, time.perf_counter()
     data_iter = iter(batches)
     while state.step < cfg.train.total_steps:
+        if state.step == reference_step(cfg):  # before the switch: the full-rank W that analyze subtracts
+            save_checkpoint(reference=True)
         # Warm start → ReLoRA (also when resuming from, or starting at, the switch step).
         if cfg.relora.mode != "full" and not state.wrapped and state.step >= cfg.relora.warm_start_steps:
             log_memory("steps")
@@ -455,5 +472,6 @@ def train(cfg: RunConfig) -> dict:
     batches.close()  # the data workers, if any
     metrics.close()
     newest = checkpoint.find_checkpoint(ckpt_dir, checksums=False) if checkpoint.complete_tags(ckpt_dir) else None
-    summary.update(step=state.step, output_dir=out, checkpoint=newest, engine=engine)
+    summary.update(step=state.step, output_dir=out, checkpoint=newest, tokens_seen=state.tokens_seen,
+                   epochs=state.tokens_seen / train_tokens if train_tokens else None, engine=engine)
     return summary

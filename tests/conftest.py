@@ -1,7 +1,7 @@
 import os
 
 # Triton's interpreter must be chosen before any triton kernel module is imported.
-# On a machine without CUDA the kernels run under the interpreter (see reference/deepspeed-cpu.md).
+# On a machine without CUDA the kernels run under the interpreter (docs/deepspeed.md, "Triton without a GPU").
 try:
     import torch
 

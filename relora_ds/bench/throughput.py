@@ -168,8 +168,14 @@ def worker_command(args, mode: str, micro_batch: int, *, warmup: int, steps: int
     return launcher + options
 
 
+# A worker starts its own process group (one process: a free port of its own; several: torchrun's); the parent's
+# rendezvous, if any (a launcher's, or one left by a run in the calling process), is not handed down.
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                        "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def worker_env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
     # the workers import this very package, also when it runs from a checkout that is not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -102,16 +102,6 @@ def optimizer_bytes(engine) -> dict:
     return {"optimizer_state_bytes": state, "optimizer_master_bytes": masters}
 
 
-def parameter_counts(module: torch.nn.Module) -> dict:
-    """Total and trainable parameters (full sizes, also when ZeRO-3 has partitioned them)."""
-    total = trainable = 0
-    for param in module.parameters():
-        numel = getattr(param, "ds_numel", param.numel())
-        total += numel
-        trainable += numel if param.requires_grad else 0
-    return {"total_params": total, "trainable_params": trainable}
-
-
 def peak_memory() -> dict:
     if torch.cuda.is_available():
         return {"memory_kind": "cuda", "peak_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
@@ -160,7 +150,7 @@ def measure(args) -> dict:
     import torch.distributed
 
     from relora_ds.engine import ds_config as dsc, runtime
-    from relora_ds.model.llama import PRESETS, build_model
+    from relora_ds.model.llama import PRESETS, build_model, parameter_counts
     from relora_ds.relora.wrap import wrap
 
     mode = args.worker

@@ -7,6 +7,8 @@ Layout of `<output_dir>/checkpoints/`:
         MANIFEST.json           every other file of the tag: relative path, size in bytes, CRC32
         COMPLETE                written last, after every rank finished writing and MANIFEST.json
     latest                      the newest complete tag (written atomically; informational)
+    reference                   the tag of the reference checkpoint (the warm-start switch, or
+                                checkpoint.reference_step): the W that `relora-ds analyze` subtracts; never pruned
 A tag without COMPLETE is never resumed from and is removed by the next save. A complete tag is never
 removed to be rewritten: saving the same step with the same run state again (a resumed run that had already
 finished, a requeued job) keeps the tag on disk as it is, unless its files no longer match MANIFEST.json.
@@ -30,6 +32,7 @@ from relora_ds import dist
 COMPLETE = "COMPLETE"
 STATE_FILE = "relora_state.json"
 MANIFEST = "MANIFEST.json"
+REFERENCE = "reference"
 CHUNK_BYTES = 8 << 20
 # What torch.load and DeepSpeed's zero_to_fp32 raise on a truncated or corrupt file.
 UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, KeyError)
@@ -149,11 +152,14 @@ def read_state(tag_dir: str) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint state ({e})") from None
 
 
-def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int) -> str:
-    """Save on every rank (collective); returns the tag dir. `state` must be identical on all ranks."""
+def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int, reference: bool = False) -> str:
+    """Save on every rank (collective); returns the tag dir. `state` must be identical on all ranks.
+    reference: record the tag as the run's reference checkpoint (kept whatever keep_last says)."""
     tag = tag_for(step)
     tag_dir = os.path.join(checkpoint_dir, tag)
     if _same_complete_tag(tag_dir, state):
+        if reference and dist.is_rank_zero():
+            _atomic_write_text(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
         return tag_dir
     if dist.is_rank_zero() and os.path.isdir(tag_dir):
         shutil.rmtree(tag_dir)  # an earlier torn write of the same step, or files no longer matching MANIFEST.json
@@ -166,6 +172,8 @@ def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int)
         _atomic_write_text(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=1, sort_keys=True))
         mark_complete(tag_dir, step)
         _atomic_write_text(os.path.join(checkpoint_dir, "latest"), tag + "\n")
+        if reference:
+            _atomic_write_text(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
         _prune(checkpoint_dir, keep_last, newest=tag)
     dist.barrier()
     return tag_dir
@@ -188,12 +196,39 @@ def _same_complete_tag(tag_dir: str, state: dict) -> bool:
     return same
 
 
+def reference_checkpoint(path: str) -> str | None:
+    """The reference tag dir of a run dir or its checkpoints dir (the warm-start switch, or
+    checkpoint.reference_step); None when the run recorded none. A recorded tag that is gone or damaged is a
+    CheckpointError."""
+    for directory in (path, os.path.join(path, "checkpoints")):
+        marker = os.path.join(directory, REFERENCE)
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                tag_dir = os.path.join(directory, f.read().strip())
+            if not os.path.isfile(os.path.join(tag_dir, COMPLETE)):
+                raise CheckpointError(f"{marker}: names {os.path.basename(tag_dir)}, which is not a complete "
+                                      f"checkpoint in {directory}")
+            verify(tag_dir, checksums=False)
+            return tag_dir
+    return None
+
+
+def _reference_tag(checkpoint_dir: str) -> str | None:
+    try:
+        with open(os.path.join(checkpoint_dir, REFERENCE)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _prune(checkpoint_dir: str, keep_last: int, newest: str) -> None:
-    """Keep the newest `keep_last` complete tags; drop older ones and torn ones older than `newest`."""
-    complete = complete_tags(checkpoint_dir)
+    """Keep the newest `keep_last` complete tags (and the reference tag); drop older ones and torn ones older than
+    `newest`."""
+    kept = _reference_tag(checkpoint_dir)
+    complete = [t for t in complete_tags(checkpoint_dir) if t != kept]
     doomed = complete[:-keep_last] if keep_last > 0 else []
     doomed += [t for t in os.listdir(checkpoint_dir)
-               if t.startswith("step_") and t not in complete and t < newest]
+               if t.startswith("step_") and t not in complete and t != kept and t < newest]
     for tag in doomed:
         shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
 

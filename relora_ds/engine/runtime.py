@@ -9,7 +9,7 @@ def prepare_deepspeed() -> None:
     """Settings that must precede `import deepspeed`'s first use on CPU machines.
 
     DeepSpeed compiles a shared-memory comm op (30-70 s) at start-up on a fresh CPU machine; training
-    does not need it (reference/deepspeed-cpu.md), so it is switched off when there is no CUDA.
+    does not need it (docs/deepspeed.md, "CPU ranks and gloo"), so it is switched off without CUDA.
     An untested DeepSpeed version is refused first (engine/versions.py).
     """
     from relora_ds.engine.versions import check_deepspeed_version

@@ -212,6 +212,17 @@ def param_count(preset: str, vocab_size: int, *, trainable_only: bool = False, r
     return total + adapters - (frozen if trainable_only else 0)
 
 
+def parameter_counts(module: torch.nn.Module) -> dict:
+    """Total and trainable (requires_grad) parameters of a built module: full sizes, also when ZeRO-3 has
+    partitioned them (`ds_numel`)."""
+    total = trainable = 0
+    for param in module.parameters():
+        numel = getattr(param, "ds_numel", param.numel())
+        total += numel
+        trainable += numel if param.requires_grad else 0
+    return {"total_params": total, "trainable_params": trainable}
+
+
 def paper_param_table() -> list[dict]:
     """Each paper preset's exact count (at the paper's vocabulary) next to the paper's Table 1 figure."""
     rows = []

@@ -210,3 +210,16 @@ def test_sweep_dry_run_lists_every_preset_and_rank():
         assert "benchmarks/throughput.py" in command
         assert f"--preset {preset} --rank {rank} --seq-len 512 --micro-batch 16" in command
         assert f"--tag r{rank}-s512-mb16" in command and command.endswith("--repeats 3")
+
+
+def test_workers_do_not_inherit_the_callers_rendezvous(monkeypatch):
+    """A process that trained in-process keeps RANK/WORLD_SIZE/MASTER_PORT in its environment (and may still hold
+    that port); a benchmark worker started from it must make its own process group, not join or bind that one."""
+    from relora_ds.bench import throughput
+
+    for key, value in {"MASTER_PORT": "29512", "MASTER_ADDR": "10.0.0.9", "RANK": "3", "WORLD_SIZE": "4",
+                       "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    env = throughput.worker_env()
+    assert not {"MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(env)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == throughput.PACKAGE_PARENT

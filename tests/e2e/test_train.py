@@ -315,3 +315,37 @@ def test_triton_kernels_in_training_match_the_torch_path(corpus, tmp_path):
         losses[kernels] = summary["losses"]
     for step, loss in losses["torch"].items():
         assert losses["triton"][step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_reference_checkpoint_at_the_switch_survives_keep_last(corpus, tmp_path):
+    """checkpoint.at_switch (default) saves the full-rank model at the warm-start switch and keep_last never prunes
+    it; a full-rank run keeps checkpoint.reference_step instead; at_switch false saves none."""
+    _, train_file, val_file = corpus
+    ds = write_ds_config(tmp_path)
+    cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "checkpoint.every": 3, "checkpoint.keep_last": 1, "train.eval_every": 0,
+        "train.output_dir": str(tmp_path / "relora")})
+    run(cfg)
+    ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
+    assert checkpoint.complete_tags(ckpt_dir) == [checkpoint.tag_for(4), checkpoint.tag_for(16)]
+    reference = checkpoint.reference_checkpoint(cfg.train.output_dir)
+    assert reference == os.path.join(ckpt_dir, checkpoint.tag_for(4))
+    assert checkpoint.read_state(reference)["wrapped"] is False  # saved before the switch
+    events = [r for r in read_metrics(cfg.train.output_dir) if r.get("event") == "checkpoint"]
+    assert [r["step"] for r in events if r.get("reference")] == [4]
+
+    full = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "relora.mode": "full", "relora.warm_start_steps": 0, "checkpoint.reference_step": 4,
+        "checkpoint.keep_last": 1, "checkpoint.every": 5, "train.total_steps": 12, "train.eval_every": 0,
+        "train.output_dir": str(tmp_path / "full")})
+    run(full)
+    assert checkpoint.reference_checkpoint(full.train.output_dir).endswith(checkpoint.tag_for(4))
+    assert checkpoint.complete_tags(os.path.join(full.train.output_dir, "checkpoints")) == [
+        checkpoint.tag_for(4), checkpoint.tag_for(12)]
+
+    none = tiny_run_config(tmp_path, train_file, val_file, ds, **{
+        "checkpoint.at_switch": False, "train.total_steps": 6, "train.eval_every": 0,
+        "train.output_dir": str(tmp_path / "none")})
+    run(none)
+    assert checkpoint.reference_checkpoint(none.train.output_dir) is None
+    assert checkpoint.complete_tags(os.path.join(none.train.output_dir, "checkpoints")) == [checkpoint.tag_for(6)]

@@ -24,11 +24,13 @@ ONLY_IN = {
     "torch.utils.tensorboard": ("relora_ds.metrics",),
     "triton": ("relora_ds.kernels.*",),
     # lower modules never import the loop or the command line
-    "relora_ds.trainer": ("relora_ds.cli", "relora_ds.train", "relora_ds.__main__"),
+    "relora_ds.trainer": ("relora_ds.cli", "relora_ds.train", "relora_ds.__main__", "relora_ds.compare"),
     "relora_ds.cli": ("relora_ds.train", "relora_ds.__main__"),
     "relora_ds.train": ("relora_ds.cli", "relora_ds.__main__"),
     # the shipped benchmark sits on top, like the trainer: only the command line reaches it
     "relora_ds.bench": ("relora_ds.bench.*", "relora_ds.cli"),
+    # `relora-ds compare` runs the trainer once per variant: on top too
+    "relora_ds.compare": ("relora_ds.cli",),
 }
 
 # module pattern → imported names it must never import

@@ -15,7 +15,7 @@ from relora_ds.schedule import (
     restart_points,
 )
 
-# algorithm.md's worked example: N = 15000, W0 = 500, Wr = 100, C = 5000, m = 0.1.
+# docs/algorithm.md's worked example: N = 15000, W0 = 500, Wr = 100, C = 5000, m = 0.1.
 WORKED = dict(total_steps=15000, warmup_steps=500, restart_warmup_steps=100, cycle_length=5000, min_lr_ratio=0.1)
 WORKED_VALUES = {0: 0.0, 250: 0.5, 500: 1.0, 4999: 0.802615, 5000: 0.0, 5050: 0.397203, 5100: 0.794406,
                  10000: 0.0, 10100: 0.330652, 14999: 0.100000}
@@ -27,7 +27,7 @@ def test_worked_example(step, expected):
 
 
 def _authors_formula(t, N, W0, Wr, C, m):
-    """algorithm.md's formula written out independently (j = t mod C, k = t div C)."""
+    """docs/algorithm.md's S = 0 formula written out independently (j = t mod C, k = t div C)."""
     env = lambda p: m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))  # noqa: E731
     if t < W0:
         return t / W0
