@@ -87,6 +87,9 @@ class ScheduleConfig:
     warmup_steps: int = _field(100, "first linear warm-up W0")
     restart_warmup_steps: int = _field(50, "linear re-warm-up Wr after each restart")
     min_lr_ratio: float = _field(0.1, "cosine floor m as a fraction of the peak")
+    low_rank_lr_scale: float = _field(1.0, "peak LR while the adapters train (lora/relora after the switch) as a "
+                                           "multiple of schedule.lr (no effect in full mode); the paper's "
+                                           "Appendix A suggests 1.5-2")
     kind: str = _field("jagged_cosine", "LR schedule", SCHEDULE_KINDS)
 
 
@@ -321,6 +324,7 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("schedule.warmup_steps", s.warmup_steps, 0)
     at_least("schedule.restart_warmup_steps", s.restart_warmup_steps, 0)
     in_range("schedule.min_lr_ratio", s.min_lr_ratio, 0, 1, high_open=False)
+    positive("schedule.low_rank_lr_scale", s.low_rank_lr_scale)
     at_least("data.seq_len", d.seq_len, 8)
     at_least("data.num_workers", d.num_workers, 0)
     at_least("data.prefetch_batches", d.prefetch_batches, 1)

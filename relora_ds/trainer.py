@@ -432,7 +432,7 @@ def train(cfg: RunConfig) -> dict:
             summary["restarts"].append(record.to_dict())
             log_memory("restart")
 
-        lr = cfg.schedule.lr * lr_multiplier(state.step)
+        lr = cfg.schedule.lr * lr_multiplier(state.step) * (cfg.schedule.low_rank_lr_scale if state.wrapped else 1.0)
         runtime.set_lr(engine, lr)
         logs = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.total_steps
         local_loss, grad_norm = train_step(engine, data_iter, grad_accum, step=state.step + 1, grad_norm=logs)

@@ -349,3 +349,19 @@ def test_reference_checkpoint_at_the_switch_survives_keep_last(corpus, tmp_path)
     run(none)
     assert checkpoint.reference_checkpoint(none.train.output_dir) is None
     assert checkpoint.complete_tags(os.path.join(none.train.output_dir, "checkpoints")) == [checkpoint.tag_for(6)]
+
+
+def test_low_rank_lr_scale_applies_after_the_switch_only(corpus, tmp_path):
+    """schedule.low_rank_lr_scale multiplies the LR of the steps with adapters in place, not the warm start's."""
+    from relora_ds.schedule import multiplier_from_config
+
+    _, train_file, val_file = corpus
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
+        "schedule.low_rank_lr_scale": 1.5, "train.total_steps": 8, "train.eval_every": 0})
+    run(cfg)
+    multiplier = multiplier_from_config(cfg.resolved())
+    logged = {r["step"]: r["lr"] for r in read_metrics(cfg.train.output_dir) if "event" not in r}
+    for step, lr in logged.items():  # the record of step k holds the LR its update used: step k - 1's
+        scale = 1.5 if step - 1 >= cfg.relora.warm_start_steps else 1.0
+        assert lr == pytest.approx(cfg.schedule.lr * multiplier(step - 1) * scale), step
+    assert any(step - 1 >= 4 and lr > 0 for step, lr in logged.items())
