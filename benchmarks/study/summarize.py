@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Collect the CPU-scale study (benchmarks/study/run.sh) into benchmarks/results/<date>-study-20m/.
+
+    python benchmarks/study/summarize.py [--runs runs/study-20m] [--out benchmarks/results/<date>-study-20m]
+
+Copies each comparison's compare.{json,md,png} (as <name>-compare.*) and the main comparison's spectra.{json,png},
+and writes study.md: the main table (the paper's Table 2 and Table 6 variants) and one row per ablation variant
+beside the base's row of the same variant, with the difference in held-out perplexity. Nothing is computed here
+that compare did not already write; a comparison that has not finished shows as such.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+ORDER = ("main", "lr-1.5x", "lr-2x", "cycle-100", "cycle-150", "no-pair-moments", "rank-32", "warm-150", "warm-600")
+
+
+def fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def row(name, v, base=None):
+    delta = ""
+    if base is not None and v.get("eval_perplexity") is not None and base.get("eval_perplexity") is not None:
+        delta = f"{v['eval_perplexity'] - base['eval_perplexity']:+.2f}"
+    status = v["status"] if v["status"] != "diverged" else f"diverged at {v.get('diverged_at')}"
+    return (f"| {name} | `{v['variant']}` | {status} | {fmt(v.get('eval_loss'), '.4f')} | "
+            f"{fmt(v.get('eval_perplexity'), '.2f')} | {delta} | {fmt(v.get('trainable_params'), ',')} | "
+            f"{v.get('restarts', 0)} | {fmt(v.get('epochs'), '.2f')} | {fmt(v.get('num_above_0_1'), ',')} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-20m"))
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                 f"{datetime.date.today().isoformat()}-study-20m"))
+    args = p.parse_args(argv)
+    reports = {}
+    for name in ORDER:
+        path = os.path.join(args.runs, name, "compare.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                reports[name] = json.load(f)
+    if "main" not in reports:
+        print(f"error: {os.path.join(args.runs, 'main', 'compare.json')}: the main comparison has no report yet "
+              f"(bash benchmarks/study/run.sh main)", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    for name in reports:
+        for ext in ("json", "md", "png"):
+            src = os.path.join(args.runs, name, f"compare.{ext}")
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(args.out, f"{name}-compare.{ext}"))
+    for ext in ("json", "png"):
+        src = os.path.join(args.runs, "main", f"spectra.{ext}")
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(args.out, f"main-spectra.{ext}"))
+    head = ("| comparison | variant | status | eval loss | eval ppl | Δ ppl vs base | trainable params | restarts | "
+            "epochs | σ>0.1 |", "|---|---|---|---|---|---|---|---|---|---|")
+    base = {v["variant"]: v for v in reports["main"]["variants"]}
+    lines = ["# CPU-scale study: 20m on SOTU (benchmarks/study/20m-sotu.yaml)", "",
+             "Written by `python benchmarks/study/summarize.py` from the `relora-ds compare` reports of "
+             "`bash benchmarks/study/run.sh`.", "", "## Main comparison (Table 2 and Table 6 variants)", "", *head]
+    lines += [row("main", v) for v in reports["main"]["variants"]]
+    ablations = [n for n in ORDER[1:] if n in reports]
+    missing = [n for n in ORDER[1:] if n not in reports]
+    lines += ["", "## One factor at a time (Δ ppl: against the same variant of the main comparison)", "", *head]
+    for name in ablations:
+        lines += [row(name, v, base.get(v["variant"])) for v in reports[name]["variants"]]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    for name in reports:
+        for note in reports[name].get("notes", []):
+            lines.append(f"- {name}: {note}")
+    with open(os.path.join(args.out, "study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"written: {args.out}/study.md and {len(reports)} comparison report(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
