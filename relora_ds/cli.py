@@ -308,8 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def take_launcher_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher runs `python -m relora_ds --local_rank=N COMMAND ...`: the option comes before the
+    command. Take it out (into LOCAL_RANK, unless set) so that every subcommand runs under the launcher."""
+    argv = list(argv)
+    if argv and argv[0].startswith(("--local_rank", "--local-rank")):
+        option = argv.pop(0)
+        value = option.partition("=")[2] if "=" in option else (argv.pop(0) if argv else "")
+        os.environ.setdefault("LOCAL_RANK", value)
+    return argv
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(take_launcher_local_rank(sys.argv[1:] if argv is None else argv))
     return run_guarded(args.fn, args)
 
 

@@ -146,3 +146,19 @@ def test_tokenizer_train_pretokenize_train_eval_through_the_cli(tmp_path, capsys
                      "--batch-size", "2", "--max-batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "held-out loss" in out and "perplexity" in out
+
+
+def test_the_deepspeed_launchers_leading_local_rank_is_taken_out(monkeypatch):
+    """`deepspeed --module relora_ds compare ...` runs `python -m relora_ds --local_rank=N compare ...`."""
+    from relora_ds import cli
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert cli.take_launcher_local_rank(["--local_rank=3", "compare", "--out", "x"]) == ["compare", "--out", "x"]
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert cli.take_launcher_local_rank(["--local-rank", "2", "analyze", "r"]) == ["analyze", "r"]
+    assert os.environ["LOCAL_RANK"] == "2"
+    assert cli.take_launcher_local_rank(["train", "--local_rank=1"]) == ["train", "--local_rank=1"]  # its own option
+    args = cli.build_parser().parse_args(cli.take_launcher_local_rank(["--local_rank=0", "compare", "--config", "b.yaml",
+                                                                       "--out", "o", "--report"]))
+    assert args.command == "compare" and args.report
