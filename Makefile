@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-gpu bench install clean
+.PHONY: demo test test-fast test-gpu bench install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+# The edit loop: unit and kernel tests, no trainer runs or ranks (everything under tests/e2e and
+# tests/distributed is marked slow by tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not slow"
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

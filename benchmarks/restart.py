@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from relora_ds.dist import free_port  # noqa: E402
 from relora_ds.engine import runtime, zero  # noqa: E402
 from relora_ds.engine.restart import merge_into_weight, relora_restart  # noqa: E402
 from relora_ds.model.llama import build_model  # noqa: E402
@@ -186,10 +186,7 @@ def main() -> None:
         return
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_forked, args=(args.world_size, port, args.repeats, args.output), nprocs=args.world_size,
+    mp.start_processes(_forked, args=(args.world_size, free_port(), args.repeats, args.output), nprocs=args.world_size,
                        start_method="fork")
 
 

@@ -1,8 +1,6 @@
 """Rank/world helpers that work with or without torch.distributed being initialised."""
 
-import functools
 import os
-import random
 import socket
 
 
@@ -28,24 +26,20 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def is_rank_zero() -> bool:
     return rank() == 0
 
 
-def rank_zero_only(fn):
-    """Run `fn` on global rank 0 only; other ranks get None."""
+def all_reduce(values, op: str = "sum", device=None):
+    """Sum (op "sum") or maximum ("max") of a small tensor over all ranks, computed on `device` (the collective's:
+    CUDA for NCCL; None: where `values` is) and returned where `values` was; `values` itself on one process."""
+    if not is_initialized() or world_size() == 1:
+        return values
+    import torch.distributed as dist
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if is_rank_zero():
-            return fn(*args, **kwargs)
-        return None
-
-    return wrapper
+    reduced = values.to(device) if device is not None else values.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return reduced.to(values.device)
 
 
 def barrier() -> None:
@@ -60,17 +54,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy (if present) and torch. Identical on every rank."""
-    import torch
-
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)

@@ -203,24 +203,14 @@ def peak_flops_per_device(cfg: RunConfig, ds_config: dict, device) -> float | No
 
 def _over_ranks(value: float, device) -> list[float]:
     """`value` of every rank, in rank order (collective)."""
-    if not dist.is_initialized():
-        return [value]
-    import torch.distributed as tdist
-
-    values = torch.zeros(dist.world_size(), dtype=torch.float64, device=device)
-    values[dist.rank()] = value
-    tdist.all_reduce(values)
-    return values.tolist()
+    values = torch.zeros(dist.world_size() if dist.is_initialized() else 1, dtype=torch.float64, device=device)
+    values[dist.rank() if dist.is_initialized() else 0] = value
+    return dist.all_reduce(values).tolist()
 
 
 def _mean_over_ranks(value: float, device) -> float:
-    if not dist.is_initialized():
-        return value
-    import torch.distributed as tdist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
-    return t.item() / dist.world_size()
+    total = dist.all_reduce(torch.tensor([value], dtype=torch.float64, device=device))
+    return total.item() / (dist.world_size() if dist.is_initialized() else 1)
 
 
 # What a run writes into train.output_dir besides checkpoints/ and the data cache/ (kept: its key is the data).

@@ -21,10 +21,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+SLOW_DIRS = ("e2e", "distributed")  # every test there runs the trainer, a CLI run or spawns ranks
+
+
 def pytest_collection_modifyitems(config, items):
-    if _HAS_CUDA:
-        return
+    """Tiers: `slow` on every test under tests/e2e and tests/distributed (`make test-fast` leaves them out);
+    `gpu` tests skipped without CUDA."""
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        if os.path.basename(os.path.dirname(str(item.path))) in SLOW_DIRS:
+            item.add_marker(pytest.mark.slow)
+        if not _HAS_CUDA and "gpu" in item.keywords:
             item.add_marker(skip_gpu)

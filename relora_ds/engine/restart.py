@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from relora_ds import dist
 from relora_ds.config import ZERO3_MERGES
 from relora_ds.engine import zero
 from relora_ds.relora import functional
-from relora_ds.relora.reset import MOMENT_KEYS, PRUNE_METHODS, magnitude_threshold, prune_, zero_unpaired_
+from relora_ds.relora.reset import (MOMENT_KEYS, PRUNE_METHODS, check_prune_ratio, magnitude_threshold, prune_,
+                                   zero_unpaired_)
 from relora_ds.relora.wrap import relora_modules
 
 
@@ -54,28 +56,16 @@ def _check_arguments(restart_index, method, ratio, zero3_merge) -> None:
         raise ValueError(f"restart_index must be >= 1 (0 is the wrap-time draw of A), got {restart_index}")
     if method not in PRUNE_METHODS:
         raise ValueError(f"relora.optimizer_reset must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"relora.prune_ratio must be in [0, 1], got {ratio}")
+    check_prune_ratio(ratio)
     if zero3_merge not in ZERO3_MERGES:
         raise ValueError(f"relora.zero3_merge must be one of {', '.join(ZERO3_MERGES)}, got {zero3_merge!r}")
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """all_reduce a small float64 vector on the collective device; identity on a single process."""
-    if _world_size() == 1:
-        return values
-    import torch.distributed as dist
+    """dist.all_reduce of a small float64 vector on DeepSpeed's collective device."""
     from deepspeed.accelerator import get_accelerator
 
-    on_device = values.to(get_accelerator().current_device_name())
-    dist.all_reduce(on_device, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return on_device.cpu()
+    return dist.all_reduce(values, op, device=get_accelerator().current_device_name())
 
 
 def _check_ready(engine, kind: str, modules: dict) -> None:
@@ -108,11 +98,11 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
     zero.check_zero3_weight(W, name)
     if zero3_merge == "gathered":
         import deepspeed
-        import torch.distributed as dist
+        import torch.distributed as tdist
 
         share = 0.0
         with deepspeed.zero.GatheredParameters([W], modifier_rank=0):
-            if dist.get_rank(group=W.ds_process_group) == 0:
+            if tdist.get_rank(group=W.ds_process_group) == 0:
                 delta = functional.lora_delta(A, B, scale).to(W.device)
                 W.data.copy_((W.data.float() + delta).to(W.dtype))
                 share = float(delta.double().square().sum())
@@ -158,7 +148,7 @@ def _merge_and_reinit(engine, kind: str, name: str, module, *, seed: int, restar
 
 @torch.no_grad()
 def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: float, seed: int,
-                 restart_index: int, pair_moments: bool = False) -> tuple[int, int]:
+                 restart_index: int, pair_moments: bool = True) -> tuple[int, int]:
     """Prune one layer's adapter moments on this rank's fragments; returns (local zeroed, full total).
 
     pair_moments: afterwards also zero exp_avg wherever exp_avg_sq is zero (see reset.zero_unpaired_);
@@ -199,7 +189,7 @@ def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: fl
 
 def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: bool = True,
                    reset_optimizer: bool = True, method: str = "magnitude", ratio: float = 0.99,
-                   zero3_merge: str = "shard", pair_moments: bool = False) -> RestartRecord:
+                   zero3_merge: str = "shard", pair_moments: bool = True) -> RestartRecord:
     """One ReLoRA restart of every wrapped layer of `engine.module`; all ranks call it and get the same record.
 
     merge: W += s*B*A and re-init A (from restart_generator(seed, restart_index, name)) and B = 0;
@@ -237,9 +227,7 @@ def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: b
     prune_seconds = time.perf_counter() - prune_started
 
     # One reduction: sharded shares are summed; replicated values and timings are taken from rank 0.
-    import torch.distributed as dist
-
-    is_rank0 = 1.0 if _world_size() == 1 or dist.get_rank() == 0 else 0.0
+    is_rank0 = 1.0 if not dist.is_initialized() or dist.rank() == 0 else 0.0
     seconds = time.perf_counter() - started
     stats = torch.tensor([merged_sq * is_rank0 if replicated_weight else merged_sq,
                           zeroed * is_rank0 if replicated_state else zeroed,

@@ -8,8 +8,8 @@ import importlib.util
 
 import torch
 
-from relora_ds.config import ATTN_IMPLEMENTATIONS
-from relora_ds.relora.wrap import DEFAULT_TARGETS, _matches
+from relora_ds.config import ATTN_IMPLEMENTATIONS, DEFAULT_TARGET_MODULES
+from relora_ds.relora.wrap import _matches
 
 # hidden, intermediate, heads, layers, max positions. Paper Table 1 (LLaMA style: RMSNorm, SwiGLU,
 # rotary, no biases, untied head); 7b is LLaMA-7B; tiny and 20m are for tests and the CPU demo.
@@ -188,7 +188,7 @@ def _wrapped_shapes(preset: str, vocab_size: int, target_modules) -> dict[str, t
 
 
 def param_count(preset: str, vocab_size: int, *, trainable_only: bool = False, relora_rank: int | None = None,
-                target_modules=DEFAULT_TARGETS, trainable_scaling: bool = False) -> int:
+                target_modules=DEFAULT_TARGET_MODULES, trainable_scaling: bool = False) -> int:
     """Exact parameter count of `build_model(preset, vocab_size)`, optionally wrapped with ReLoRA.
 
     Full model: embedding V·d + per layer (4·d² attention + 3·d·I SwiGLU MLP + 2·d RMSNorm weights)
@@ -248,7 +248,7 @@ def preset_of(model_config) -> str | None:
 
 
 def flops_per_token(preset: str, vocab_size: int, seq_len: int, *, relora_rank: int | None = None,
-                    target_modules=DEFAULT_TARGETS) -> dict:
+                    target_modules=DEFAULT_TARGET_MODULES) -> dict:
     """Training (forward + backward) FLOPs per token, PaLM appendix B style (1 multiply-add = 2 FLOPs).
 
     N_lin = weights of all matmuls (every Linear, lm_head included; the embedding is a lookup and the

@@ -14,11 +14,16 @@ from relora_ds.config import OPTIMIZER_RESETS as PRUNE_METHODS
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def check_prune_ratio(ratio: float) -> None:
+    """relora.prune_ratio is in [0, 1), as config.validate requires (zeroing everything is optimizer_reset full)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"relora.prune_ratio must be in [0, 1), got {ratio}")
+
+
 def _check(method: str, ratio: float) -> None:
     if method not in PRUNE_METHODS:
         raise ValueError(f"relora.optimizer_reset must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"relora.prune_ratio must be in [0, 1], got {ratio}")
+    check_prune_ratio(ratio)
 
 
 def magnitude_threshold(abs_values: torch.Tensor, ratio: float) -> torch.Tensor | None:
@@ -27,8 +32,7 @@ def magnitude_threshold(abs_values: torch.Tensor, ratio: float) -> torch.Tensor 
     Returns None when k == 0 (nothing to prune). Entries with |x| <= threshold are the ones zeroed,
     so ties at the threshold are all zeroed (at least k entries go).
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"relora.prune_ratio must be in [0, 1], got {ratio}")
+    check_prune_ratio(ratio)
     flat = abs_values.reshape(-1)
     k = int(ratio * flat.numel())
     if k == 0:
@@ -89,7 +93,7 @@ def _named(params) -> list[tuple[str, torch.Tensor]]:
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params, *, method: str = "magnitude",
                           ratio: float = 0.99, generator: torch.Generator | None = None,
-                          pair_moments: bool = False) -> float:
+                          pair_moments: bool = True) -> float:
     """Prune exp_avg and exp_avg_sq of `params` only (per tensor, per state), in place; `step` is kept.
 
     `params`: the adapter parameters (A and B), as a name→tensor mapping (names appear in errors) or

@@ -5,11 +5,9 @@ import fnmatch
 import torch
 from torch import nn
 
-from relora_ds.relora import functional
+from relora_ds.config import DEFAULT_TARGET_MODULES  # LLaMA's attention and MLP projections: never embeddings,
+from relora_ds.relora import functional            # norms or lm_head
 from relora_ds.relora.layer import ReLoRALinear
-
-# LLaMA's attention and MLP projections; embeddings, norms and lm_head are never matched.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _matches(name: str, patterns) -> bool:
@@ -43,7 +41,7 @@ def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
 
 
 def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
-         target_modules=DEFAULT_TARGETS, trainable_scaling: bool = False, kernels: str = "auto",
+         target_modules=DEFAULT_TARGET_MODULES, trainable_scaling: bool = False, kernels: str = "auto",
          seed: int = 0) -> list[str]:
     """Replace every nn.Linear whose name matches `target_modules` with a ReLoRALinear.
 
