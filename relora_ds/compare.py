@@ -44,7 +44,6 @@ import gc
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -201,11 +200,11 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
         _say(f"compare: {name}: {done['status']} before ({os.path.join(out, RESULT_FILE)}); not run again")
         return done
     _say(f"compare: {name}: {VARIANTS[name].description} -> {out}")
-    counts, error = {}, None
+    counts, error, diverged_at = {}, None, None
     try:
         summary = trainer.train(cfg)
     except trainer.NonFiniteError as e:
-        error = str(e)
+        error, diverged_at = str(e), e.step
     else:
         engine = summary.pop("engine")
         counts = parameter_counts(engine.module)
@@ -213,7 +212,7 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
         del engine
     gc.collect()  # a diverged run's engine was never destroyed: drop it before the next variant builds its own
     release_memory()
-    result = result_of_run(name, cfg, overrides, counts, error)
+    result = result_of_run(name, cfg, overrides, counts, error, diverged_at)
     if dist.is_rank_zero():
         _write_atomic(os.path.join(out, RESULT_FILE), json.dumps(result, indent=2) + "\n")
     dist.barrier()
@@ -221,15 +220,10 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     return result
 
 
-def diverged_step(message: str) -> int | None:
-    """The step of trainer.NonFiniteError's message ("training stopped at step 12: ...")."""
-    match = re.search(r"at step (\d+)", message)
-    return int(match.group(1)) if match else None
-
-
-def result_of_run(name: str, cfg: RunConfig, overrides: dict, counts: dict, error: str | None) -> dict:
+def result_of_run(name: str, cfg: RunConfig, overrides: dict, counts: dict, error: str | None,
+                  diverged_at: int | None = None) -> dict:
     """A variant's numbers, from its metrics.jsonl (the whole run, across resumes) and the engine's parameter
-    counts; `overrides`: the variant's own fields; `error`: the NonFiniteError of a diverged run."""
+    counts; `overrides`: the variant's own fields; `error`, `diverged_at`: the NonFiniteError of a diverged run."""
     path = os.path.join(cfg.train.output_dir, METRICS_FILE)
     records = read_records(path) if os.path.isfile(path) else []
     steps = [r for r in records if "event" not in r]
@@ -244,7 +238,7 @@ def result_of_run(name: str, cfg: RunConfig, overrides: dict, counts: dict, erro
         "description": VARIANTS[name].description,
         "overrides": overrides,
         "status": "diverged" if error else "finished",
-        "diverged_at": diverged_step(error) if error else None,
+        "diverged_at": diverged_at,
         "error": error,
         "steps": steps[-1]["step"] if steps else 0,
         "total_steps": cfg.train.total_steps,

@@ -34,6 +34,10 @@ class RunError(ValueError):
 class NonFiniteError(RunError):
     """A non-finite loss or gradient norm: every rank stops at the same step with the same message."""
 
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step  # the optimizer step that was not taken (loss) or whose update is kept (gradient norm)
+
 
 @dataclass
 class TrainState:
@@ -118,7 +122,8 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) 
     if bad_ranks:
         raise NonFiniteError(f"training stopped at step {step}: the loss is not finite on rank(s) "
                              f"{', '.join(map(str, bad_ranks))}; nothing was stepped and the newest complete checkpoint "
-                             f"is kept (lower schedule.lr, or check relora.prune_ratio / schedule.restart_warmup_steps)")
+                             f"is kept (lower schedule.lr, or check relora.prune_ratio / schedule.restart_warmup_steps)",
+                             step)
     if grad_norm:
         norm = runtime.step_with_grad_norm(engine)
     else:
@@ -126,7 +131,7 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) 
         norm = runtime.global_grad_norm(engine)
     if norm is not None and not math.isfinite(norm):
         raise NonFiniteError(f"training stopped at step {step}: the gradient norm is {norm}; the newest complete "
-                             f"checkpoint is kept (lower schedule.lr or set train.max_grad_norm)")
+                             f"checkpoint is kept (lower schedule.lr or set train.max_grad_norm)", step)
     return loss_sum / grad_accum, norm if grad_norm else None
 
 
