@@ -35,6 +35,27 @@ def row(name, v, base=None):
             f"{v.get('restarts', 0)} | {fmt(v.get('epochs'), '.2f')} | {fmt(v.get('num_above_0_1'), ',')} |")
 
 
+def machine() -> str:
+    """Where the summary was written: CPU, cores, memory, versions (the runs themselves ran on this machine)."""
+    import importlib.metadata
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    versions = []
+    for package in ("torch", "deepspeed", "transformers", "tokenizers", "relora-ds"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"Machine: {cpu}, {os.cpu_count()} cores, {memory:.1f} GiB; python {platform.python_version()}, "
+            + ", ".join(versions) + f". Summarized {datetime.datetime.now().isoformat(timespec='seconds')}.")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-20m"))
@@ -66,7 +87,7 @@ def main(argv=None) -> int:
     base = {v["variant"]: v for v in reports["main"]["variants"]}
     lines = ["# CPU-scale study: 20m on SOTU (benchmarks/study/20m-sotu.yaml)", "",
              "Written by `python benchmarks/study/summarize.py` from the `relora-ds compare` reports of "
-             "`bash benchmarks/study/run.sh`.", "", "## Main comparison (Table 2 and Table 6 variants)", "", *head]
+             "`bash benchmarks/study/run.sh`.", "", machine(), "", "## Main comparison (Table 2 and Table 6 variants)", "", *head]
     lines += [row("main", v) for v in reports["main"]["variants"]]
     ablations = [n for n in ORDER[1:] if n in reports]
     missing = [n for n in ORDER[1:] if n not in reports]
