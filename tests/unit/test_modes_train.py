@@ -16,6 +16,8 @@ from relora_ds.relora.wrap import adapter_parameter_names, merge_and_reinit, wra
 from relora_ds.schedule import lr_multiplier, merge_points, restart_points
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
 
+pytestmark = pytest.mark.slow  # 4 tiny training runs of 240 steps (~20 s): not in `make test-fast`
+
 TOTAL = 240
 WARMUP = 20
 WARM_START = 80      # full-rank steps before wrapping (relora); lora wraps at step 0
