@@ -38,7 +38,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -55,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # for torch either
 from relora_ds.data import pretokenize as pt  # noqa: E402
 from relora_ds.data.sources import resolve_source  # noqa: E402
+from relora_ds.hardware import host, package_versions  # noqa: E402
 from relora_ds.data.tokenize import Encoder, encode_documents, load_tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -263,25 +263,15 @@ def resume_runs(corpus: str, tok, args, workers: int) -> list[dict]:
 # --- report --------------------------------------------------------------------------------------------------
 
 def hardware() -> dict:
-    cpu_model = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
-    return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(),
-            "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_average_before": list(os.getloadavg()), "platform": platform.platform()}
+    machine = host()
+    return {"cpu_model": machine["cpu_model"], "cpu_count": machine["cpu_count"], "cpu_usable": machine["cpu_usable"],
+            "memory_gib": round(machine["memory_bytes"] / 2**30, 1), "load_average_before": list(os.getloadavg()),
+            "platform": platform.platform()}
 
 
 def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for package in ("tokenizers", "transformers", "datasets", "numpy", "torch", "relora-ds"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    return {"python": platform.python_version(),
+            **package_versions(("tokenizers", "transformers", "datasets", "numpy", "torch", "relora-ds"))}
 
 
 def _k(value: float) -> str:

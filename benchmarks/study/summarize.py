@@ -37,23 +37,16 @@ def row(name, v, base=None):
 
 def machine() -> str:
     """Where the summary was written: CPU, cores, memory, versions (the runs themselves ran on this machine)."""
-    import importlib.metadata
     import platform
 
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    versions = []
-    for package in ("torch", "deepspeed", "transformers", "tokenizers", "relora-ds"):
-        try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"Machine: {cpu}, {os.cpu_count()} cores, {memory:.1f} GiB; python {platform.python_version()}, "
-            + ", ".join(versions) + f". Summarized {datetime.datetime.now().isoformat(timespec='seconds')}.")
+    from relora_ds.hardware import host, package_versions
+
+    info = host()
+    versions = package_versions(("torch", "deepspeed", "transformers", "tokenizers", "relora-ds"))
+    return (f"Machine: {info['cpu_model']}, {info['cpu_count']} cores, {info['memory_bytes'] / 2**30:.1f} GiB; "
+            f"python {platform.python_version()}, "
+            + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+            + f". Summarized {datetime.datetime.now().isoformat(timespec='seconds')}.")
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,6 @@
 """The benchmark's report: aggregate the workers' results per mode, the ReLoRA / full-rank ratios, the
 markdown table and the bar chart (relora_ds.bench.throughput writes them)."""
 
-import importlib.metadata
 import os
 import platform
 import re
@@ -10,6 +9,7 @@ import statistics
 import torch
 
 from relora_ds.engine import ds_config as dsc
+from relora_ds.hardware import package_versions
 
 
 GIB = 2 ** 30
@@ -116,13 +116,8 @@ def phase_ratios(summary: dict, full: dict) -> dict | None:
 
 
 def versions() -> dict:
-    found = {"python": platform.python_version(), "cuda": torch.version.cuda}
-    for package in ("torch", "deepspeed", "transformers", "triton"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    return {"python": platform.python_version(), "cuda": torch.version.cuda,
+            **package_versions(("torch", "deepspeed", "transformers", "triton"))}
 
 
 def device_label(hw: dict) -> str:

@@ -8,13 +8,13 @@ and (ReLoRA) times one restart.
 
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import time
 
 import torch
+
+from relora_ds.hardware import host
 
 # mode → the `kernels` argument of ReLoRALinear (None: full-rank, no adapters)
 MODES = {"full": None, "relora": "torch", "relora-triton": "triton"}
@@ -113,15 +113,7 @@ def peak_memory() -> dict:
 
 def hardware() -> dict:
     """The machine the worker ran on."""
-    cpu_model = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
-    info = {"cpu_model": cpu_model, "cpu_count": os.cpu_count(),
-            "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "torch_threads": torch.get_num_threads(), "gpu_name": None, "gpu_count": 0}
+    info = {**host(), "torch_threads": torch.get_num_threads(), "gpu_name": None, "gpu_count": 0}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu_name=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_bytes=props.total_memory,

@@ -13,3 +13,20 @@ def test_peak_by_gpu_name_override_cpu_unlisted_and_fp32():
         None, "CPU: no peak known (pass log.peak_tflops)")
     assert hardware.peak_flops_per_device(None, "Tesla V100", "bf16") == (
         None, "Tesla V100: not in the table (pass --peak-tflops)")
+
+
+def test_host_and_package_versions_describe_this_machine():
+    """One record of the machine for every benchmark (bench worker, data benchmark, study summary)."""
+    import os
+
+    from relora_ds.hardware import host, package_versions
+
+    machine = host()
+    assert machine["cpu_count"] == os.cpu_count() and 1 <= machine["cpu_usable"] <= machine["cpu_count"]
+    assert machine["memory_bytes"] > 2**28 and machine["cpu_model"]
+    import torch
+
+    found = package_versions(("torch", "no-such-package-relora"))
+    assert list(found) == ["torch", "no-such-package-relora"]
+    assert found["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert found["no-such-package-relora"] is None
