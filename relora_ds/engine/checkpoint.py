@@ -201,12 +201,11 @@ def reference_checkpoint(path: str) -> str | None:
     checkpoint.reference_step); None when the run recorded none. A recorded tag that is gone or damaged is a
     CheckpointError."""
     for directory in (path, os.path.join(path, "checkpoints")):
-        marker = os.path.join(directory, REFERENCE)
-        if os.path.isfile(marker):
-            with open(marker) as f:
-                tag_dir = os.path.join(directory, f.read().strip())
+        tag = _reference_tag(directory)
+        if tag is not None:
+            tag_dir = os.path.join(directory, tag)
             if not os.path.isfile(os.path.join(tag_dir, COMPLETE)):
-                raise CheckpointError(f"{marker}: names {os.path.basename(tag_dir)}, which is not a complete "
+                raise CheckpointError(f"{os.path.join(directory, REFERENCE)}: names {tag}, which is not a complete "
                                       f"checkpoint in {directory}")
             verify(tag_dir, checksums=False)
             return tag_dir

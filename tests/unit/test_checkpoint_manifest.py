@@ -148,3 +148,19 @@ def test_reading_a_truncated_file_is_one_line(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{os.path.join(tag_dir, MODEL_FILE)}: cannot be read, truncated or corrupt? (")
+
+
+def test_reference_checkpoint_is_read_from_the_marker(tmp_path):
+    from relora_ds.engine import checkpoint as ck
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert ck.reference_checkpoint(str(run)) is None  # no marker: the run recorded none
+    (run / "checkpoints" / ck.REFERENCE).write_text("step_00000004\n")
+    with pytest.raises(ck.CheckpointError, match=r"reference: names step_00000004, which is not a complete checkpoint"):
+        ck.reference_checkpoint(str(run))
+    tag = run / "checkpoints" / "step_00000004"
+    tag.mkdir()
+    (tag / ck.COMPLETE).write_text("4\n")
+    assert ck.reference_checkpoint(str(run)) == str(tag)
+    assert ck.reference_checkpoint(str(run / "checkpoints")) == str(tag)
