@@ -33,4 +33,7 @@ if [[ $what == ablations || $what == all ]]; then
     compare rank-32 lora_warm,relora --set relora.rank=32 --set relora.alpha=64
     compare warm-150 lora_warm,relora --set relora.warm_start_steps=150
     compare warm-600 lora_warm,relora --set relora.warm_start_steps=600
+    # The main table's hypothesis: the full-rank LR (2e-3) is too high at width 256, so every variant that trains
+    # the linears full-rank ends worse than LoRA. Halve the full-rank LR, keep the low-rank phase at 2e-3.
+    compare full-lr-0.5x full,lora_warm,relora --set schedule.lr=1e-3 --set schedule.low_rank_lr_scale=2
 fi

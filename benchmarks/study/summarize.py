@@ -18,7 +18,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-ORDER = ("main", "lr-1.5x", "lr-2x", "cycle-100", "cycle-150", "no-pair-moments", "rank-32", "warm-150", "warm-600")
+ORDER = ("main", "lr-1.5x", "lr-2x", "cycle-100", "cycle-150", "no-pair-moments", "rank-32", "warm-150", "warm-600",
+         "full-lr-0.5x")
 
 
 def fmt(value, spec):
