@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 from relora_ds.dist import free_port  # noqa: E402
 from relora_ds.engine import runtime, zero  # noqa: E402
 from relora_ds.engine.restart import merge_into_weight, relora_restart  # noqa: E402
-from relora_ds.model.llama import build_model  # noqa: E402
+from relora_ds.model.build import build_model  # noqa: E402
 from relora_ds.relora.layer import ReLoRALinear  # noqa: E402
 from relora_ds.relora.wrap import wrap  # noqa: E402
 

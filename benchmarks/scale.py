@@ -165,11 +165,13 @@ def model_state_bytes(args, vocab_size: int, ranks: int) -> dict:
     in the full-rank phase and the ReLoRA phase. ZeRO-3 divides everything by the rank count; ZeRO-1/2
     divide optimizer states (and ZeRO-2 gradients); ZeRO-0 nothing."""
     sys.path.insert(0, ROOT)
-    from relora_ds.model.llama import param_count
+    from relora_ds.model.build import preset_meta_model
+    from relora_ds.model.counts import param_count
 
-    total = param_count(args.preset, vocab_size)
-    trainable = param_count(args.preset, vocab_size, relora_rank=args.rank, trainable_only=True)
-    with_adapters = param_count(args.preset, vocab_size, relora_rank=args.rank)
+    model = preset_meta_model(args.preset, vocab_size)
+    total = param_count(model)
+    trainable = param_count(model, relora_rank=args.rank, trainable_only=True)
+    with_adapters = param_count(model, relora_rank=args.rank)
     p = 2 if args.precision == "bf16" else 4
     # An fp32 master besides the module's parameters everywhere but ZeRO-0 fp32 (where the torch optimizer steps the
     # parameters themselves): DeepSpeed's ZeRO optimizers keep their own fp32 partition even in fp32 runs.

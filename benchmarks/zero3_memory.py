@@ -3,7 +3,7 @@
     python benchmarks/zero3_memory.py --preset 350m --ranks 2 \
         --zero '{"reduce_bucket_size": 2e7, "sub_group_size": 2e7}' [--heap-threshold]
 
-Builds the model partitioned (relora_ds.model.llama.build_model with the ZeRO-3 config), makes the engine, runs
+Builds the model partitioned (relora_ds.model.build.build_model with the ZeRO-3 config), makes the engine, runs
 two forward/backward/step cycles on random tokens, and prints each rank's current RSS and the peak since the
 previous line (relora_ds/memory.py). `--zero` adds zero_optimization knobs to a plain fp32 ZeRO-3 config;
 `--heap-threshold` applies memory.fix_heap_threshold (what the trainer does on CPU ZeRO-3 runs) before the
@@ -25,7 +25,7 @@ def measure(rank, world_size, preset, vocab_size, seq_len, zero, heap_threshold)
     from relora_ds.engine import runtime
     from relora_ds.memory import (GIB, current_rss, fix_heap_threshold, release_memory, reset_rss_high_water_mark,
                                   rss_high_water_mark)
-    from relora_ds.model.llama import build_model
+    from relora_ds.model.build import build_model
 
     if heap_threshold:
         fix_heap_threshold()

@@ -13,8 +13,10 @@ shards + `model.safetensors.index.json`). A checkpoint's wrapped layers count me
 (`export.merged_tensors`).
 
 Analysed: every linear weight (a 2-D `<module>.weight`) whose module matches the targets as `relora.wrap` matches
-them (the module's last name, or a glob on its dotted name): `--targets`, else A's run config's
-`relora.target_modules`, else B's, else `config.DEFAULT_TARGET_MODULES` (exported dirs carry no relora-ds config).
+them (the module's last name, or a glob on its dotted name): `--targets`, else A's targets, else B's, else every
+family's default projections (`config.FAMILY_TARGET_MODULES`). A side's targets: a checkpoint's run config's
+`relora.target_modules`, or (null) its model family's defaults; an exported dir's family defaults by the model_type
+of its config.json (exported dirs carry no relora-ds config).
 For each, ΔW = W_B − W_A in fp32 and its singular values, `torch.linalg.svdvals` on the CPU.
 
 Memory: both sides are streamed in lockstep in the model's order, one weight of each side at a time (checkpoint
@@ -53,7 +55,7 @@ import tempfile
 
 import torch
 
-from relora_ds.config import DEFAULT_TARGET_MODULES
+from relora_ds.config import FAMILY_TARGET_MODULES, default_target_modules
 from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.memory import trim_heap
@@ -94,18 +96,19 @@ def num_above(singular_values, threshold: float = THRESHOLD) -> int:
 
 
 def layer_index(name: str) -> int | None:
-    """The decoder layer of a Hugging Face LLaMA name (model.layers.3.mlp.up_proj.weight → 3); None outside
-    model.layers."""
+    """The decoder layer of a Hugging Face name (model.layers.3.mlp.up_proj.weight, gpt_neox.layers.3.mlp.dense_h_to_4h.
+    weight → 3); None outside the layers."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
 
 
-def model_order_key(name: str):
-    """LLaMA's order of its weights from their names: by layer, then q, k, v, o, gate, up, down, then by name;
-    weights outside model.layers last."""
+def model_order_key(name: str, targets=()):
+    """The model's order of its weights from their names: by layer, then by projection in its family's order (q, k,
+    v, o, gate, up, down; GPT-NeoX: query_key_value, dense, dense_h_to_4h, dense_4h_to_h; then `targets`' own
+    order), then by name; weights outside the layers last."""
     layer = layer_index(name)
     projection = name[:-len(".weight")].rsplit(".", 1)[-1] if name.endswith(".weight") else name
-    return (layer is None, layer or 0, _projection_key(projection), name)
+    return (layer is None, layer or 0, _projection_key(projection, targets), name)
 
 
 def is_target(name: str, shape, targets) -> bool:
@@ -136,7 +139,8 @@ class _CheckpointSide:
         self.resolved = self.source.tag_dir
         self.step = self.source.state.get("step")
         self.shapes = self.source.shapes
-        self.targets = list(self.source.cfg.relora.target_modules)
+        targets = self.source.cfg.relora.target_modules
+        self.targets = list(targets) if targets is not None else _family_targets(self.source.config)
 
     def tensors(self, names):
         """(name, fp32 tensor) of `names`, in the model's order (whatever order `names` has)."""
@@ -163,10 +167,15 @@ class _ExportSide:
 
     kind = "export"
     step = None
-    targets = None
 
     def __init__(self, path: str):
         self.path = self.resolved = path
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        self.targets = _family_targets(model_type=model_type)
         index = os.path.join(path, SAFETENSORS_INDEX)
         if os.path.isfile(index):
             try:
@@ -212,6 +221,14 @@ class _ExportSide:
                 del tensor
         finally:
             handles.clear()
+
+
+def _family_targets(config=None, model_type=None) -> list[str] | None:
+    """The default targets of a model's family (by its config's model_type); None for a model_type without."""
+    try:
+        return list(default_target_modules(model_type or getattr(config, "model_type", None)))
+    except ValueError:
+        return None
 
 
 def open_side(path: str, which: str = "A"):
@@ -296,15 +313,15 @@ def analyze_pair(a_path: str, b_path: str, *, targets=None, progress: bool = Tru
     """The singular values of ΔW = W_B − W_A for every target weight: {"a": {path, resolved, kind, step}, "b": ...,
     "targets": [...], "entries": [entry, ...]} (entries in model order; see the module docstring)."""
     a, b = open_side(a_path, "A"), open_side(b_path, "B")
-    targets = list(targets) if targets else (a.targets or b.targets or list(DEFAULT_TARGET_MODULES))
+    targets = list(targets) if targets else (a.targets or b.targets or list(ALL_PROJECTIONS))
     names_a, names_b = _target_names(a, targets, "A"), _target_names(b, targets, "B")
     _check_pair(names_a, names_b, a, b)
     if a.kind == "checkpoint":
         order = names_a  # the model's order: A streams in it
     elif b.kind == "checkpoint":
         order = names_b
-    else:  # two safetensors dirs: random access, so the model's order as LLaMA's names give it
-        order = sorted(names_a, key=model_order_key)
+    else:  # two safetensors dirs: random access, so the model's order as its names give it
+        order = sorted(names_a, key=lambda name: model_order_key(name, targets))
     entries = []
     with _progress(len(order), f"svd {default_label(b_path)}", progress) as bar:
         for name, wa, wb in lockstep(a.tensors(order), b.tensors(order), order):
@@ -352,20 +369,29 @@ def summarize(result: dict) -> dict:
         p["mean_effective_rank"] /= p["num_weights"]
     return {"num_above_0_1": sum(p["num_above_0_1"] for p in by_projection.values()),
             "num_singular_values": sum(p["num_singular_values"] for p in by_projection.values()),
-            "by_projection": dict(sorted(by_projection.items(), key=lambda item: _projection_key(item[0])))}
+            "by_projection": dict(sorted(by_projection.items(),
+                                         key=lambda item: _projection_key(item[0], result.get("targets", ()))))}
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
 
-def _projection_key(name: str):
-    order = list(DEFAULT_TARGET_MODULES)
+# Every family's projections in its own order (each model has only its family's names, so one list orders them all).
+ALL_PROJECTIONS = tuple(dict.fromkeys(name for targets in FAMILY_TARGET_MODULES.values() for name in targets))
+
+
+def _projection_key(name: str, targets=()):
+    """Sort key of a projection type: the families' order (ALL_PROJECTIONS), then the order of `targets` (other
+    names a run wrapped), then by name."""
+    order = list(ALL_PROJECTIONS) + [t for t in targets if t not in ALL_PROJECTIONS]
     return (order.index(name), "") if name in order else (len(order), name)
 
 
 def projections(results: dict) -> list[str]:
-    """The projection types of all results, LLaMA's order first (q, k, v, o, gate, up, down), then the others."""
+    """The projection types of all results in their family's order (q, k, v, o, gate, up, down; GPT-NeoX's
+    query_key_value, dense, dense_h_to_4h, dense_4h_to_h), then in the results' targets' order, then by name."""
     found = {e["projection"] for result in results.values() for e in result["entries"]}
-    return sorted(found, key=_projection_key)
+    targets = [t for result in results.values() for t in result.get("targets", ())]
+    return sorted(found, key=lambda name: _projection_key(name, targets))
 
 
 def spectra_figure(results: dict, title: str | None = None):

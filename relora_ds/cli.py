@@ -154,7 +154,6 @@ def cmd_demo(args) -> int:
     cfg = load_config(os.path.join(here, "configs", "demo.yaml"), overrides)
     started = time.time()
     summary = train(cfg)
-    summary["engine"].destroy()
     export_dir = os.path.join(out, "export")
     from relora_ds.export import export
 
@@ -244,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar (default: a bar with tokens/s and ETA on a terminal, else a line every 30 s)")
     p.set_defaults(fn=cmd_pretokenize)
 
-    p = sub.add_parser("export", help="merge adapters and write a plain HF LlamaForCausalLM (safetensors)")
+    p = sub.add_parser("export", help="merge adapters and write a plain HF model of the run's family (safetensors)")
     p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step_* checkpoint dir")
     p.add_argument("--out", required=True,
                    help="output directory (new, empty, or a previous export, which is replaced)")
@@ -280,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one label per run (default: the directory names)")
     p.add_argument("--targets", default=None, metavar="NAMES",
                    help="comma-separated linear modules to analyse, e.g. q_proj,v_proj (default: the run config's "
-                        "relora.target_modules; for exported models the LLaMA projections)")
+                        "relora.target_modules, or its model family's projections; for exported models the family's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(fn=cmd_analyze)
 

@@ -191,7 +191,6 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     `overrides`: the variant's own fields (variant_overrides), recorded in the result."""
     from relora_ds import trainer
     from relora_ds.memory import release_memory
-    from relora_ds.model.llama import parameter_counts
 
     check_same_config(name, cfg)
     out = cfg.train.output_dir
@@ -206,10 +205,7 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     except trainer.NonFiniteError as e:
         error, diverged_at = str(e), e.step
     else:
-        engine = summary.pop("engine")
-        counts = parameter_counts(engine.module)
-        engine.destroy()
-        del engine
+        counts = {k: summary[k] for k in ("total_params", "trainable_params")}
     gc.collect()  # a diverged run's engine was never destroyed: drop it before the next variant builds its own
     release_memory()
     result = result_of_run(name, cfg, overrides, counts, error, diverged_at)

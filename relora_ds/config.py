@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-# Kept in sync with relora_ds.model.llama.PRESETS (a unit test checks it); no model import here.
+# The names of the model sizes; their shapes, for every family, are in relora_ds/model/families.py (a unit test
+# checks that each family has exactly these). No model import here.
 MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "250m", "350m", "1b", "7b")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 MODES = ("full", "lora", "relora")
@@ -31,11 +32,32 @@ ZERO3_MERGES = ("shard", "gathered")
 SCHEDULE_KINDS = ("jagged_cosine", "cosine", "constant")
 DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")
 RESUME_CHOICES = (False, True, "auto")
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Each model family's default relora.target_modules (relora.target_modules: null), by its Hugging Face model_type,
+# which is also its model.family name: the attention and MLP projections, never embeddings, norms or the head. The
+# families' shapes are in relora_ds/model/families.py; the defaults are here because relora/ (which wraps) may not
+# import model/. Models of another model_type (model.init_from, model.hf_config) name their targets.
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAMILY_TARGET_MODULES = {
+    "llama": LLAMA_TARGET_MODULES,
+    "mistral": LLAMA_TARGET_MODULES,
+    "qwen2": LLAMA_TARGET_MODULES,
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+MODEL_FAMILIES = tuple(FAMILY_TARGET_MODULES)
 
 
 class ConfigError(ValueError):
     """A bad run configuration; the message holds one line per problem."""
+
+
+def default_target_modules(model_type: str | None) -> tuple[str, ...]:
+    """The linears relora.target_modules: null wraps in a model of this Hugging Face model_type (FAMILY_TARGET_MODULES);
+    a one-line ValueError naming relora.target_modules for a model_type without defaults."""
+    if model_type not in FAMILY_TARGET_MODULES:
+        raise ValueError(f"relora.target_modules: null takes the model family's projections, but model_type "
+                         f"{model_type!r} has no defaults (families: {', '.join(MODEL_FAMILIES)}); name the linears "
+                         f"to wrap, e.g. relora.target_modules=[q_proj,v_proj]")
+    return FAMILY_TARGET_MODULES[model_type]
 
 
 def _field(default, help: str, choices: tuple[str, ...] | None = None):
@@ -51,11 +73,17 @@ def _field(default, help: str, choices: tuple[str, ...] | None = None):
 @dataclass
 class ModelConfig:
     preset: str = _field("tiny", "model size (paper Table 1 plus tiny/20m for tests and 7b)", MODEL_PRESETS)
+    family: str = _field("llama", "architecture of the preset, shaped as that family shapes it (relora_ds/model/"
+                                  "families.py): llama (paper), mistral and qwen2 (GQA; qwen2: q/k/v biases, tied "
+                                  "embeddings up to 1b), gpt_neox (Pythia)", MODEL_FAMILIES)
     vocab_size: int | None = _field(None, "vocabulary size; null: taken from the tokenizer")
     attn_implementation: str = _field(
         "auto", "attention kernel; auto: flash_attention_2 with CUDA and flash-attn, else sdpa",
         ATTN_IMPLEMENTATIONS)
     init_from: str | None = _field(None, "HF model dir (or exported model) to start from instead of random init")
+    hf_config: str | None = _field(None, "a transformers config.json (or a dir holding one) to build, randomly "
+                                         "initialised, instead of model.family/model.preset (both then ignored; "
+                                         "its vocab_size must hold the tokenizer's)")
 
 
 @dataclass
@@ -66,7 +94,8 @@ class ReLoRAConfig:
     alpha: float = _field(32.0, "adapter scale numerator: s = alpha / rank")
     dropout: float = _field(0.0, "dropout on the adapter input")
     trainable_scaling: bool = _field(False, "learn the scale: s = tanh(g)")
-    target_modules: list[str] = _field(list(DEFAULT_TARGET_MODULES), "names of the nn.Linear modules to wrap")
+    target_modules: list[str] | None = _field(None, "names of the nn.Linear modules to wrap; null: the model "
+                                                    "family's attention and MLP projections (by model_type)")
     warm_start_steps: int = _field(0, "full-rank steps before wrapping; 0: wrap at step 0")
     warm_start_checkpoint: str | None = _field(None, "full-rank checkpoint to start ReLoRA from")
     reset_every: int = _field(1000, "cycle length C: steps between optimizer reset + LR re-warm-up")
@@ -312,9 +341,11 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("relora.alpha", r.alpha)
     in_range("relora.dropout", r.dropout, 0, 1, high_open=True)
     in_range("relora.prune_ratio", r.prune_ratio, 0, 1, high_open=True)
-    if not r.target_modules:
+    if m.init_from is not None and m.hf_config is not None:
+        errors.append("model.hf_config: must be null with model.init_from (the saved model has its own config)")
+    if r.target_modules is not None and not r.target_modules:  # null: the family's defaults (relora.wrap)
         errors.append("relora.target_modules: must not be empty (name at least one linear, e.g. q_proj)")
-    elif any(not name.strip() for name in r.target_modules):
+    elif r.target_modules is not None and any(not name.strip() for name in r.target_modules):
         errors.append(f"relora.target_modules: names must not be empty, got {r.target_modules}")
     at_least("relora.warm_start_steps", r.warm_start_steps, 0)
     at_least("relora.reset_every", r.reset_every, 1)

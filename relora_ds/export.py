@@ -1,4 +1,4 @@
-"""Export a checkpoint (any ZeRO stage, wrapped or not) as a plain Hugging Face LlamaForCausalLM, streamed.
+"""Export a checkpoint (any ZeRO stage, wrapped or not) as a plain Hugging Face model of its family, streamed.
 
     relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
 
@@ -29,8 +29,8 @@ from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
 from relora_ds.memory import trim_heap
-from relora_ds.model.llama import meta_model, model_from_config
-from relora_ds.relora import functional
+from relora_ds.model.build import describe, input_embedding_name, meta_model, model_from_config
+from relora_ds import methods
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -72,11 +72,16 @@ class _Source:
         if not isinstance(self.state.get("config"), dict):
             raise CheckpointError(f"{os.path.join(self.tag_dir, checkpoint.STATE_FILE)}: holds no run config")
         self.cfg = RunConfig.from_dict(self.state["config"])
+        self.method = methods.from_config(self.cfg.resolved())
         self.lazy = lazy_fp32_state_dict(self.tag_dir)
-        embedding = self.lazy.get("model.embed_tokens.weight")
+        try:  # the vocabulary: the rows of the input embedding, named as the run's family names it
+            embedding_name = input_embedding_name(self.cfg.model)
+        except ValueError as e:
+            raise CheckpointError(f"{self.tag_dir}: cannot build the run's model ({e})") from None
+        embedding = self.lazy.get(embedding_name)
         if embedding is None:
-            raise CheckpointError(f"{self.tag_dir}: no model.embed_tokens.weight in the checkpoint (not a LLaMA model "
-                                  f"of relora-ds?)")
+            raise CheckpointError(f"{self.tag_dir}: no {embedding_name} in the checkpoint (not a model of its config, "
+                                  f"{describe(self.cfg.model)}?)")
         self.vocab_size = embedding.shape[0]
         try:
             meta = meta_model(self.cfg.model, self.vocab_size)
@@ -103,7 +108,7 @@ class _Source:
         missing = [k for k in self.shapes if k not in self.lazy]
         missing += [p + "lora_B" for p in self.wrapped.values() if p + "lora_B" not in self.lazy]
         unexpected = [k for k in self.lazy if k not in self.shapes and k not in allowed and k not in self.aliases]
-        model = self.cfg.model.init_from or f"model.preset {self.cfg.model.preset}"
+        model = describe(self.cfg.model)
         if missing or unexpected:
             raise CheckpointError(f"{self.tag_dir}: checkpoint does not match its config ({model}): "
                                   f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
@@ -123,14 +128,6 @@ class _Source:
                 raise CheckpointError(f"{self.tag_dir}: {prefix}lora_A {a} / lora_B {b} do not fit relora.rank "
                                       f"{rank} and W {(out_features, in_features)}")
 
-    def scale(self, prefix: str) -> float:
-        """s of a wrapped layer: tanh(g) with trainable scaling (g in the checkpoint), else alpha / r (as
-        ReLoRALinear.scale)."""
-        g = self.lazy.get(prefix + "lora_scaling")
-        if g is not None:
-            return float(torch.tanh(g.load()))
-        return float(self.cfg.relora.alpha) / self.cfg.relora.rank
-
     def tensors(self, names=None):
         """(name, fp32 tensor) of the plain model, one at a time, wrapped layers merged; with `names` (a collection),
         only those, still in the model's order (nothing else is read)."""
@@ -139,10 +136,11 @@ class _Source:
                 continue
             tensor = self.lazy[name].load()
             prefix = self.wrapped.get(name)
-            if prefix is not None:
-                A, B = self.lazy[prefix + "lora_A"].load(), self.lazy[prefix + "lora_B"].load()
-                tensor.add_(functional.lora_delta(A, B, self.scale(prefix)))  # = W + s·B·A, as merged_linear
-                del A, B
+            if prefix is not None:  # the run's method says what its wrapped layers export as (W + s·B·A)
+                adapters = {suffix: self.lazy[prefix + suffix].load() for suffix in ADAPTER_SUFFIXES
+                            if prefix + suffix in self.lazy}
+                tensor = self.method.exported_weight(tensor, adapters)
+                del adapters
             yield name, tensor
 
 

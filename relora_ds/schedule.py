@@ -9,15 +9,14 @@ offset (relora.warm_start_steps), env(p) = m + (1 − m)·½(1 + cos πp) with p
     otherwise:                   λ = env((t − W0) / (N − W0))
 
 Restart points t_r = S + k·C > 0 (k >= 0): the switch to adapters at S starts a fresh optimizer, so it
-re-warms too. With S = 0 this is exactly the authors' jagged cosine. Pure python; torch only in
-make_lambda_lr.
+re-warms too. With S = 0 this is exactly the authors' jagged cosine. Which restart points a run has is its
+training method's choice (relora_ds/methods/: `schedule_kwargs`). Pure python; torch only in make_lambda_lr.
 """
 
-import functools
 import math
 from typing import Callable
 
-from relora_ds.config import SCHEDULE_KINDS, RunConfig
+from relora_ds.config import SCHEDULE_KINDS
 
 
 def check_schedule(*, total_steps: int, warmup_steps: int, restart_warmup_steps: int = 0,
@@ -93,51 +92,6 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, restart_war
             target = envelope((t_r + restart_warmup_steps - warmup_steps) / decay_steps, min_lr_ratio)
             return (step - t_r) / restart_warmup_steps * target
     return envelope((step - warmup_steps) / decay_steps, min_lr_ratio)
-
-
-def restart_points(total_steps: int, cycle_length: int | None, restart_offset: int = 0) -> list[int]:
-    """The LR restart points in [1, total_steps): S + k·C > 0 for k >= 0 (cycle_length None: just S)."""
-    if cycle_length is not None and cycle_length < 1:
-        raise ValueError(f"cycle_length must be >= 1, got {cycle_length}")
-    if restart_offset < 0:
-        raise ValueError(f"restart_offset must be >= 0, got {restart_offset}")
-    if cycle_length is None:
-        return [restart_offset] if 0 < restart_offset < total_steps else []
-    return [t for t in range(restart_offset, total_steps, cycle_length) if t > 0]
-
-
-def merge_points(total_steps: int, merge_every: int, restart_offset: int = 0) -> list[int]:
-    """Steps in [1, total_steps) before which ReLoRA merges: S + k·merge_every for k >= 1.
-
-    At S itself the adapters are created, not merged. The optimizer reset happens at the merge points
-    that are also restart points (merge_every divides reset_every; equal by default)."""
-    if merge_every < 1:
-        raise ValueError(f"merge_every must be >= 1, got {merge_every}")
-    if restart_offset < 0:
-        raise ValueError(f"restart_offset must be >= 0, got {restart_offset}")
-    return list(range(restart_offset + merge_every, total_steps, merge_every))
-
-
-def schedule_kwargs(cfg: RunConfig) -> dict:
-    """lr_multiplier's keyword arguments for a run: full → no restarts; lora → only the switch at
-    S = warm_start_steps (if S > 0); relora → cycle reset_every from offset S."""
-    r = cfg.relora
-    return dict(
-        total_steps=cfg.train.total_steps,
-        warmup_steps=cfg.schedule.warmup_steps,
-        restart_warmup_steps=cfg.schedule.restart_warmup_steps,
-        cycle_length=r.reset_every if r.mode == "relora" else None,
-        min_lr_ratio=cfg.schedule.min_lr_ratio,
-        restart_offset=0 if r.mode == "full" else r.warm_start_steps,
-        kind=cfg.schedule.kind,
-    )
-
-
-def multiplier_from_config(cfg: RunConfig) -> Callable[[int], float]:
-    """step → λ(step) for a run; raises ValueError now if the settings are impossible."""
-    kwargs = schedule_kwargs(cfg)
-    check_schedule(**kwargs)
-    return functools.partial(lr_multiplier, **kwargs)
 
 
 def make_lambda_lr(optimizer, fn: Callable[[int], float], last_step: int = -1):

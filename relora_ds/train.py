@@ -47,8 +47,7 @@ def run_train(args) -> int:
     cfg = config_from_args(args)
     from relora_ds import trainer
 
-    summary = trainer.train(cfg)
-    summary["engine"].destroy()
+    trainer.train(cfg)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The training loop: build → deepspeed.initialize → step → restart / eval / log / checkpoint.
 
-Reads top to bottom: `train(cfg)` sets up, then one loop over optimizer steps. Everything DeepSpeed-
-specific sits in relora_ds/engine/; the ReLoRA math in relora_ds/relora/.
+Reads top to bottom: `train(cfg)` sets up, then one loop over optimizer steps. The training method (relora_ds/
+methods/: full, lora, relora) says when adapters are placed, when a restart is due and what the LR multiplier is;
+the loop holds no mode strings. Everything DeepSpeed-specific sits in relora_ds/engine/; the ReLoRA math in
+relora_ds/relora/.
 """
 
 import json
@@ -12,19 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from relora_ds import dist, hardware
+from relora_ds import dist, hardware, methods
 from relora_ds.config import RunConfig
 from relora_ds.data import loader as data_loader
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint, ds_config as dsc, runtime, zero
-from relora_ds.engine.restart import relora_restart
 from relora_ds.relora.reset import MOMENT_KEYS
 from relora_ds.memory import GIB, PhaseMemory, fix_heap_threshold, release_memory
 from relora_ds.metrics import Metrics
-from relora_ds.model.llama import flops_per_token, meta_model, model_from_config, preset_of
+from relora_ds.model.build import describe, meta_model, model_from_config
+from relora_ds.model.counts import flops_per_token, parameter_counts
 from relora_ds.plots import plot_loss
-from relora_ds.relora.wrap import wrap_from_config, wrap_targets
-from relora_ds.schedule import multiplier_from_config
 
 
 class RunError(ValueError):
@@ -54,72 +54,43 @@ class TrainState:
         return dict(self.__dict__)
 
 
-# --- schedule of restarts ---------------------------------------------------------------------------
-
-def restart_action(cfg: RunConfig, state: TrainState) -> tuple[bool, bool]:
-    """(merge, reset) for the step about to run: merges every merge_every, resets every reset_every."""
-    if cfg.relora.mode != "relora" or not state.wrapped:
-        return False, False
-    since = state.step - state.relora_start
-    if since <= 0 or since % cfg.relora.merge_every:
-        return False, False
-    return True, since % cfg.relora.reset_every == 0
-
-
-def next_restart(cfg: RunConfig, state: TrainState) -> int | None:
-    if cfg.relora.mode != "relora":
-        return None
-    if not state.wrapped:
-        return cfg.relora.warm_start_steps
-    since = state.step - state.relora_start
-    upcoming = state.relora_start + (since // cfg.relora.merge_every + 1) * cfg.relora.merge_every
-    return upcoming if upcoming < cfg.train.total_steps else None
-
-
-def reference_step(cfg: RunConfig) -> int | None:
-    """The step whose checkpoint is kept as the ΔW reference of `relora-ds analyze`: checkpoint.reference_step, else
-    the warm-start switch (checkpoint.at_switch; low-rank modes: relora.warm_start_steps, 0 when wrapping at the
-    start); None for none."""
-    if cfg.checkpoint.reference_step is not None:
-        return cfg.checkpoint.reference_step
-    if cfg.checkpoint.at_switch and cfg.relora.mode != "full":
-        return cfg.relora.warm_start_steps
-    return None
-
-
 # --- building blocks ----------------------------------------------------------------------------------
 
-def switch_to_relora(cfg: RunConfig, model, ds_config: dict):
-    """Warm start → ReLoRA in the same run: the full-rank engine's own module (runtime.release_module, the old
-    engine dropped by the caller) is wrapped in place and handed to a new engine.
+def switch_to_adapters(method: methods.Method, model, ds_config: dict):
+    """Warm start → adapters in the same run: the full-rank engine's own module (runtime.release_module, the old
+    engine dropped by the caller) is wrapped in place by the method and handed to a new engine.
 
     Nothing is copied or gathered: W keeps its storage (its partition on ZeRO-3) and becomes frozen; the old
     optimizer (masters, moments) is freed before the new one is made, so the switch costs no more memory than
     the full-rank steps. The new optimizer covers the adapters (+ embeddings, norms, head) and starts fresh.
     """
-    wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
+    method.wrap(model)
     release_memory()  # the old engine's reference cycles, and its freed pages
     return runtime.make_engine(model, ds_config)
 
 
-def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) -> tuple[float, float | None]:
-    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, the global gradient norm or None).
+def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss as a 0-dim tensor on the device,
+    the global gradient norm or None). `relora-ds train` and `relora-ds bench` both step through this function.
 
+    The losses stay on the device (no sync per micro-batch); read the returned tensor only on the steps that log.
     grad_norm: also return the norm (it costs a sync; only on the steps that log). Non-finite values stop every rank
-    at the same step with the same NonFiniteError: whether any rank's loss is non-finite is all-reduced before the
-    optimizer step (so nothing is stepped), and the global gradient norm that DeepSpeed computes in its step (ZeRO-1/2/3,
-    bf16) is the same on every rank. No loss tensor outlives the step (its backward hooks hold the engine).
+    at the same step with the same NonFiniteError: one all-reduced flag per step says whether any rank's loss is
+    non-finite, before the optimizer step (so nothing is stepped); the global gradient norm that DeepSpeed computes
+    in its step (ZeRO-1/2/3, bf16) is the same on every rank. No graph outlives the step (its backward hooks hold
+    the engine): the sum is of detached losses.
     """
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
     for micro in range(grad_accum):
         loss = engine(**_move(next(batches), engine.device)).loss
         engine.backward(loss)
-        loss_sum += loss.item()
+        loss_sum += loss.detach().float()
         del loss
         if micro < grad_accum - 1:
             engine.step()  # not a boundary: DeepSpeed accumulates
-    bad_ranks = [r for r, bad in enumerate(_over_ranks(float(not math.isfinite(loss_sum)), engine.device)) if bad]
-    if bad_ranks:
+    bad = (~torch.isfinite(loss_sum)).to(torch.float64).reshape(1)
+    if dist.all_reduce(bad, "max").item() > 0:  # the step's one sync; naming the ranks costs a second, once
+        bad_ranks = [r for r, flag in enumerate(_over_ranks(float(not torch.isfinite(loss_sum)), engine.device)) if flag]
         raise NonFiniteError(f"training stopped at step {step}: the loss is not finite on rank(s) "
                              f"{', '.join(map(str, bad_ranks))}; nothing was stepped and the newest complete checkpoint "
                              f"is kept (lower schedule.lr, or check relora.prune_ratio / schedule.restart_warmup_steps)",
@@ -139,21 +110,22 @@ def adapters_of(engine) -> dict:
     return {n: p for n, p in engine.module.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
 
 
-def check_restartable(engine) -> bool:
-    """Fail fast on an engine over wrapped layers (ReLoRA and LoRA alike): zero.check_restart_support. Returns
-    whether the adapters' moments were checked too (on ZeRO-0 they appear at the first step: check them then)."""
+def restart_layout(engine) -> zero.Layout | None:
+    """The restart's view of a new engine over wrapped layers (ReLoRA and LoRA alike), chosen once, with the
+    fail-fast checks (zero.layout_for: settings, layout, coverage of the adapters' masters and, where they exist
+    yet, moments; `layout.moments_checked` is False on ZeRO-0 until the first step); None without adapters."""
     adapters = adapters_of(engine)
-    return zero.check_restart_support(engine, adapters) if adapters else True
+    return zero.layout_for(engine, adapters) if adapters else None
 
 
-def check_model_settings(cfg: RunConfig, vocab_size: int) -> None:
+def check_model_settings(cfg: RunConfig, method: methods.Method, vocab_size: int) -> None:
     """What would otherwise fail after start-up, checked on the meta-device model (no memory): model.init_from is a
-    model directory, data.seq_len fits, and relora.target_modules / relora.rank fit its linears. One-line RunError."""
+    model directory, data.seq_len fits, and the method's settings (relora.target_modules / relora.rank) fit its
+    linears. One-line RunError."""
     try:
         model = meta_model(cfg.model, vocab_size)
         check_seq_len(cfg, model.config.max_position_embeddings)
-        if cfg.relora.mode != "full":
-            wrap_targets(model, cfg.relora.target_modules, cfg.relora.rank)
+        method.check(model)
     except RunError:
         raise
     except ValueError as e:
@@ -162,8 +134,8 @@ def check_model_settings(cfg: RunConfig, vocab_size: int) -> None:
 
 def check_seq_len(cfg: RunConfig, max_positions: int) -> None:
     if cfg.data.seq_len > max_positions:
-        what = f"model.init_from {cfg.model.init_from}" if cfg.model.init_from else f"model.preset {cfg.model.preset!r}"
-        raise RunError(f"data.seq_len {cfg.data.seq_len} is longer than {what} supports ({max_positions} positions)")
+        raise RunError(f"data.seq_len {cfg.data.seq_len} is longer than {describe(cfg.model)} supports "
+                       f"({max_positions} positions)")
 
 
 def _move(batch: dict, device) -> dict:
@@ -189,12 +161,13 @@ def evaluate(engine, batches: list[dict]) -> dict:
 
 
 def flops_per_token_full(cfg: RunConfig, model_config) -> int | None:
-    """Full-rank training FLOPs per token of the run's model (model.llama.flops_per_token, whatever the mode, like
-    the benchmark's MFU). A model.init_from counts when its shape is a preset's; otherwise None (no MFU)."""
-    preset = preset_of(model_config) if cfg.model.init_from else cfg.model.preset
-    if preset is None:
+    """Full-rank training FLOPs per token of the run's model (model.counts.flops_per_token over the model its
+    transformers config describes, on the meta device: every family, model.hf_config and model.init_from alike),
+    whatever the mode, like the benchmark's MFU; None for a config that builds no countable model (no MFU)."""
+    try:
+        return flops_per_token(model_config, cfg.data.seq_len)["full"]
+    except ValueError:
         return None
-    return flops_per_token(preset, model_config.vocab_size, cfg.data.seq_len)["full"]
 
 
 def peak_flops_per_device(cfg: RunConfig, ds_config: dict, device) -> float | None:
@@ -268,15 +241,13 @@ def set_aside_previous_attempt(out: str) -> str | None:
     return target
 
 
-def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resume_tag: str | None):
-    """(engine, state, moments checked): a new model, or one restored from `resume_tag`, or a full-rank model
-    loaded from relora.warm_start_checkpoint (step count and data position carry on; the switch to ReLoRA
-    then happens in the loop). Restores the data position into `batches`."""
-    state = TrainState()
+def start_source(cfg: RunConfig, resume_tag: str | None) -> tuple[str | None, dict | None]:
+    """(checkpoint tag, its run state) the run starts from: `resume_tag`, or relora.warm_start_checkpoint (a saved
+    full-rank run; relora.warm_start_steps 0 is then set to its step), or (None, None) for a fresh model."""
     start_tag = resume_tag or (checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)
                                if cfg.relora.warm_start_checkpoint else None)
     saved = checkpoint.read_state(start_tag) if start_tag else None
-    if saved is not None and not resume_tag:  # ReLoRA from a saved full-rank checkpoint
+    if saved is not None and not resume_tag:  # adapters on a saved full-rank checkpoint
         if saved["wrapped"]:
             raise RunError(f"relora.warm_start_checkpoint {start_tag}: is already a ReLoRA checkpoint; "
                            f"use train.resume to continue it")
@@ -285,34 +256,53 @@ def start_engine(cfg: RunConfig, ds_config: dict, vocab_size: int, batches, resu
         elif cfg.relora.warm_start_steps != saved["step"]:
             raise RunError(f"relora.warm_start_steps {cfg.relora.warm_start_steps} disagrees with the "
                            f"warm-start checkpoint's step {saved['step']} ({start_tag}); set it to 0 or {saved['step']}")
+    return start_tag, saved
+
+
+def start_engine(cfg: RunConfig, method: methods.Method, ds_config: dict, vocab_size: int, batches,
+                 start_tag: str | None, saved: dict | None, resume: bool):
+    """(engine, state, moments checked): a new model, or one restored from `start_tag` (resume: everything; else a
+    full-rank warm start: the module only, the step count and data position carry on, and the method's switch then
+    happens in the loop). Wraps before the engine is made when the checkpoint was wrapped or the method places its
+    adapters at step 0 (no full-rank engine is made in vain). Restores the data position into `batches`."""
+    state = TrainState()
     zero3_config = ds_config if dsc.zero_stage(ds_config) == 3 else None  # built partitioned, never whole
     model = model_from_config(cfg.model, vocab_size, seed=cfg.train.seed, zero3_config=zero3_config)
     check_seq_len(cfg, model.config.max_position_embeddings)
-    if saved is not None and resume_tag and saved["wrapped"]:
-        wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
-    elif saved is None and cfg.relora.mode != "full" and cfg.relora.warm_start_steps == 0:
-        wrap_from_config(model, cfg.relora, seed=cfg.train.seed)
+    resumed_wrapped = resume and saved["wrapped"]
+    fresh_at_switch = saved is None and method.switch_step == 0
+    if resumed_wrapped or fresh_at_switch:
+        method.wrap(model)
     release_memory()  # what building freed (modules are built whole, then partitioned, on ZeRO-3)
     engine = runtime.make_engine(model, ds_config)
-    moments_checked = check_restartable(engine)
+    layout = restart_layout(engine)
     if saved is not None:
-        checkpoint.load(engine, start_tag, module_only=not resume_tag)
+        checkpoint.load(engine, start_tag, module_only=not resume)
         state = TrainState(**{k: saved[k] for k in TrainState().to_dict()})
         batches.load_state_dict(state.data)
         release_memory()
     state.wrapped = any(n.endswith("lora_A") for n, _ in engine.module.named_parameters())
-    return engine, state, moments_checked
+    return engine, state, layout
 
 
 # --- the run ------------------------------------------------------------------------------------------
 
-def train(cfg: RunConfig) -> dict:
-    """Run training as configured; returns a summary (final step, losses, eval results, paths)."""
+def train(cfg: RunConfig, *, keep_engine: bool = False) -> dict:
+    """Run training as configured; returns a summary (final step, losses, eval results, paths, total_params and
+    trainable_params of the final model).
+
+    The engine is destroyed before returning (its memory freed); keep_engine: it is returned as summary["engine"]
+    instead, live, and the caller destroys it (tests that look at the trained model)."""
     cfg = cfg.resolved()
     runtime.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     resume_tag = prepare_output_dir(cfg)
     dist.barrier()
+    start_tag, saved = start_source(cfg, resume_tag)  # before the method: a warm-start checkpoint sets its step
+    try:
+        method = methods.from_config(cfg)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     out = cfg.train.output_dir
     ckpt_dir = os.path.join(out, "checkpoints")
 
@@ -329,7 +319,7 @@ def train(cfg: RunConfig) -> dict:
     if len(tokenizer) > vocab_size:
         raise RunError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({len(tokenizer)} tokens, data.tokenizer); raise it or leave it unset")
-    check_model_settings(cfg, vocab_size)  # before any rank reads data or builds anything
+    check_model_settings(cfg, method, vocab_size)  # before any rank reads data or builds anything
     cache_dir = os.path.join(out, "cache")
     train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=cache_dir)
     # Tokens in one epoch of the training data: known for map-style (packed) data, not for a stream.
@@ -344,10 +334,10 @@ def train(cfg: RunConfig) -> dict:
     # Model, adapters, engine: fresh, resumed, or ReLoRA from a saved full-rank checkpoint.
     device = runtime.device()
     phases = PhaseMemory(device)
-    engine, state, moments_checked = start_engine(cfg, ds_config, vocab_size, batches, resume_tag)
+    engine, state, layout = start_engine(cfg, method, ds_config, vocab_size, batches, start_tag, saved,
+                                                  resume=resume_tag is not None)
     build_peak = phases.end("build")
 
-    lr_multiplier = multiplier_from_config(cfg)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
@@ -402,43 +392,38 @@ def train(cfg: RunConfig) -> dict:
     last_log_step, last_log_time = state.step, time.perf_counter()
     data_iter = iter(batches)
     while state.step < cfg.train.total_steps:
-        if state.step == reference_step(cfg):  # before the switch: the full-rank W that analyze subtracts
+        if state.step == method.reference_step():  # before the switch: the full-rank W that analyze subtracts
             save_checkpoint(reference=True)
-        # Warm start → ReLoRA (also when resuming from, or starting at, the switch step).
-        if cfg.relora.mode != "full" and not state.wrapped and state.step >= cfg.relora.warm_start_steps:
+        # Warm start → adapters (also when resuming from, or starting at, the switch step).
+        if method.switch_due(state):
             log_memory("steps")
             model = runtime.release_module(engine)
             engine = None  # the old engine and its optimizer go before the new one is made
-            engine = switch_to_relora(cfg, model, ds_config)
-            moments_checked = check_restartable(engine)
+            engine = switch_to_adapters(method, model, ds_config)
+            layout = restart_layout(engine)
             state.wrapped, state.relora_start = True, state.step
             metrics.log_event("switch", state.step)
             log_memory("switch")
-
-        merge, reset = restart_action(cfg, state)
-        if merge:
+        # ReLoRA's merge, re-init and optimizer reset.
+        if method.restart_due(state):
             log_memory("steps")
-            state.restart_index += 1
-            record = relora_restart(engine, restart_index=state.restart_index, step=state.step,
-                                    seed=cfg.train.seed, merge=True, reset_optimizer=reset,
-                                    method=cfg.relora.optimizer_reset, ratio=cfg.relora.prune_ratio,
-                                    zero3_merge=cfg.relora.zero3_merge, pair_moments=cfg.relora.pair_moments)
+            record = method.restart(engine, state, layout)
             metrics.log_event("restart", state.step, **{k: v for k, v in record.to_dict().items() if k != "step"})
             summary["restarts"].append(record.to_dict())
             log_memory("restart")
 
-        lr = cfg.schedule.lr * lr_multiplier(state.step) * (cfg.schedule.low_rank_lr_scale if state.wrapped else 1.0)
+        lr = cfg.schedule.lr * method.lr_multiplier(state)
         runtime.set_lr(engine, lr)
         logs = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.total_steps
         local_loss, grad_norm = train_step(engine, data_iter, grad_accum, step=state.step + 1, grad_norm=logs)
         state.step += 1
         state.tokens_seen += tokens_per_step
-        if not moments_checked:  # ZeRO-0 makes the moments at the first step: check their layout now, not at a restart
-            zero.check_coverage(engine, adapters_of(engine), MOMENT_KEYS)
-            moments_checked = True
+        if layout is not None and not layout.moments_checked:  # ZeRO-0 makes them at the first step: check now
+            layout.check_coverage(adapters_of(engine), MOMENT_KEYS)
+            layout.moments_checked = True
 
         if logs:
-            loss_value = _mean_over_ranks(local_loss, engine.device)
+            loss_value = _mean_over_ranks(local_loss.item(), engine.device)
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (state.step - last_log_step) / max(now - last_log_time, 1e-9)
             # Values the run cannot measure (no grad norm from DeepSpeed, no known peak) are left out.
@@ -446,7 +431,7 @@ def train(cfg: RunConfig) -> dict:
                       "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * mfu_per_tokens_per_s if mfu_per_tokens_per_s else None}
             metrics.log_step(state.step, **{k: v for k, v in values.items() if v is not None},
-                             next_restart=next_restart(cfg, state))
+                             next_restart=method.next_event(state))
             summary["losses"][state.step] = loss_value
             if grad_norm is not None:
                 summary["grad_norms"][state.step] = grad_norm
@@ -468,5 +453,10 @@ def train(cfg: RunConfig) -> dict:
     metrics.close()
     newest = checkpoint.find_checkpoint(ckpt_dir, checksums=False) if checkpoint.complete_tags(ckpt_dir) else None
     summary.update(step=state.step, output_dir=out, checkpoint=newest, tokens_seen=state.tokens_seen,
-                   epochs=state.tokens_seen / train_tokens if train_tokens else None, engine=engine)
+                   epochs=state.tokens_seen / train_tokens if train_tokens else None,
+                   **parameter_counts(engine.module))
+    if keep_engine:
+        summary["engine"] = engine
+    else:
+        engine.destroy()
     return summary

@@ -11,7 +11,7 @@ trains the same model on the same DeepSpeed config and data in its own fresh pro
 (relora_ds.bench.report), prints a markdown table with the ReLoRA / full-rank ratios, and writes
 `<results-dir>/<date>-<device>-<preset>[-<tag>].{json,md,png}`.
 
-MFU uses the model module's FLOPs per token (relora_ds.model.llama.flops_per_token): the full-rank count for
+MFU uses the model module's FLOPs per token (relora_ds.model.counts.flops_per_token): the full-rank count for
 every mode, so MFU is comparable across modes, and each mode's own count beside it. Peak FLOP/s come from
 relora_ds.hardware.PEAK_TFLOPS by GPU name (bf16/fp16 dense) or --peak-tflops; on CPU, MFU is null unless --peak-tflops
 is given. Memory on CUDA is torch.cuda.max_memory_allocated/reserved over the measured steps; on CPU it is
@@ -44,7 +44,7 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (also those of `relora-ds bench`)."""
-    parser.add_argument("--preset", required=True, help="model preset of relora_ds.model.llama.PRESETS")
+    parser.add_argument("--preset", required=True, help="LLaMA model preset (relora_ds/model/families.py)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="vocabulary size (default: the paper's 32100, or the --data manifest's)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
@@ -99,7 +99,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for values the workers would otherwise fail on much later."""
-    from relora_ds.model.llama import PRESETS
+    from relora_ds.config import MODEL_PRESETS as PRESETS
 
     if args.preset not in PRESETS:
         raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
@@ -259,7 +259,7 @@ def largest_micro_batch(args, mode: str) -> dict:
 
 def resolve_defaults(args) -> None:
     """Fill in the defaults that depend on the machine or the data, before any worker starts."""
-    from relora_ds.model.llama import PAPER_VOCAB_SIZE
+    from relora_ds.model.counts import PAPER_VOCAB_SIZE
 
     args.ds_config = os.path.abspath(args.ds_config or default_ds_config())
     args.results_dir = os.path.abspath(args.results_dir)
@@ -287,10 +287,11 @@ def main(argv=None, prog: str | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The parent: (find the largest micro batches,) run every mode's workers, aggregate, print and write."""
     resolve_defaults(args)
-    from relora_ds.model.llama import flops_per_token
+    from relora_ds.model.build import preset_meta_model
+    from relora_ds.model.counts import flops_per_token
 
     relora_modes = [m for m in args.modes if MODES[m] is not None]
-    flops = flops_per_token(args.preset, args.vocab_size, args.seq_len,
+    flops = flops_per_token(preset_meta_model(args.preset, args.vocab_size), args.seq_len,
                             relora_rank=args.rank if relora_modes else None)
 
     micro_batches = {mode: args.micro_batch for mode in args.modes}

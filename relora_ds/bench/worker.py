@@ -46,11 +46,12 @@ def make_batches(args, device, micro_batch: int, count: int) -> list[torch.Tenso
 
 
 def train_step(engine, batches: list[torch.Tensor]) -> torch.Tensor:
-    """One optimizer step: every micro batch of it through forward, backward and engine.step()."""
-    for ids in batches:
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
+    """One optimizer step over the micro batches, through the trainer's own step function (what `relora-ds train`
+    runs: forward, backward and engine.step() per micro batch, the collective non-finite check); its mean loss."""
+    from relora_ds.trainer import train_step as trainer_step
+
+    micro_batches = iter({"input_ids": ids, "labels": ids} for ids in batches)
+    loss, _ = trainer_step(engine, micro_batches, len(batches), step=engine.global_steps + 1, grad_norm=False)
     return loss
 
 
@@ -142,7 +143,9 @@ def measure(args) -> dict:
     import torch.distributed
 
     from relora_ds.engine import ds_config as dsc, runtime
-    from relora_ds.model.llama import PRESETS, build_model, parameter_counts
+    from relora_ds.model.build import build_model
+    from relora_ds.model.counts import parameter_counts
+    from relora_ds.model.families import preset_shape
     from relora_ds.relora.wrap import wrap
 
     mode = args.worker
@@ -157,7 +160,7 @@ def measure(args) -> dict:
     ds_config = dsc.reconcile(config, lr=args.lr, world_size=world_size, source=args.ds_config)
     grad_accum = dsc.grad_accum_steps(ds_config)
 
-    max_positions = max(args.seq_len, PRESETS[args.preset]["max_position_embeddings"])
+    max_positions = max(args.seq_len, preset_shape("llama", args.preset)["max_position_embeddings"])
     model = build_model(args.preset, args.vocab_size, max_position_embeddings=max_positions,
                         attn_implementation=args.attn, seed=args.seed)
     if args.grad_checkpointing:

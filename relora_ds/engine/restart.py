@@ -11,7 +11,7 @@ For every wrapped layer, in model order (so every rank runs the same collectives
 then, for the adapters only, prune exp_avg and exp_avg_sq in place on each rank's own fragment, with
 the threshold of the whole tensor (`reset.magnitude_threshold` over the gathered values, so the result
 is identical to the single-process reset). Adam's step counters are kept. Stage-specific access
-lives in `zero.py`.
+lives in the engine's `zero.Layout`.
 """
 
 import math
@@ -68,13 +68,13 @@ def _all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return dist.all_reduce(values, op, device=get_accelerator().current_device_name())
 
 
-def _check_ready(engine, kind: str, modules: dict) -> None:
+def _check_ready(engine, layout: zero.Layout, modules: dict) -> None:
     """Raise on every rank alike when there is no optimizer state to edit (no hang, no silent no-op)."""
     if engine.global_steps == 0:
         raise RestartError("relora restart before the first optimizer step: the optimizer has no state yet "
                            "(restart only after at least one engine.step())")
     params = [p for m in modules.values() for p in (m.lora_A, m.lora_B)]
-    missing = 0.0 if zero.has_state(engine, params, MOMENT_KEYS, kind) else 1.0
+    missing = 0.0 if layout.has_state(params, MOMENT_KEYS) else 1.0
     if _all_reduce(torch.tensor([missing], dtype=torch.float64), op="max").item() > 0:
         raise RestartError("relora restart: the adapters' optimizer state (exp_avg, exp_avg_sq) is missing on "
                            "some rank; restart only after an optimizer step on this engine")
@@ -123,13 +123,13 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
 
 
 @torch.no_grad()
-def _merge_and_reinit(engine, kind: str, name: str, module, *, seed: int, restart_index: int,
+def _merge_and_reinit(layout: zero.Layout, name: str, module, *, seed: int, restart_index: int,
                       zero3_merge: str) -> float:
     """Merge one layer and re-init its adapters in module and masters; returns the local ||delta||^2 share."""
     params = [module.lora_A, module.lora_B]
     if module.lora_scaling is not None:
         params.append(module.lora_scaling)
-    frags = [zero.fragment(engine, p, None, kind) for p in params]
+    frags = [layout.fragment(p) for p in params]
     full = zero.gather_full(frags)
     A = full[0].view(module.rank, module.in_features)
     B = full[1].view(module.out_features, module.rank)
@@ -141,20 +141,20 @@ def _merge_and_reinit(engine, kind: str, name: str, module, *, seed: int, restar
     for param, frag, value in ((module.lora_A, frags[0], new_A), (module.lora_B, frags[1], new_B)):
         if frag.tensor is not None and frag.tensor.numel() > 0:
             frag.tensor.copy_(value.view(-1)[frag.start:frag.start + frag.tensor.numel()])
-        zero.commit(param, frag)
+        layout.commit(param, frag)
         zero.write_module_param(param, value)
     return share
 
 
 @torch.no_grad()
-def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: float, seed: int,
+def _prune_layer(layout: zero.Layout, name: str, module, *, method: str, ratio: float, seed: int,
                  restart_index: int, pair_moments: bool = True) -> tuple[int, int]:
     """Prune one layer's adapter moments on this rank's fragments; returns (local zeroed, full total).
 
     pair_moments: afterwards also zero exp_avg wherever exp_avg_sq is zero (see reset.zero_unpaired_);
     both moments of a parameter share one fragment layout, so this is local to each rank.
     """
-    targets = [(label, param, key, zero.fragment(engine, param, key, kind))
+    targets = [(label, param, key, layout.fragment(param, key))
                for label, param in (("lora_A", module.lora_A), ("lora_B", module.lora_B)) for key in MOMENT_KEYS]
     thresholds = [None] * len(targets)
     if method == "magnitude":  # the whole tensor's threshold, exactly as the single-process reset computes it
@@ -183,54 +183,57 @@ def _prune_layer(engine, kind: str, name: str, module, *, method: str, ratio: fl
                 zeroed += zero_unpaired_(exp_avg.tensor, exp_avg_sq.tensor)
     for _, param, key, frag in targets:
         if frag.tensor is not None and frag.tensor.numel() > 0:
-            zero.commit(param, frag, key)
+            layout.commit(param, frag, key)
     return zeroed, total
 
 
 def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: bool = True,
                    reset_optimizer: bool = True, method: str = "magnitude", ratio: float = 0.99,
-                   zero3_merge: str = "shard", pair_moments: bool = True) -> RestartRecord:
+                   zero3_merge: str = "shard", pair_moments: bool = True,
+                   layout: zero.Layout | None = None) -> RestartRecord:
     """One ReLoRA restart of every wrapped layer of `engine.module`; all ranks call it and get the same record.
 
     merge: W += s*B*A and re-init A (from restart_generator(seed, restart_index, name)) and B = 0;
     reset_optimizer: prune the adapters' Adam moments (`method`: magnitude / random / full / none, at
     `ratio`; pair_moments also zeroes first moments whose second moment was pruned). Online ReLoRA is
-    merge=True, reset_optimizer=False. Raises RestartError (on every rank)
-    before the first optimizer step.
+    merge=True, reset_optimizer=False. `layout`: the engine's `zero.layout_for(engine)`, made once with the
+    engine (chosen now when None). Raises RestartError (on every rank) before the first optimizer step.
     """
     _check_arguments(restart_index, method, ratio, zero3_merge)
     started = time.perf_counter()
-    kind = zero.layout(engine)
+    if layout is None:
+        layout = zero.layout_for(engine)
+    elif layout.engine is not engine:
+        raise ValueError("relora restart: `layout` was made for another engine (make it with zero.layout_for(engine))")
     modules = relora_modules(engine.module)
     if not modules:
         raise ValueError("relora restart: the engine's model has no ReLoRALinear layers (was it wrapped?)")
-    _check_ready(engine, kind, modules)
-    replicated_weight = kind != "zero3"          # W whole on every rank: each rank has the full norm
-    replicated_state = kind in ("plain", "unfused")  # moments whole on every rank: full counts
+    _check_ready(engine, layout, modules)
     merged_sq = zeroed = total = 0.0
 
     merge_started = time.perf_counter()
     if merge:
         for name, module in modules.items():
-            merged_sq += _merge_and_reinit(engine, kind, name, module, seed=seed, restart_index=restart_index,
+            merged_sq += _merge_and_reinit(layout, name, module, seed=seed, restart_index=restart_index,
                                            zero3_merge=zero3_merge)
     merge_seconds = time.perf_counter() - merge_started
 
     prune_started = time.perf_counter()
     if reset_optimizer and method != "none":
         for name, module in modules.items():
-            layer_zeroed, layer_total = _prune_layer(engine, kind, name, module, method=method, ratio=ratio,
+            layer_zeroed, layer_total = _prune_layer(layout, name, module, method=method, ratio=ratio,
                                                      seed=seed, restart_index=restart_index,
                                                      pair_moments=pair_moments)
             zeroed += layer_zeroed
             total += layer_total
     prune_seconds = time.perf_counter() - prune_started
 
-    # One reduction: sharded shares are summed; replicated values and timings are taken from rank 0.
+    # One reduction: sharded shares are summed; replicated values (W whole on every rank: each rank has the full
+    # norm; moments whole: full counts) and timings are taken from rank 0.
     is_rank0 = 1.0 if not dist.is_initialized() or dist.rank() == 0 else 0.0
     seconds = time.perf_counter() - started
-    stats = torch.tensor([merged_sq * is_rank0 if replicated_weight else merged_sq,
-                          zeroed * is_rank0 if replicated_state else zeroed,
+    stats = torch.tensor([merged_sq * is_rank0 if layout.replicated_weight else merged_sq,
+                          zeroed * is_rank0 if layout.replicated_state else zeroed,
                           seconds * is_rank0, merge_seconds * is_rank0, prune_seconds * is_rank0],
                          dtype=torch.float64)
     merged_sq, zeroed, seconds, merge_seconds, prune_seconds = _all_reduce(stats).tolist()

@@ -1,12 +1,15 @@
-"""Loading saved Hugging Face models (exported relora-ds models, or any LLaMA checkpoint dir)."""
+"""Hugging Face files: saved models (exported relora-ds models or any causal LM checkpoint dir, model.init_from and
+`relora-ds eval`) and config.json files to build from scratch (model.hf_config)."""
 
-from relora_ds.model.llama import resolve_attn_implementation, zero3_construction
+import json
+import os
+
+from relora_ds.model.build import resolve_attn_implementation, zero3_construction
 
 
 def check_model_dir(path: str) -> None:
     """A one-line ValueError unless `path` is a Hugging Face model directory (config.json and weights)."""
     import glob
-    import os
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json); model.init_from and "
@@ -16,9 +19,50 @@ def check_model_dir(path: str) -> None:
                          f"`relora-ds eval` take an exported model dir")
 
 
+def pretrained_config(path: str):
+    """The transformers config of a saved model directory (model.init_from); one-line ValueErrors."""
+    from transformers import AutoConfig
+
+    check_model_dir(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"model.init_from {path}: unreadable config.json ({' '.join(str(e).split())[:200]})") from None
+
+
+def load_hf_config(path: str, min_vocab_size: int = 1):
+    """The transformers config in a config.json (model.hf_config: the file, or a directory holding one), to build a
+    randomly initialised model from. Its vocab_size must hold `min_vocab_size` tokens (the tokenizer's, or
+    model.vocab_size). One-line ValueErrors naming model.hf_config."""
+    from transformers import AutoConfig
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f"model.hf_config {path}: no such file (expected a transformers config.json)")
+    try:
+        with open(file) as f:
+            fields = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"model.hf_config {path}: not a JSON file ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise ValueError(f"model.hf_config {path}: not a transformers config.json (expected an object with a "
+                         f"\"model_type\", e.g. \"llama\")")
+    model_type = fields.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"model.hf_config {path}: transformers cannot read it ({' '.join(str(e).split())[:200]})") \
+            from None
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < min_vocab_size:
+        raise ValueError(f"model.hf_config {path}: vocab_size {vocab} is smaller than the {min_vocab_size} tokens "
+                         f"of the tokenizer (or model.vocab_size); raise vocab_size in it")
+    return config
+
+
 def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: dict | None = None):
     """AutoModelForCausalLM.from_pretrained(path) in fp32 with the chosen attention kernel; on ZeRO-3
-    (zero3_config) built partitioned and filled parameter by parameter (model.llama.zero3_construction)."""
+    (zero3_config) built partitioned and filled parameter by parameter (model.build.zero3_construction)."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)

@@ -5,8 +5,8 @@ import fnmatch
 import torch
 from torch import nn
 
-from relora_ds.config import DEFAULT_TARGET_MODULES  # LLaMA's attention and MLP projections: never embeddings,
-from relora_ds.relora import functional            # norms or lm_head
+from relora_ds.config import default_target_modules
+from relora_ds.relora import functional
 from relora_ds.relora.layer import ReLoRALinear
 
 
@@ -22,9 +22,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def resolve_target_modules(model: nn.Module, target_modules) -> tuple[str, ...]:
+    """`target_modules`, or for None the defaults of the model's family, by its config's model_type
+    (config.FAMILY_TARGET_MODULES: attention and MLP projections); a one-line ValueError naming
+    relora.target_modules for a model_type without defaults."""
+    if target_modules is not None:
+        return tuple(target_modules)
+    return default_target_modules(getattr(getattr(model, "config", None), "model_type", None))
+
+
 def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
-    """The names of the nn.Linear modules `wrap` replaces, in model order; a one-line ValueError when none match or
-    when `rank` exceeds both dims of one. Reads only module types and sizes: works on a meta-device model."""
+    """The names of the nn.Linear modules `wrap` replaces, in model order (target_modules None: the family's
+    defaults, `resolve_target_modules`); a one-line ValueError when none match or when `rank` exceeds both dims of
+    one. Reads only module types and sizes: works on a meta-device model."""
+    target_modules = resolve_target_modules(model, target_modules)
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear)
                and _matches(name, target_modules)]
@@ -41,9 +52,10 @@ def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
 
 
 def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
-         target_modules=DEFAULT_TARGET_MODULES, trainable_scaling: bool = False, kernels: str = "auto",
+         target_modules=None, trainable_scaling: bool = False, kernels: str = "auto",
          seed: int = 0) -> list[str]:
-    """Replace every nn.Linear whose name matches `target_modules` with a ReLoRALinear.
+    """Replace every nn.Linear whose name matches `target_modules` (None: the model family's projections) with a
+    ReLoRALinear.
 
     W (and bias) become frozen; A is drawn from `restart_generator(seed, 0, name)` so every rank
     wraps identically; B is zero, so the model's output is unchanged. All other parameters keep

@@ -59,9 +59,9 @@ def gathered_state(model) -> dict:
 def scenario(rank, world_size, directory):
     from relora_ds.config import ReLoRAConfig
     from relora_ds.engine import runtime
-    from relora_ds.model.llama import build_model, model_from_config
+    from relora_ds.model.build import build_model, model_from_config
     from relora_ds.config import ModelConfig
-    from relora_ds.trainer import switch_to_relora
+    from relora_ds.trainer import switch_to_adapters
 
     out = {}
     # 1. Sharded construction: partitioned from the start, and the same weights as the unsharded build.
@@ -104,7 +104,7 @@ def scenario(rank, world_size, directory):
         with counter:
             model = runtime.release_module(engine)
             engine = None
-            engine = switch_to_relora_with(relora_cfg, model, ds_config(stage), switch_to_relora)
+            engine = switch_to_relora_with(relora_cfg, model, ds_config(stage), switch_to_adapters)
         gc.collect()
         engine.eval()
         with torch.no_grad():
@@ -123,13 +123,14 @@ def scenario(rank, world_size, directory):
 
 
 def switch_to_relora_with(relora_cfg, model, config, switch):
-    """trainer.switch_to_relora with a run config holding only what it reads."""
+    """trainer.switch_to_adapters with the ReLoRA method of a run config holding only what it reads."""
     from relora_ds.config import RunConfig
+    from relora_ds.methods import ReLoRA
 
     cfg = RunConfig()
     cfg.relora = relora_cfg
     cfg.train.seed = 0
-    return switch(cfg, model, config)
+    return switch(ReLoRA(cfg), model, config)
 
 
 def test_sharded_build_and_memory_bounded_switch(tmp_path):

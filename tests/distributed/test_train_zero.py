@@ -20,16 +20,15 @@ def _scenario(rank, world_size, directory):
 
     train_file, val_file = os.path.join(directory, "train.jsonl"), os.path.join(directory, "validation.jsonl")
 
-    def run(name, stage, **fields):
+    def run(name, stage, keep_engine=False, **fields):
         cfg = tiny_run_config(directory, train_file, val_file, os.path.join(directory, f"ds_stage{stage}.json"),
                               **{"train.output_dir": os.path.join(directory, name), "train.eval_every": 0, **fields})
-        summary = trainer.train(cfg)
+        summary = trainer.train(cfg, keep_engine=keep_engine)
         return cfg, summary
 
     out = {}
     _, zero0 = run("zero0", 0)
-    zero0["engine"].destroy()
-    cfg3, zero3 = run("zero3", 3, **{"checkpoint.every": 1})
+    cfg3, zero3 = run("zero3", 3, keep_engine=True, **{"checkpoint.every": 1})
     out["zero0"], out["zero3"] = zero0["losses"], zero3["losses"]
     out["grad_norms"] = {"zero0": zero0["grad_norms"], "zero3": zero3["grad_norms"]}
     out["restarts"] = [r["fraction_zeroed"] for r in zero3["restarts"]]
@@ -44,7 +43,6 @@ def _scenario(rank, world_size, directory):
     engine.destroy()
     # The fused Triton path (interpreter on CPU) under ZeRO-3: W partitioned outside forward.
     _, triton3 = run("zero3_triton", 3, **{"relora.kernels": "triton", "train.total_steps": 16})
-    triton3["engine"].destroy()
     out["zero3_triton"] = triton3["losses"]
     ckpt_dir = os.path.join(cfg3.train.output_dir, "checkpoints")
     out["resumed"] = {}
@@ -55,7 +53,6 @@ def _scenario(rank, world_size, directory):
                             os.path.join(resumed, "checkpoints", checkpoint.tag_for(k)))
         torch.distributed.barrier()
         _, summary = run(f"resume{k}", 3, **{"train.output_dir": resumed, "train.resume": True})
-        summary["engine"].destroy()
         out["resumed"][k] = summary["losses"]
     del deepspeed
     return out

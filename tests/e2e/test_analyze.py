@@ -21,8 +21,7 @@ TOLERANCE = 1e-5  # relative to a weight's largest singular value
 
 
 def run(cfg):
-    summary = trainer.train(cfg)
-    summary["engine"].destroy()
+    trainer.train(cfg)
     return cfg.train.output_dir
 
 

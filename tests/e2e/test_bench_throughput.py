@@ -119,9 +119,10 @@ def test_cli_bench_bad_argument_is_one_line_exit_2():
 
 def test_ideal_phase_ratios_follow_the_flop_model():
     from relora_ds.bench.report import ideal_phase_ratios
-    from relora_ds.model.llama import flops_per_token
+    from relora_ds.model.build import preset_meta_model
+    from relora_ds.model.counts import flops_per_token
 
-    flops = flops_per_token("1b", 32100, 2048, relora_rank=128)
+    flops = flops_per_token(preset_meta_model("1b", 32100), 2048, relora_rank=128)
     ideal = ideal_phase_ratios(flops)
     # forward + backward FLOPs of each mode add up to the model module's totals
     full_fwd = 2 * flops["n_linear"] + flops["attention"] / 3

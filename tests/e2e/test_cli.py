@@ -106,7 +106,7 @@ def test_vocab_larger_than_embedding_is_refused(tmp_path, capsys, corpus):
 
 def test_seq_len_beyond_model_positions_is_refused(tmp_path, capsys, corpus):
     code, err = _train(tmp_path, capsys, corpus, **{"data.seq_len": 4096})
-    assert code == 2 and "data.seq_len 4096 is longer than model.preset 'tiny' supports (1024" in err[0]
+    assert code == 2 and "data.seq_len 4096 is longer than model.preset tiny supports (1024" in err[0]
 
 
 def test_export_of_a_dir_without_checkpoint_is_refused(tmp_path, capsys):

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from relora_ds import cli, compare, trainer
-from relora_ds.schedule import merge_points
+from relora_ds.methods.relora import restart_action
 from tests.helpers.runs import SOTU, tiny_run_config, write_corpus, write_ds_config
 
 HAS_ANALYZE = os.path.isfile(os.path.join(os.path.dirname(compare.__file__), "analyze.py"))
@@ -43,7 +43,7 @@ def test_compare_reports_the_variants_and_skips_finished_ones(tmp_path, monkeypa
         assert row["tokens_seen"] == 8 * 2 * 32
     assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] == rows["full"]["total_params"]
     assert rows["relora"]["trainable_params"] == rows["lora"]["trainable_params"]
-    assert rows["relora"]["restarts"] == len(merge_points(8, 2, 2)) == 2
+    assert rows["relora"]["restarts"] == len([t for t in range(8) if restart_action(t, 2, 2, 2)[0]]) == 2
     assert rows["full"]["restarts"] == rows["lora"]["restarts"] == 0
     assert rows["full"]["overrides"] == {"relora.mode": "full", "relora.warm_start_steps": 0,
                                          "checkpoint.reference_step": 2}

@@ -22,9 +22,7 @@ def corpus(tmp_path_factory):
 
 
 def _run(cfg):
-    summary = trainer.train(cfg)
-    summary["engine"].destroy()
-    return summary
+    return trainer.train(cfg)
 
 
 def test_streamed_run_with_workers_resumes_exactly(corpus, tmp_path):

@@ -48,7 +48,7 @@ def _make_checkpoints(rank, world_size, directory):
     """Every layout: the run's model (built partitioned on ZeRO-3, as the trainer does), wrapped or not, three
     AdamW steps on 2 ranks at a high LR (B, A and g all move), then relora-ds' own checkpoint.save."""
     from relora_ds.engine import runtime
-    from relora_ds.model.llama import model_from_config
+    from relora_ds.model.build import model_from_config
     from relora_ds.relora.wrap import wrap_from_config
     from tests.helpers.tiny import token_batches
 
@@ -78,10 +78,10 @@ def checkpoints(tmp_path_factory):
     """name → tag dir of each layout (one spawn of 2 gloo ranks for all of them)."""
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.model.llama import llama_config
+    from relora_ds.model.build import preset_config
 
     directory = str(tmp_path_factory.mktemp("ckpts"))
-    config = llama_config("tiny", BYTE_VOCAB, attn_implementation="sdpa")
+    config = preset_config("tiny", BYTE_VOCAB, attn_implementation="sdpa")
     config.tie_word_embeddings = True
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(os.path.join(directory, "tied_init"))
@@ -113,7 +113,7 @@ def _consolidated_merged_model(name: str, tag_dir: str):
     """The old export path: DeepSpeed's consolidated dict into the wrapped model, merged by unwrap (on ZeRO-1 with
     the frozen W from the module, which the old path missed)."""
     from relora_ds.config import RunConfig
-    from relora_ds.model.llama import model_from_config
+    from relora_ds.model.build import model_from_config
     from relora_ds.relora.wrap import unwrap, wrap_from_config
 
     state = checkpoint.read_state(tag_dir)

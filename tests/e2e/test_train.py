@@ -19,15 +19,13 @@ def corpus(tmp_path_factory):
 
 
 def run(cfg):
-    summary = trainer.train(cfg)
-    summary["engine"].destroy()
-    return summary
+    return trainer.train(cfg)
 
 
 def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path))
-    summary = run(cfg)
+    summary = trainer.train(cfg, keep_engine=True)  # the trained model, for the export's logits
     out = cfg.train.output_dir
     records = read_metrics(out)
     events = [(r["event"], r["step"]) for r in records if "event" in r and r["event"] != "checkpoint"]
@@ -68,6 +66,7 @@ def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     assert generated.shape == (1, 9)
     assert os.path.isfile(os.path.join(export_dir, "model.safetensors"))
     assert os.path.isfile(os.path.join(export_dir, "tokenizer.json"))
+    summary["engine"].destroy()
 
 
 def test_logged_grad_norm_is_the_norm_of_the_step_gradients(corpus, tmp_path):
@@ -76,7 +75,8 @@ def test_logged_grad_norm_is_the_norm_of_the_step_gradients(corpus, tmp_path):
     the ds_config clips at 1.0). With log.peak_tflops set, the CPU run logs MFU from it."""
     from relora_ds.data import loader as data_loader
     from relora_ds.data.tokenize import load_tokenizer
-    from relora_ds.model.llama import flops_per_token, model_from_config
+    from relora_ds.model.build import model_from_config
+    from relora_ds.model.counts import flops_per_token
 
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
@@ -98,7 +98,7 @@ def test_logged_grad_norm_is_the_norm_of_the_step_gradients(corpus, tmp_path):
     assert expected > 1.0  # so the clipping at 1.0 would show
     assert steps[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)
 
-    full = flops_per_token("tiny", len(tokenizer), cfg.data.seq_len)["full"]
+    full = flops_per_token(model, cfg.data.seq_len)["full"]
     for record in steps:
         assert record["mfu"] == pytest.approx(record["tokens_per_s"] * full / 0.5e12, rel=1e-9)
 
@@ -132,13 +132,14 @@ def test_step_with_grad_norm_on_every_stage(stage, bf16):
 
 
 def test_mfu_inputs_peak_and_model_flops():
-    """The peak: log.peak_tflops, else the bf16 table by GPU name; none on CPU or fp32. The FLOPs: the preset's,
-    or for model.init_from the preset its shape matches (none for another shape)."""
+    """The peak: log.peak_tflops, else the bf16 table by GPU name; none on CPU or fp32. The FLOPs: those of the
+    model the run's transformers config builds (preset, GQA init_from alike); none for a config without a model."""
     from types import SimpleNamespace
 
     from relora_ds import hardware
     from relora_ds.config import load_config
-    from relora_ds.model.llama import flops_per_token, llama_config
+    from relora_ds.model.build import preset_config, preset_meta_model
+    from relora_ds.model.counts import flops_per_token
 
     assert hardware.peak_tflops("NVIDIA H100 80GB HBM3") == (989.0, "H100")
     assert hardware.peak_tflops("NVIDIA H100 PCIe") == (756.0, "H100 PCIe")
@@ -152,14 +153,17 @@ def test_mfu_inputs_peak_and_model_flops():
     cfg.log.peak_tflops = 2.5
     assert trainer.peak_flops_per_device(cfg, fp32, "cpu") == 2.5e12
 
-    expected = flops_per_token("20m", 1000, 128)["full"]
+    expected = flops_per_token(preset_meta_model("20m", 1000), 128)["full"]
     cfg.model.preset = "20m"
-    assert trainer.flops_per_token_full(cfg, llama_config("20m", 1000)) == expected
+    assert trainer.flops_per_token_full(cfg, preset_config("20m", 1000)) == expected
     cfg.model.init_from = "some/exported/model"  # its config, not model.preset, decides
-    assert trainer.flops_per_token_full(cfg, llama_config("20m", 1000, max_position_embeddings=512)) == expected
-    other = llama_config("20m", 1000)
-    other.num_key_value_heads = 2  # GQA: no preset has it
-    assert trainer.flops_per_token_full(cfg, other) is None
+    assert trainer.flops_per_token_full(cfg, preset_config("20m", 1000, max_position_embeddings=512)) == expected
+    other = preset_config("20m", 1000)
+    other.num_key_value_heads = 2  # GQA: k and v shrink to 2 of the 4 heads, the attention scores do not
+    d = other.hidden_size
+    assert trainer.flops_per_token_full(cfg, other) == expected - 6 * 4 * 2 * (d * d // 2)
+    assert trainer.flops_per_token_full(cfg, preset_config("20m", 1000, "gpt_neox")) == \
+        flops_per_token(preset_meta_model("20m", 1000, "gpt_neox"), 128)["full"]
     assert trainer.flops_per_token_full(cfg, SimpleNamespace(model_type="gpt2", vocab_size=1000)) is None
 
 
@@ -353,13 +357,13 @@ def test_reference_checkpoint_at_the_switch_survives_keep_last(corpus, tmp_path)
 
 def test_low_rank_lr_scale_applies_after_the_switch_only(corpus, tmp_path):
     """schedule.low_rank_lr_scale multiplies the LR of the steps with adapters in place, not the warm start's."""
-    from relora_ds.schedule import multiplier_from_config
+    from relora_ds import methods
 
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
         "schedule.low_rank_lr_scale": 1.5, "train.total_steps": 8, "train.eval_every": 0})
     run(cfg)
-    multiplier = multiplier_from_config(cfg.resolved())
+    multiplier = methods.from_config(cfg.resolved()).lr_lambda
     logged = {r["step"]: r["lr"] for r in read_metrics(cfg.train.output_dir) if "event" not in r}
     for step, lr in logged.items():  # the record of step k holds the LR its update used: step k - 1's
         scale = 1.5 if step - 1 >= cfg.relora.warm_start_steps else 1.0

@@ -55,6 +55,14 @@ def tiny_run_config(directory, train_file, val_file, ds_config, **fields):
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
+def short_run_config(directory, train_file, val_file, ds_config, family: str = "llama", **fields):
+    """A six-step tiny relora run of a model family: full rank to 2, the switch at 2, a restart at 4; eval at 0 and
+    6; the final checkpoint at 6."""
+    return tiny_run_config(directory, train_file, val_file, ds_config, **{
+        "model.family": family, "relora.warm_start_steps": 2, "relora.reset_every": 2, "train.total_steps": 6,
+        "train.eval_every": 6, **fields})
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -9,7 +9,7 @@ No files, no tokenizer, no network: the corpus is a few paragraphs kept in this 
 
 import torch
 
-from relora_ds.model.llama import build_model
+from relora_ds.model.build import build_model
 
 BYTE_VOCAB = 256
 

@@ -5,9 +5,8 @@ import os
 
 import pytest
 
-from relora_ds import cli, compare
+from relora_ds import cli, compare, methods
 from relora_ds.config import load_config
-from relora_ds.schedule import merge_points, multiplier_from_config
 
 BASE = {"relora": {"mode": "relora", "rank": 4, "warm_start_steps": 20, "reset_every": 20},
         "schedule": {"warmup_steps": 10, "restart_warmup_steps": 5},
@@ -58,17 +57,17 @@ def test_set_edits_the_base_and_a_variants_own_fields_win(tmp_path):
 
 
 def test_no_jagged_has_no_rewarmup_but_still_merges_and_resets(tmp_path):
-    from relora_ds.trainer import TrainState, restart_action
+    from relora_ds.trainer import TrainState
 
     cfgs = configs(tmp_path, names=("relora", "no_jagged"))
-    jagged, plain = (multiplier_from_config(cfgs[n]) for n in ("relora", "no_jagged"))
-    lrs = [plain(t) for t in range(10, 100)]
+    jagged, plain = (methods.from_config(cfgs[n]) for n in ("relora", "no_jagged"))
+    lrs = [plain.lr_multiplier(TrainState(step=t)) for t in range(10, 100)]
     assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # after the first warm-up: only down
-    assert jagged(40) == 0.0 and plain(40) > 0.5  # ReLoRA re-warms from 0 at its restart, cosine does not
-    cfg = cfgs["no_jagged"]
-    merges = [t for t in range(100) if restart_action(cfg, TrainState(step=t, wrapped=True, relora_start=20))[0]]
-    assert merges == merge_points(100, 20, 20) == [40, 60, 80]
-    assert all(restart_action(cfg, TrainState(step=t, wrapped=True, relora_start=20))[1] for t in merges)
+    # ReLoRA re-warms from 0 at its restart, cosine does not
+    assert jagged.lr_multiplier(TrainState(step=40)) == 0.0 and plain.lr_multiplier(TrainState(step=40)) > 0.5
+    states = [TrainState(step=t, wrapped=True, relora_start=20) for t in range(100)]
+    assert [s.step for s in states if plain.restart_due(s)] == [40, 60, 80]
+    assert all(plain._action(s) == (True, True) for s in states if plain.restart_due(s))  # each merge resets too
 
 
 @pytest.mark.parametrize("sections, field", [

@@ -16,7 +16,7 @@ from relora_ds.config import (
     reference_markdown,
     validate,
 )
-from relora_ds.schedule import multiplier_from_config, restart_points
+from relora_ds import methods
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "relora_ds", "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -35,10 +35,11 @@ def test_defaults_are_valid_and_resolved():
     assert cfg.relora.mode == "relora" and cfg.relora.rank == 128 and cfg.relora.alpha == 32.0
     assert cfg.relora.merge_every == cfg.relora.reset_every == 1000  # derived default filled in
     assert RunConfig().relora.merge_every is None
-    assert cfg.relora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.relora.target_modules is None  # the model family's projections (relora.wrap)
+    assert cfg.model.family == "llama" and cfg.model.hf_config is None
     assert cfg.data.source == "sotu" and cfg.train.deepspeed_config == "ds_configs/cpu.json"
-    RunConfig().relora.target_modules.append("x")  # defaults are not shared between instances
-    assert "x" not in RunConfig().relora.target_modules
+    RunConfig().log.tags.append("x")  # defaults are not shared between instances
+    assert "x" not in RunConfig().log.tags
 
 
 def test_round_trip_dict_yaml_json(tmp_path):
@@ -106,7 +107,7 @@ def test_wrong_types():
     assert errors_of("schedule.lr=.inf") == ["schedule.lr: expected a finite number, got inf"]
     assert errors_of("data.streaming=1") == ["data.streaming: expected bool, got int 1"]
     assert errors_of("relora.target_modules=q_proj") == [
-        "relora.target_modules: expected list[str], got str 'q_proj'"]
+        "relora.target_modules: expected list[str] or null, got str 'q_proj'"]
     assert errors_of("model.vocab_size=big") == ["model.vocab_size: expected int or null, got str 'big'"]
     assert errors_of("train.total_steps=null") == ["train.total_steps: expected int, got null"]
     assert errors_of("data.source=[a.jsonl, b.jsonl]") == [
@@ -195,7 +196,7 @@ def test_config_error_is_a_value_error():
 def test_shipped_configs_load_and_validate(path):
     cfg = load_config(path)
     assert validate(cfg) == []
-    fn = multiplier_from_config(cfg)
+    fn = methods.from_config(cfg).lr_lambda
     assert fn(cfg.train.total_steps) == pytest.approx(cfg.schedule.min_lr_ratio)
     assert max(fn(t) for t in range(cfg.train.total_steps)) == pytest.approx(1.0)
     with open(path) as f:
@@ -208,16 +209,19 @@ def test_shipped_configs_are_there_and_the_demo_restarts_at_least_three_times():
     demo = load_config(os.path.join(CONFIG_DIR, "demo.yaml"))
     assert demo.model.preset == "tiny" and demo.data.source == "sotu" and demo.relora.mode == "relora"
     assert 600 <= demo.train.total_steps <= 2000  # 1600 steps measured at 166 s on 2 cores and demo.relora.warm_start_steps > 0
-    points = restart_points(demo.train.total_steps, demo.relora.reset_every, demo.relora.warm_start_steps)
+    fn = methods.from_config(demo).lr_lambda
+    points = [t for t in range(1, demo.train.total_steps) if fn(t) == 0.0]  # where the LR re-warms from 0
     assert points[0] == demo.relora.warm_start_steps and len(points[1:]) >= 3
     tiny = load_config(os.path.join(CONFIG_DIR, "tiny.yaml"))
     assert tiny.train.total_steps <= 100 and tiny.data.seq_len <= 64
 
 
-def test_model_presets_match_the_model_module():
-    from relora_ds.model.llama import PRESETS
+def test_model_presets_and_families_match_the_model_module():
+    from relora_ds.config import FAMILY_TARGET_MODULES, MODEL_FAMILIES
+    from relora_ds.model.families import FAMILIES
 
-    assert tuple(PRESETS) == MODEL_PRESETS
+    assert tuple(FAMILIES) == MODEL_FAMILIES == tuple(FAMILY_TARGET_MODULES)
+    assert all(tuple(family.presets) == MODEL_PRESETS for family in FAMILIES.values())
 
 
 def test_reference_lists_every_field():

@@ -5,6 +5,7 @@ import pytest
 
 from relora_ds.config import load_config
 from relora_ds.engine import zero
+from relora_ds import methods
 from relora_ds.trainer import RunError, check_model_settings
 
 
@@ -81,7 +82,7 @@ def test_supported_settings_pass():
 def test_model_settings_checked_before_any_work(overrides, message):
     cfg = load_config(None, ["model.preset=tiny", "schedule.warmup_steps=1", *overrides])
     with pytest.raises(RunError) as e:
-        check_model_settings(cfg, 256)
+        check_model_settings(cfg, methods.from_config(cfg), 256)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -89,8 +90,9 @@ def test_init_from_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     cfg = load_config(None, ["schedule.warmup_steps=1", f"model.init_from={tmp_path}"])
     with pytest.raises(RunError, match="no weights"):
-        check_model_settings(cfg, 256)
+        check_model_settings(cfg, methods.from_config(cfg), 256)
 
 
 def test_good_settings_pass():
-    check_model_settings(load_config(None, ["model.preset=7b", "schedule.warmup_steps=1"]), 32000)  # meta: no memory
+    cfg = load_config(None, ["model.preset=7b", "schedule.warmup_steps=1"])
+    check_model_settings(cfg, methods.from_config(cfg), 32000)  # meta: no memory

@@ -197,7 +197,7 @@ def test_wrap_rank_larger_than_both_dims_raises():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(8, 6))
     with pytest.raises(ValueError, match="relora.rank 9 is larger than both dims of q_proj"):
-        wrap(model, rank=9, alpha=1)
+        wrap(model, rank=9, alpha=1, target_modules=("q_proj",))
 
 
 def test_kaiming_A_bounds_and_delta_rows():

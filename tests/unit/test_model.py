@@ -1,4 +1,5 @@
-"""LLaMA presets: they build, the analytic parameter and FLOP counts are exact, the paper's table holds."""
+"""LLaMA presets: they build, the parameter and FLOP counts (read from the model) are exact, the paper's table
+holds. The other families: tests/unit/test_families.py."""
 
 import importlib.util
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 
 from relora_ds import config
-from relora_ds.model import llama
-from relora_ds.model.llama import (PRESETS, build_model, flops_per_token, paper_param_table, param_count,
-                                   resolve_attn_implementation)
+from relora_ds.model import build
+from relora_ds.model.build import build_model, preset_meta_model, resolve_attn_implementation
+from relora_ds.model.counts import flops_per_token, paper_param_table, param_count
+from relora_ds.model.families import FAMILIES
 from relora_ds.relora.wrap import wrap
 from tests.helpers.tiny import fixed_batch, logits, tiny_model
 
@@ -17,9 +19,12 @@ def numel(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+PRESETS = FAMILIES["llama"].presets
+
+
 def test_presets_match_config_choices():
     assert tuple(PRESETS) == config.MODEL_PRESETS
-    assert llama.ATTN_IMPLEMENTATIONS == config.ATTN_IMPLEMENTATIONS
+    assert build.ATTN_IMPLEMENTATIONS == config.ATTN_IMPLEMENTATIONS
 
 
 @pytest.mark.parametrize("preset", ["tiny", "20m", "60m", "130m"])
@@ -30,7 +35,7 @@ def test_small_presets_build_with_exact_counts(preset):
     assert model.config.hidden_size == shape["hidden_size"]
     assert model.config.num_hidden_layers == shape["num_hidden_layers"]
     assert not model.config.tie_word_embeddings
-    assert numel(model) == param_count(preset, vocab)
+    assert numel(model) == param_count(model) == param_count(preset_meta_model(preset, vocab))
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -38,13 +43,13 @@ def test_small_presets_build_with_exact_counts(preset):
 def test_every_preset_counts_exact_on_meta_device(preset):
     with torch.device("meta"):
         model = build_model(preset, 32100)
-    assert numel(model) == param_count(preset, 32100)
+    assert numel(model) == param_count(preset_meta_model(preset, 32100))
 
 
 @pytest.mark.parametrize("preset, targets, trainable_scaling", [
-    ("tiny", config.DEFAULT_TARGET_MODULES, False),
+    ("tiny", None, False),
     ("tiny", ("q_proj", "v_proj"), True),
-    ("1b", config.DEFAULT_TARGET_MODULES, False),
+    ("1b", config.LLAMA_TARGET_MODULES, False),
     ("60m", ("*.mlp.*", "lm_head"), False),
 ])
 def test_relora_counts_exact(preset, targets, trainable_scaling):
@@ -52,9 +57,10 @@ def test_relora_counts_exact(preset, targets, trainable_scaling):
         model = build_model(preset, 32100)
         wrap(model, rank=32, alpha=32, target_modules=targets, trainable_scaling=trainable_scaling)
     kwargs = dict(relora_rank=32, target_modules=targets, trainable_scaling=trainable_scaling)
-    assert numel(model) == param_count(preset, 32100, **kwargs)
-    assert numel(model, trainable_only=True) == param_count(preset, 32100, trainable_only=True, **kwargs)
-    assert param_count(preset, 32100, trainable_only=True) == param_count(preset, 32100)  # full rank: all train
+    plain = preset_meta_model(preset, 32100)
+    assert numel(model) == param_count(plain, **kwargs)
+    assert numel(model, trainable_only=True) == param_count(plain, trainable_only=True, **kwargs)
+    assert param_count(plain, trainable_only=True) == param_count(plain)  # full rank: all train
 
 
 def test_paper_table_within_two_percent():
@@ -74,14 +80,18 @@ def test_flops_per_token_hand_computed():
     # full = 6·116736 + 49152 = 749568
     # r=8 adapters per layer: 4·8·(64+64) + 3·8·(64+176) = 4096 + 5760 = 9856; 2 layers 19712
     # relora = 6·116736 − 2·100352 + 6·19712 + 49152 = 667136
-    flops = flops_per_token("tiny", 256, 32, relora_rank=8)
+    tiny = preset_meta_model("tiny", 256)
+    flops = flops_per_token(tiny, 32, relora_rank=8)
     assert flops == dict(full=749568, attention=49152, n_linear=116736, relora=667136,
                          n_wrapped=100352, n_adapter=19712)
-    assert flops_per_token("tiny", 256, 32) == dict(full=749568, attention=49152, n_linear=116736)
-    big = flops_per_token("1b", 32100, 512, relora_rank=128)
+    assert flops_per_token(tiny, 32) == dict(full=749568, attention=49152, n_linear=116736)
+    assert flops_per_token(tiny.config, 32) == flops_per_token(tiny, 32)  # a transformers config counts as its model
+    big = flops_per_token(preset_meta_model("1b", 32100), 512, relora_rank=128)
     assert big["relora"] < 0.8 * big["full"]  # no dW GEMM for the frozen W: the source of ReLoRA's speed-up
     with pytest.raises(ValueError, match="seq_len"):
-        flops_per_token("tiny", 256, 0)
+        flops_per_token(tiny, 0)
+    with pytest.raises(ValueError, match="relora.rank"):
+        flops_per_token(tiny, 32, relora_rank=0)
 
 
 def test_attn_implementation_resolution(monkeypatch):
@@ -109,13 +119,15 @@ def test_bad_preset_and_vocab_raise():
     with pytest.raises(ValueError, match="model.preset must be one of tiny, 20m, .*got '3b'"):
         build_model("3b", 100)
     with pytest.raises(ValueError, match="model.preset"):
-        param_count("3b", 100)
+        preset_meta_model("3b", 100)
     with pytest.raises(ValueError, match="model.vocab_size"):
         build_model("tiny", 0)
     with pytest.raises(ValueError, match="model.vocab_size"):
-        param_count("tiny", 0)
+        preset_meta_model("tiny", 0)
+    with pytest.raises(ValueError, match="model.family must be one of llama, mistral, qwen2, gpt_neox, got 'gpt2'"):
+        build_model("tiny", 100, family="gpt2")
     with pytest.raises(ValueError, match="relora.rank"):
-        param_count("tiny", 100, relora_rank=0)
+        param_count(preset_meta_model("tiny", 100), relora_rank=0)
 
 
 def test_seeded_builds_are_identical():
@@ -124,16 +136,3 @@ def test_seeded_builds_are_identical():
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model(seed=8).parameters()))
     ids = fixed_batch()
     assert torch.equal(logits(model, ids), logits(tiny_model(seed=7), ids))
-
-
-def test_preset_of_finds_the_shape_of_a_loaded_config():
-    from relora_ds.model.llama import llama_config, preset_of
-
-    for preset in ("tiny", "60m", "1b"):
-        assert preset_of(llama_config(preset, 1234, max_position_embeddings=4096)) == preset
-    config = llama_config("60m", 1234)
-    config.num_key_value_heads = 2  # GQA: not a preset shape
-    assert preset_of(config) is None
-    config = llama_config("60m", 1234)
-    config.intermediate_size += 1
-    assert preset_of(config) is None

@@ -11,9 +11,10 @@ paper does, and shows the loss spike that leaves behind (first moments without a
 import pytest
 import torch
 
+from relora_ds.methods.relora import restart_action
 from relora_ds.relora.reset import reset_optimizer_state
 from relora_ds.relora.wrap import adapter_parameter_names, merge_and_reinit, wrap
-from relora_ds.schedule import lr_multiplier, merge_points, restart_points
+from relora_ds.schedule import lr_multiplier
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
 
 pytestmark = pytest.mark.slow  # 4 tiny training runs of 240 steps (~20 s): not in `make test-fast`
@@ -106,9 +107,9 @@ def test_loss_decreases_clearly(runs, mode):
 def test_relora_restarts_at_the_configured_steps(runs, mode):
     record = runs[mode]
     assert record["wrapped_at"] == WARM_START
-    assert record["merges"] == [120, 160, 200] == merge_points(TOTAL, CYCLE, WARM_START)
-    assert restart_points(TOTAL, CYCLE, WARM_START) == [80, 120, 160, 200]
-    for step in restart_points(TOTAL, CYCLE, WARM_START):  # LR drops to 0 and re-warms over RESTART_WARMUP
+    assert record["merges"] == [120, 160, 200] == [t for t in range(TOTAL)
+                                                   if restart_action(t, WARM_START, CYCLE, CYCLE)[0]]
+    for step in [80, 120, 160, 200]:  # the switch and the restarts: the LR drops to 0 and re-warms over RESTART_WARMUP
         assert record["lrs"][step] == 0.0
         assert 0 < record["lrs"][step + 1] < record["lrs"][step + RESTART_WARMUP]
     assert record["lrs"][WARM_START - 1] > 0

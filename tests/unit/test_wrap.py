@@ -8,7 +8,7 @@ from torch import nn
 
 from relora_ds.relora import functional
 from relora_ds.relora.layer import ReLoRALinear
-from relora_ds.config import DEFAULT_TARGET_MODULES
+from relora_ds.config import LLAMA_TARGET_MODULES
 from relora_ds.relora.wrap import (adapter_parameter_names, merge_and_reinit, relora_modules,
                                    unwrap, wrap)
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
@@ -19,7 +19,7 @@ def test_wrap_default_targets_every_projection_in_model_order():
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     names = wrap(model, rank=4, alpha=8)
     assert names == [n for n in linear_names if n != "lm_head"]
-    assert len(names) == 2 * len(DEFAULT_TARGET_MODULES)
+    assert len(names) == 2 * len(LLAMA_TARGET_MODULES)  # target_modules None: the family's
     assert list(relora_modules(model)) == names
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, ReLoRALinear)
     assert adapter_parameter_names(model) == [f"{n}.{p}" for n in names for p in ("lora_A", "lora_B")]

@@ -1,0 +1,188 @@
+"""The run's model, built: a family preset (model.family × model.preset, relora_ds/model/families.py), a
+transformers config.json (model.hf_config) or a saved model (model.init_from); whole, partitioned under ZeRO-3, or
+on the meta device (no memory) for checks and counts. With hf.py, the only code that knows transformers' model
+classes.
+"""
+
+import contextlib
+import copy
+import importlib.util
+
+import torch
+
+from relora_ds.config import ATTN_IMPLEMENTATIONS
+from relora_ds.model import families
+
+
+def resolve_attn_implementation(choice: str = "auto") -> str:
+    """auto → flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    if choice not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                         f"got {choice!r}")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def preset_config(preset: str, vocab_size: int, family: str = "llama", max_position_embeddings: int | None = None,
+                  attn_implementation: str = "auto"):
+    """The transformers config (LlamaConfig, MistralConfig, ...) of `preset` in `family`, at `vocab_size`."""
+    import transformers
+
+    entry = families.family(family)
+    fields = entry.config_fields(preset)
+    if vocab_size < 1:
+        raise ValueError(f"model.vocab_size must be >= 1, got {vocab_size}")
+    if max_position_embeddings is not None:
+        fields["max_position_embeddings"] = max_position_embeddings
+    config = getattr(transformers, entry.config_class)(vocab_size=vocab_size, **fields)
+    config._attn_implementation = resolve_attn_implementation(attn_implementation)
+    return config
+
+
+def run_model_config(model_cfg, vocab_size: int, attn_implementation: str = "auto"):
+    """The transformers config of the run's model: model.init_from's, model.hf_config's (its vocab_size must hold
+    `vocab_size` tokens), else the family preset's at `vocab_size`. One-line ValueErrors naming the field."""
+    from relora_ds.model import hf
+
+    if model_cfg.init_from:
+        return hf.pretrained_config(model_cfg.init_from)
+    if model_cfg.hf_config:
+        config = hf.load_hf_config(model_cfg.hf_config, min_vocab_size=vocab_size)
+        config._attn_implementation = resolve_attn_implementation(attn_implementation)
+        return config
+    return preset_config(model_cfg.preset, vocab_size, model_cfg.family, attn_implementation=attn_implementation)
+
+
+def describe(model_cfg) -> str:
+    """Which model a run config builds, for messages: model.init_from X, model.hf_config X, or the preset."""
+    if model_cfg.init_from:
+        return f"model.init_from {model_cfg.init_from}"
+    if model_cfg.hf_config:
+        return f"model.hf_config {model_cfg.hf_config}"
+    family = "" if model_cfg.family == "llama" else f" of model.family {model_cfg.family}"
+    return f"model.preset {model_cfg.preset}{family}"
+
+
+def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
+                      attn_implementation: str | None = None, zero3_config: dict | None = None):
+    """The run's model: loaded from `model.init_from` when set, else built from `model.hf_config` or the family
+    preset, randomly initialised (seeded when `seed` is given).
+
+    zero3_config: the run's DeepSpeed config on ZeRO-3; the model is then built partitioned (no rank ever
+    holds it whole) with the same seeded weights as the unsharded build, and a checkpoint is loaded partition
+    by partition (see `zero3_construction`).
+    """
+    attn = attn_implementation or model_cfg.attn_implementation
+    if model_cfg.init_from:
+        from relora_ds.model.hf import load_pretrained
+
+        return load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
+    config = run_model_config(model_cfg, vocab_size, attn)
+    return build_from_config(config, seed=seed, zero3_config=zero3_config)
+
+
+def meta_model(model_cfg, vocab_size: int):
+    """The run's model on the meta device (no memory, no init), for checking settings against its layers before
+    any rank builds it. One-line ValueErrors for a model.init_from that is not a model directory and a
+    model.hf_config that is not a usable config.json."""
+    return meta_from_config(run_model_config(model_cfg, vocab_size, attn_implementation="sdpa"))
+
+
+def meta_from_config(config):
+    """The causal LM a transformers config describes, on the meta device (a copy of the config: transformers
+    writes into the one it builds from). A one-line ValueError for a config with no causal LM in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: no causal LM model of transformers "
+                         f"builds from this config ({' '.join(str(e).split())[:160]})") from None
+
+
+def input_embedding_name(model_cfg) -> str:
+    """The parameter name of the run's model's input embedding (its rows are the vocabulary): the family's
+    (families.Family.embedding) for a preset, the built model's get_input_embeddings() for model.hf_config and
+    model.init_from."""
+    if not (model_cfg.init_from or model_cfg.hf_config):
+        return families.family(model_cfg.family).embedding + ".weight"
+    model = meta_model(model_cfg, 1)
+    weight = model.get_input_embeddings().weight
+    return next(name for name, param in model.named_parameters() if param is weight)
+
+
+@contextlib.contextmanager
+def zero3_construction(zero3_config: dict | None):
+    """Within it, transformers builds and loads models under ZeRO-3 (a no-op for None).
+
+    transformers' DeepSpeed integration (HfDeepSpeedConfig) makes `_from_config` build each module under
+    `deepspeed.zero.Init` with this config (partitioned as soon as it is built) and then initialise the weights
+    module by module on the gathered parameters (rank 0 draws), and makes `from_pretrained` copy a checkpoint
+    into the partitions parameter by parameter. The setting is global in transformers, so it is removed on exit.
+    """
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(zero3_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+def causal_lm_class(config):
+    """The transformers causal LM class of a config (LlamaForCausalLM for a LlamaConfig, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: transformers has no causal LM model "
+                         f"for {type(config).__name__}") from None
+
+
+def build_from_config(config, *, dtype: torch.dtype | None = None, seed: int | None = None,
+                      zero3_config: dict | None = None):
+    """A randomly initialised causal LM of a transformers config (seeded when `seed` is given).
+
+    The weights are transformers' own init (normal(0, initializer_range) for linears and embeddings, ones for
+    norms), drawn once on full tensors: the construction-time draws of nn.Linear are skipped, which is what
+    transformers does under ZeRO-3, so the partitioned build (zero3_config) gives the same weights for a seed.
+    """
+    from transformers.initialization import no_init_weights
+
+    model_class = causal_lm_class(config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    if zero3_config is not None:
+        with zero3_construction(zero3_config):
+            model = model_class._from_config(config)
+    else:
+        with no_init_weights():
+            model = model_class(config)
+        model.initialize_weights()
+        model.tie_weights()  # tied embeddings (qwen2 up to 1b): the head is the embedding, as _from_config ties it
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def build_model(preset: str, vocab_size: int, *, family: str = "llama", max_position_embeddings: int | None = None,
+                attn_implementation: str = "auto", dtype: torch.dtype | None = None, seed: int | None = None,
+                zero3_config: dict | None = None):
+    """A randomly initialised model of `preset` in `family` (LlamaForCausalLM for llama, ...); see
+    `build_from_config`."""
+    config = preset_config(preset, vocab_size, family, max_position_embeddings, attn_implementation)
+    return build_from_config(config, dtype=dtype, seed=seed, zero3_config=zero3_config)
+
+
+def preset_meta_model(preset: str, vocab_size: int, family: str = "llama"):
+    """`build_model(preset, vocab_size, family=family)` on the meta device (for counts: no memory, no init)."""
+    return meta_from_config(preset_config(preset, vocab_size, family, attn_implementation="sdpa"))

@@ -1,0 +1,141 @@
+"""The training methods (relora_ds/methods/): what the trainer asks each of them, answered without a run."""
+
+import functools
+
+import pytest
+import torch
+
+from relora_ds import config, methods
+from relora_ds.config import load_config
+from relora_ds.methods.relora import restart_action
+from relora_ds.relora.layer import ReLoRALinear
+from relora_ds.schedule import lr_multiplier, make_lambda_lr
+from relora_ds.trainer import TrainState
+
+
+def _cfg(mode, **overrides):
+    base = {"relora.mode": mode, "train.total_steps": 1000, "schedule.warmup_steps": 100,
+            "schedule.restart_warmup_steps": 50, "relora.reset_every": 300,
+            "relora.warm_start_steps": 0 if mode == "full" else 200}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def test_every_mode_is_a_method():
+    assert tuple(methods.METHODS) == config.MODES
+    for name, cls in methods.METHODS.items():
+        assert cls.name == name and issubclass(cls, methods.Method)
+    cfg = _cfg("relora")
+    cfg.relora.mode = "galore"  # bypasses validation on purpose
+    with pytest.raises(ValueError, match="relora.mode must be one of full, lora, relora, got 'galore'"):
+        methods.from_config(cfg)
+
+
+def test_lr_multiplier_per_method():
+    plain = functools.partial(lr_multiplier, total_steps=1000, warmup_steps=100, min_lr_ratio=0.1)
+    full, lora, relora = (methods.from_config(_cfg(m)).lr_lambda for m in ("full", "lora", "relora"))
+    zeros = lambda fn: [t for t in range(1, 1000) if fn(t) == 0.0]  # noqa: E731
+    assert zeros(full) == []
+    assert zeros(lora) == [200]  # the switch starts a fresh optimizer: it re-warms
+    assert zeros(relora) == [200, 500, 800]
+    assert [full(t) for t in range(1000)] == [plain(t) for t in range(1000)]
+    assert relora(250) == pytest.approx(plain(250))
+
+
+def test_low_rank_lr_scale_applies_once_wrapped():
+    method = methods.from_config(_cfg("relora", **{"schedule.low_rank_lr_scale": 2}))
+    before, after = TrainState(step=150), TrainState(step=250, wrapped=True, relora_start=200)
+    assert method.lr_multiplier(before) == method.lr_lambda(150)
+    assert method.lr_multiplier(after) == 2 * method.lr_lambda(250)
+    full = methods.from_config(_cfg("full", **{"schedule.low_rank_lr_scale": 2}))
+    assert full.lr_multiplier(TrainState(step=250)) == full.lr_lambda(250)  # nothing low-rank to scale
+
+
+def test_impossible_schedule_rejected_when_the_method_is_made():
+    cfg = _cfg("relora")
+    cfg.relora.reset_every = 40  # bypasses load_config's validation on purpose
+    with pytest.raises(ValueError, match=r"cycle_length \(C=40\) must be > restart_warmup_steps \(Wr=50\)"):
+        methods.from_config(cfg)
+
+
+def test_restart_action_merges_every_merge_every_and_resets_every_reset_every():
+    merges = [t for t in range(1000) if restart_action(t, 200, 100, 300)[0]]
+    assert merges == [300, 400, 500, 600, 700, 800, 900]  # online ReLoRA: merge_every 100 < reset_every 300
+    assert [t for t in merges if restart_action(t, 200, 100, 300)[1]] == [500, 800]
+    assert restart_action(200, 200, 100, 300) == (False, False)  # the switch places adapters; no merge there
+    assert [t for t in range(1000) if restart_action(t, 0, 300, 300)[0]] == [300, 600, 900]
+
+
+def test_relora_asks_for_restarts_only_after_the_switch():
+    method = methods.from_config(_cfg("relora"))
+    assert method.switch_step == 200
+    assert method.switch_due(TrainState(step=200)) and not method.switch_due(TrainState(step=199))
+    assert not method.switch_due(TrainState(step=300, wrapped=True, relora_start=200))
+    assert not method.restart_due(TrainState(step=500))  # not wrapped: nothing to merge
+    due = [t for t in range(1000) if method.restart_due(TrainState(step=t, wrapped=True, relora_start=200))]
+    assert due == [500, 800]
+    assert method.next_event(TrainState(step=10)) == 200
+    assert method.next_event(TrainState(step=510, wrapped=True, relora_start=200)) == 800
+    assert method.next_event(TrainState(step=810, wrapped=True, relora_start=200)) is None  # 1100 is past the end
+
+
+def test_lora_and_full_never_restart():
+    lora, full = methods.from_config(_cfg("lora")), methods.from_config(_cfg("full"))
+    states = [TrainState(step=t, wrapped=True, relora_start=200) for t in range(1000)]
+    assert not any(lora.restart_due(s) or full.restart_due(s) for s in states)
+    assert lora.next_event(TrainState(step=10)) == 200 and lora.next_event(states[300]) is None
+    assert full.switch_step is None and not full.switch_due(TrainState(step=500))
+    with pytest.raises(NotImplementedError, match="relora.mode full: wraps nothing"):
+        full.wrap(torch.nn.Linear(2, 2))
+
+
+def test_reference_step_is_the_switch_unless_set():
+    assert methods.from_config(_cfg("relora")).reference_step() == 200
+    assert methods.from_config(_cfg("relora", **{"checkpoint.at_switch": "false"})).reference_step() is None
+    assert methods.from_config(_cfg("full")).reference_step() is None
+    assert methods.from_config(_cfg("full", **{"checkpoint.reference_step": 200})).reference_step() == 200
+
+
+@pytest.mark.parametrize("trainable_scaling", [False, True])
+def test_exported_weight_is_the_merged_linear(trainable_scaling):
+    cfg = _cfg("lora", **{"relora.rank": 4, "relora.alpha": 8, "relora.trainable_scaling": trainable_scaling})
+    layer = ReLoRALinear.from_linear(torch.nn.Linear(12, 10, bias=False), 4, 8.0, 0.0, trainable_scaling, "torch",
+                                     generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        if trainable_scaling:
+            layer.lora_scaling.fill_(0.7)
+    adapters = {n: p.detach().float() for n, p in layer.named_parameters() if n.startswith("lora_")}
+    exported = methods.from_config(cfg).exported_weight(layer.weight.detach().float().clone(), adapters)
+    torch.testing.assert_close(exported, layer.merged_linear().weight, rtol=0, atol=1e-6)
+
+
+def _sgd(peak):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=peak)
+
+
+def test_lambda_lr_gives_the_same_values():
+    fn = methods.from_config(_cfg("relora")).lr_lambda
+    opt = _sgd(2e-3)
+    scheduler = make_lambda_lr(opt, fn)
+    seen = []
+    for _ in range(1000):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert seen == pytest.approx([2e-3 * fn(t) for t in range(1000)], abs=1e-15)
+    assert seen[200] == 0.0 and seen[500] == 0.0
+
+
+def test_lambda_lr_started_mid_run_continues_the_schedule():
+    """The fresh optimizer made at the warm-start switch S continues at λ(S) (= 0, a restart)."""
+    fn = methods.from_config(_cfg("relora")).lr_lambda
+    opt = _sgd(2e-3)
+    scheduler = make_lambda_lr(opt, fn, last_step=199)
+    assert opt.param_groups[0]["lr"] == 0.0
+    lrs = []
+    for _ in range(60):
+        opt.step()
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([2e-3 * fn(t) for t in range(201, 261)], abs=1e-15)
