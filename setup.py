@@ -15,7 +15,7 @@ setup(
         "torch>=2.4",  # torch.library.custom_op (relora_ds/kernels)
         "deepspeed>=0.19.8,<0.20",  # = engine/versions.py TESTED_DEEPSPEED: the restart reads its internals
         "packaging",
-        "transformers>=5.0",  # transformers.initialization (no_init_weights), used by model/llama.py
+        "transformers>=5.0",  # transformers.initialization (no_init_weights), used by model/build.py
         "accelerate>=1.1",  # transformers' HfDeepSpeedConfig (the ZeRO-3 build and from_pretrained) requires it
         "datasets>=2.18",
         "tokenizers>=0.15",
