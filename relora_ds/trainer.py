@@ -261,7 +261,7 @@ def start_source(cfg: RunConfig, resume_tag: str | None) -> tuple[str | None, di
 
 def start_engine(cfg: RunConfig, method: methods.Method, ds_config: dict, vocab_size: int, batches,
                  start_tag: str | None, saved: dict | None, resume: bool):
-    """(engine, state, moments checked): a new model, or one restored from `start_tag` (resume: everything; else a
+    """(engine, state, the engine's restart layout or None): a new model, or one restored from `start_tag` (resume: everything; else a
     full-rank warm start: the module only, the step count and data position carry on, and the method's switch then
     happens in the loop). Wraps before the engine is made when the checkpoint was wrapped or the method places its
     adapters at step 0 (no full-rank engine is made in vain). Restores the data position into `batches`."""

@@ -139,3 +139,15 @@ def test_lambda_lr_started_mid_run_continues_the_schedule():
         scheduler.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([2e-3 * fn(t) for t in range(201, 261)], abs=1e-15)
+
+
+def test_the_trainer_asks_the_method_and_reads_no_mode():
+    """No `cfg.relora.mode` (or any `.mode`) in the trainer: what differs between methods is the method's answer."""
+    import ast
+    import inspect
+
+    from relora_ds import trainer
+
+    tree = ast.parse(inspect.getsource(trainer))
+    reads = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "mode"]
+    assert reads == []
