@@ -24,7 +24,9 @@ if [[ $what == main || $what == all ]]; then
     compare main full,lora,lora_warm,relora,no_reset,no_jagged,no_warm
 fi
 if [[ $what == ablations || $what == all ]]; then
-    # One factor at a time against the base (LR 1x, cycle 300, pair_moments on, r 16, warm start 300 = 25%).
+    # One factor at a time against the base (LR 1x, cycle 300, pair_moments on, r 16, warm start 300 = 25%), and
+    # the base itself again (on the machine the ablations run on, when it is not the main comparison's).
+    compare base-rerun lora_warm,relora
     compare lr-1.5x lora_warm,relora --set schedule.low_rank_lr_scale=1.5
     compare lr-2x lora_warm,relora --set schedule.low_rank_lr_scale=2
     compare cycle-100 relora --set relora.reset_every=100

@@ -3,7 +3,7 @@
 
     python benchmarks/study/summarize.py [--runs runs/study-20m] [--out benchmarks/results/<date>-study-20m]
 
-Copies each comparison's compare.{json,md,png} (as <name>-compare.*) and the main comparison's spectra.{json,png},
+Copies each comparison's compare.{json,md,png} and spectra.{json,png} (as <name>-compare.*, <name>-spectra.*),
 and writes study.md: the main table (the paper's Table 2 and Table 6 variants) and one row per ablation variant
 beside the base's row of the same variant, with the difference in held-out perplexity. Nothing is computed here
 that compare did not already write; a comparison that has not finished shows as such.
@@ -18,7 +18,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-ORDER = ("main", "lr-1.5x", "lr-2x", "cycle-100", "cycle-150", "no-pair-moments", "rank-32", "warm-150", "warm-600",
+ORDER = ("main", "base-rerun", "lr-1.5x", "lr-2x", "cycle-100", "cycle-150", "no-pair-moments", "rank-32", "warm-150", "warm-600",
          "full-lr-0.5x")
 
 
@@ -68,14 +68,11 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     for name in reports:
-        for ext in ("json", "md", "png"):
-            src = os.path.join(args.runs, name, f"compare.{ext}")
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(args.out, f"{name}-compare.{ext}"))
-    for ext in ("json", "png"):
-        src = os.path.join(args.runs, "main", f"spectra.{ext}")
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(args.out, f"main-spectra.{ext}"))
+        for what, exts in (("compare", ("json", "md", "png")), ("spectra", ("json", "png"))):
+            for ext in exts:
+                src = os.path.join(args.runs, name, f"{what}.{ext}")
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(args.out, f"{name}-{what}.{ext}"))
     head = ("| comparison | variant | status | eval loss | eval ppl | Δ ppl vs base | trainable params | restarts | "
             "epochs | σ>0.1 |", "|---|---|---|---|---|---|---|---|---|---|")
     base = {v["variant"]: v for v in reports["main"]["variants"]}

@@ -37,7 +37,7 @@ def test_tables_and_deltas(tmp_path):
     text = (out / "study.md").read_text()
     assert "| lr-2x | `lora_warm` | finished | 1.0000 | 78.00 | -2.00 |" in text
     assert "| lr-2x | `relora` | diverged at 7 |" in text and "+6.50" in text
-    assert "Not run yet: lr-1.5x, cycle-100" in text
+    assert "Not run yet: base-rerun, lr-1.5x, cycle-100" in text
     assert (out / "main-compare.md").is_file() and (out / "lr-2x-compare.json").is_file()
 
 
