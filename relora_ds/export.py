@@ -23,6 +23,7 @@ import struct
 
 import torch
 
+from relora_ds import methods
 from relora_ds.config import RunConfig, parse_byte_size
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint
@@ -30,7 +31,6 @@ from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
 from relora_ds.memory import trim_heap
 from relora_ds.model.build import describe, input_embedding_name, meta_model, model_from_config
-from relora_ds import methods
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -72,7 +72,7 @@ class _Source:
         if not isinstance(self.state.get("config"), dict):
             raise CheckpointError(f"{os.path.join(self.tag_dir, checkpoint.STATE_FILE)}: holds no run config")
         self.cfg = RunConfig.from_dict(self.state["config"])
-        self.method = methods.from_config(self.cfg.resolved())
+        self.method = methods.from_config(self.cfg)
         self.lazy = lazy_fp32_state_dict(self.tag_dir)
         try:  # the vocabulary: the rows of the input embedding, named as the run's family names it
             embedding_name = input_embedding_name(self.cfg.model)

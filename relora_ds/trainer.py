@@ -19,7 +19,6 @@ from relora_ds.config import RunConfig
 from relora_ds.data import loader as data_loader
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint, ds_config as dsc, runtime, zero
-from relora_ds.relora.reset import MOMENT_KEYS
 from relora_ds.memory import GIB, PhaseMemory, fix_heap_threshold, release_memory
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import describe, meta_model, model_from_config
@@ -160,12 +159,12 @@ def evaluate(engine, batches: list[dict]) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def flops_per_token_full(cfg: RunConfig, model_config) -> int | None:
-    """Full-rank training FLOPs per token of the run's model (model.counts.flops_per_token over the model its
-    transformers config describes, on the meta device: every family, model.hf_config and model.init_from alike),
+def flops_per_token_full(cfg: RunConfig, model) -> int | None:
+    """Full-rank training FLOPs per token of the run's model (model.counts.flops_per_token of the built module, or
+    of a transformers config's model on the meta device: every family, model.hf_config and model.init_from alike),
     whatever the mode, like the benchmark's MFU; None for a config that builds no countable model (no MFU)."""
     try:
-        return flops_per_token(model_config, cfg.data.seq_len)["full"]
+        return flops_per_token(model, cfg.data.seq_len)["full"]
     except ValueError:
         return None
 
@@ -261,9 +260,9 @@ def start_source(cfg: RunConfig, resume_tag: str | None) -> tuple[str | None, di
 
 def start_engine(cfg: RunConfig, method: methods.Method, ds_config: dict, vocab_size: int, batches,
                  start_tag: str | None, saved: dict | None, resume: bool):
-    """(engine, state, the engine's restart layout or None): a new model, or one restored from `start_tag` (resume: everything; else a
-    full-rank warm start: the module only, the step count and data position carry on, and the method's switch then
-    happens in the loop). Wraps before the engine is made when the checkpoint was wrapped or the method places its
+    """(engine, state, the engine's restart layout or None): a new model, or one restored from `start_tag` (resume:
+    everything; else a full-rank warm start: the module only, the step count and data position carry on, and the
+    method's switch then happens in the loop). Wraps before the engine is made when the checkpoint was wrapped or the method places its
     adapters at step 0 (no full-rank engine is made in vain). Restores the data position into `batches`."""
     state = TrainState()
     zero3_config = ds_config if dsc.zero_stage(ds_config) == 3 else None  # built partitioned, never whole
@@ -335,7 +334,7 @@ def train(cfg: RunConfig, *, keep_engine: bool = False) -> dict:
     device = runtime.device()
     phases = PhaseMemory(device)
     engine, state, layout = start_engine(cfg, method, ds_config, vocab_size, batches, start_tag, saved,
-                                                  resume=resume_tag is not None)
+                                         resume=resume_tag is not None)
     build_peak = phases.end("build")
 
     if rank == 0:
@@ -363,7 +362,7 @@ def train(cfg: RunConfig, *, keep_engine: bool = False) -> dict:
         metrics.log_event("data", state.step, train_tokens=train_tokens)
     tokens_per_step = micro_bs * grad_accum * world * cfg.data.seq_len
     # MFU = tokens/s per device × full-rank FLOPs per token / peak FLOP/s per device (None: left out of the log).
-    model_flops = flops_per_token_full(cfg, engine.module.config)
+    model_flops = flops_per_token_full(cfg, engine.module)  # wrapped or not: the same linears, counted as built
     peak_flops = peak_flops_per_device(cfg, ds_config, engine.device)
     mfu_per_tokens_per_s = model_flops / peak_flops / world if model_flops and peak_flops else None
     summary = {"evals": [], "losses": {}, "grad_norms": {}, "restarts": []}
@@ -419,8 +418,7 @@ def train(cfg: RunConfig, *, keep_engine: bool = False) -> dict:
         state.step += 1
         state.tokens_seen += tokens_per_step
         if layout is not None and not layout.moments_checked:  # ZeRO-0 makes them at the first step: check now
-            layout.check_coverage(adapters_of(engine), MOMENT_KEYS)
-            layout.moments_checked = True
+            layout.check_moments(adapters_of(engine))
 
         if logs:
             loss_value = _mean_over_ranks(local_loss.item(), engine.device)

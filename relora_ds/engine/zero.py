@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from relora_ds.dist import all_reduce
 from relora_ds.engine.ds_config import DSConfigError
 from relora_ds.relora.reset import MOMENT_KEYS
 
@@ -121,6 +122,12 @@ class Layout:
                 except KeyError:
                     return False
         return True
+
+    def check_moments(self, named_params: dict) -> None:
+        """The moments' coverage check that `layout_for` could not run yet (ZeRO-0 makes the moments at the first
+        optimizer step): `check_coverage` of MOMENT_KEYS, then `moments_checked`. Collective."""
+        self.check_coverage(named_params, MOMENT_KEYS)
+        self.moments_checked = True
 
     def check_coverage(self, named_params: dict, keys=(None,)) -> None:
         """All-gather every rank's fragment interval of each parameter's fp32 master (key None) and of optimizer
@@ -243,7 +250,7 @@ def layout_for(engine, adapters: dict | None = None) -> Layout:
     `check_engine_settings`, then an optimizer no layout reads. With `adapters` ({name: parameter}), also
     checks, collectively, that the ranks' fragments of each adapter's fp32 master and, where they exist on every
     rank yet, its moments cover each tensor exactly once; `moments_checked` says whether the moments were (ZeRO-0
-    makes them at the first step: check them then with `check_coverage(adapters, MOMENT_KEYS)`).
+    makes them at the first step: check them then with `check_moments(adapters)`).
     """
     check_engine_settings(engine)
     layout = _layout_class(engine)(engine)
@@ -279,15 +286,10 @@ def _layout_class(engine) -> type[Layout]:
 
 def _on_every_rank(flag: bool) -> bool:
     """Whether `flag` holds on every rank (one all_reduce when distributed), so that all ranks branch alike."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
     from deepspeed.accelerator import get_accelerator
 
-    missing = torch.tensor([0.0 if flag else 1.0], device=get_accelerator().current_device_name())
-    dist.all_reduce(missing, op=dist.ReduceOp.MAX)
-    return missing.item() == 0.0
+    missing = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)
+    return all_reduce(missing, "max", device=get_accelerator().current_device_name()).item() == 0.0
 
 
 def check_engine_settings(engine) -> None:
@@ -327,16 +329,6 @@ def coverage_errors(intervals, numel: int, replicated: bool) -> str | None:
                     else f"elements from {start} are held by two ranks")
         covered = start + length
     return None if covered == numel else f"elements [{covered}, {numel}) are held by no rank"
-
-
-def check_restart_support(engine, named_adapters: dict) -> bool:
-    """`layout_for(engine, named_adapters)`; returns whether the moments were checked too. Collective."""
-    return layout_for(engine, named_adapters).moments_checked
-
-
-def check_coverage(engine, named_params: dict, keys=(None,), layout: Layout | None = None) -> None:
-    """`Layout.check_coverage` on the engine's layout (`layout`, or chosen now). Collective."""
-    (layout or layout_for(engine)).check_coverage(named_params, keys)
 
 
 # --- full tensors and module writes ---------------------------------------------------------------------------

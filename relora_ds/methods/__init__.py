@@ -10,8 +10,9 @@ METHODS: dict[str, type[Method]] = {"full": FullRank, "lora": LoRA, "relora": Re
 
 
 def from_config(cfg: RunConfig) -> Method:
-    """The run's method; a one-line ValueError for an unknown relora.mode or an impossible LR schedule.
-    config.MODES (relora.mode's choices) names the same methods (a unit test keeps them equal)."""
+    """The run's method, holding the resolved config (RunConfig.resolved: relora.merge_every filled in); a one-line
+    ValueError for an unknown relora.mode or an impossible LR schedule. config.MODES (relora.mode's choices) names
+    the same methods (a unit test keeps them equal)."""
     if cfg.relora.mode not in METHODS:
         raise ValueError(f"relora.mode must be one of {', '.join(METHODS)}, got {cfg.relora.mode!r}")
-    return METHODS[cfg.relora.mode](cfg)
+    return METHODS[cfg.relora.mode](cfg.resolved())

@@ -22,7 +22,7 @@ class ReLoRA(LoRA):
 
     def _action(self, state) -> tuple[bool, bool]:
         r = self.cfg.relora
-        return restart_action(state.step, state.relora_start, r.merge_every or r.reset_every, r.reset_every)
+        return restart_action(state.step, state.relora_start, r.merge_every, r.reset_every)
 
     def restart(self, engine, state, layout=None):
         """Merge, re-init and (on reset steps) prune the adapters' moments on every rank; counts the merge in
@@ -37,7 +37,7 @@ class ReLoRA(LoRA):
     def next_event(self, state) -> int | None:
         if not state.wrapped:
             return self.switch_step
-        every = self.cfg.relora.merge_every or self.cfg.relora.reset_every
+        every = self.cfg.relora.merge_every
         upcoming = state.relora_start + ((state.step - state.relora_start) // every + 1) * every
         return upcoming if upcoming < self.cfg.train.total_steps else None
 
