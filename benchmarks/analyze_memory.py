@@ -1,28 +1,31 @@
 #!/usr/bin/env python
 """Can `relora-ds analyze` run on a machine with less memory than the fp32 model? (issue 14)
 
-    python benchmarks/analyze_memory.py [--preset 1b] [--limit-gib 4] [--workdir /tmp/analyze-memory]
+    python benchmarks/analyze_memory.py [--preset 1b] [--limit-gib 4] [--workdir DIR] [--keep]
 
 Writes two exported models of the preset (fp32 safetensors, the tokenizer's 8 192-token vocabulary): A random,
 B = A + a rank-16 update of every projection (so ΔW's spectrum is known: 16 singular values per weight). Then
 runs `relora-ds analyze A B` in a child process, once without a limit and once inside a cgroup-v1 memory limit
 of --limit-gib (when /sys/fs/cgroup/memory is writable; root only; the page cache dropped first), sampling the child's anonymous memory
 (RssAnon) every 0.2 s. The memory-mapped safetensors pages count in the RSS but are clean page cache, which the
-kernel reclaims under the limit; what must fit is the anonymous memory. Results: benchmarks/results/<date>-analyze-
-memory-<preset>-cpu.{json,md}.
+kernel reclaims under the limit; what must fit is the anonymous memory. The models (2 × 4.6 GiB at 1b) go to a new
+temporary directory (or --workdir), removed at the end unless --keep; the cgroup is named after this process, so
+two runs side by side do not share one. Results: benchmarks/results/<date>-analyze-memory-<preset>-cpu.{json,md}.
 """
 
 import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CGROUP = "/sys/fs/cgroup/memory/relora-ds-analyze-memory"
+CGROUP = f"/sys/fs/cgroup/memory/relora-ds-analyze-memory-{os.getpid()}"
 # The checkout first, and not benchmarks/ itself: its kernels.py would shadow the `kernels` package transformers imports.
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
@@ -90,16 +93,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b")
     p.add_argument("--limit-gib", type=float, default=4.0, help="the cgroup memory limit of the limited run")
-    p.add_argument("--workdir", default="/tmp/analyze-memory")
+    p.add_argument("--workdir", default=None, help="where the two models go (default: a new temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the models and the analyses in the workdir")
     args = p.parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
-    model_bytes = make_models(args.preset, args.workdir)
-    runs = [run_analyze(args.workdir, os.path.join(args.workdir, "out"), None)]
-    if os.access(os.path.dirname(CGROUP), os.W_OK):
-        runs.append(run_analyze(args.workdir, os.path.join(args.workdir, "out-limited"),
-                                int(args.limit_gib * 2**30)))
-    else:
-        print(f"{os.path.dirname(CGROUP)}: not writable; the limited run is left out", file=sys.stderr)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="relora-ds-analyze-memory-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        model_bytes = make_models(args.preset, workdir)
+        runs = [run_analyze(workdir, os.path.join(workdir, "out"), None)]
+        if os.access(os.path.dirname(CGROUP), os.W_OK):
+            runs.append(run_analyze(workdir, os.path.join(workdir, "out-limited"), int(args.limit_gib * 2**30)))
+        else:
+            print(f"{os.path.dirname(CGROUP)}: not writable; the limited run is left out", file=sys.stderr)
+    finally:
+        if not args.keep:
+            for name in ("A", "B", "out", "out-limited"):
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     from relora_ds.hardware import host, package_versions
 
