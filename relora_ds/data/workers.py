@@ -5,20 +5,31 @@ path). With W >= 1 the rank has W readers, reader rank*W + j run by worker j, an
 IterableDataset runs them in W background processes with data.prefetch_batches micro-batches prepared ahead.
 
 Why a DataLoader rather than hand-made queues: it brings the worker lifecycle (start by fork, death detection,
-clean shutdown when the iterator is closed or collected, workers that exit when the trainer dies), and for an
-endless IterableDataset it hands out the workers' batches in strict turn (batch i from worker i mod W). So the rank's order is a pure function of its readers' own sequences, and the resumable state is just
-each reader's state after the last batch taken from it plus whose turn is next — each batch travels with its
-reader's state, so nothing that the workers prepared ahead but the trainer never took is ever counted. On
-resume worker j runs reader (j + turn) mod W, so the rotation continues where it stopped. A batch travels as a
-numpy array through the DataLoader's pipe (for micro-batches this is cheaper than torch's shared-memory file per
-tensor: it halved the trainer process's share of the work in the measurement of the 2-worker pipeline).
+clean shutdown when the iterator is closed or collected), and for an endless IterableDataset it hands out the
+workers' batches in strict turn (batch i from worker i mod W). So the rank's order is a pure function of its
+readers' own sequences, and the resumable state is just each reader's state after the last batch taken from it
+plus whose turn is next — each batch travels with its reader's state, so nothing that the workers prepared
+ahead but the trainer never took is ever counted. On resume worker j runs reader (j + turn) mod W, so the
+rotation continues where it stopped. A batch travels as a numpy array through the DataLoader's pipe (for
+micro-batches this is cheaper than torch's shared-memory file per tensor: it halved the trainer process's share
+of the work in the measurement of the 2-worker pipeline).
+
+A trainer killed outright (SIGKILL: a node failure, the OOM killer) does not take the DataLoader's workers with it:
+the DataLoader's watchdog looks at the parent only between fetches, and a worker whose prepared batches fill
+the pipe to the dead trainer blocks on exit (its queue's feeder thread waits on the full pipe, whose read end
+the workers themselves hold) and stays forever, re-parented to init, holding its memory. So each worker asks
+Linux at start to be killed when its parent dies (`_die_with_parent`: prctl PR_SET_PDEATHSIG with SIGKILL),
+and exits at once if the parent died before it asked. Elsewhere (no prctl) the DataLoader's watchdog is all.
 
 A worker never raises through the DataLoader (that would be a multi-line traceback): it sends a one-line
 message instead, which the trainer's process raises as a DataError; a worker that dies (killed, out of memory)
 is also one line.
 """
 
+import ctypes
+import functools
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -40,6 +51,23 @@ class _Failure:
 
 def _identity(item):
     return item
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """A worker's first act (the DataLoader's worker_init_fn): be killed by Linux when `parent` dies.
+
+    Linux sends the signal when the thread that forked this worker exits, not only the process: the workers are
+    forked by `iter(loader)` in RankStream._start, called by the first __next__, i.e. in the thread that takes
+    the batches (the trainer's main thread). A stream must not be started in a thread that ends before the
+    process does."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died between the fork and prctl: no signal will come
+        os._exit(1)
 
 
 class _Readers(torch.utils.data.IterableDataset):
@@ -126,6 +154,7 @@ class RankStream:
         loader = torch.utils.data.DataLoader(
             readers, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
             prefetch_factor=-(-self.prefetch // self.num_workers),
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
             multiprocessing_context="fork" if sys.platform.startswith("linux") else None)
         try:
             return iter(loader)
