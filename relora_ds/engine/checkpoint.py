@@ -28,6 +28,7 @@ import zlib
 import torch
 
 from relora_ds import dist
+from relora_ds.engine import zero
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "relora_state.json"
@@ -265,6 +266,7 @@ def load(engine, tag_dir: str, *, module_only: bool = False) -> dict:
     if load_path is None:
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     if not module_only:
+        zero.link_loaded_moments(engine)  # the restored moments, reachable before the engine's first step
         rng_path = os.path.join(tag_dir, f"rank_{dist.rank():05d}_rng.pt")
         if os.path.isfile(rng_path):
             rng = torch.load(rng_path, weights_only=False)

@@ -241,6 +241,29 @@ class Zero3Layout(Layout):
             safe_set_local_optimizer_state(param, frag.storage, key)
 
 
+def link_loaded_moments(engine) -> None:
+    """Make the moments a checkpoint load restored reachable through `param._hp_mapping` (ZeRO-1/2, BF16_Optimizer).
+
+    DeepSpeed 0.19.8 links each parameter's view of its Adam moments lazily, inside `optimizer.step()`, and a
+    checkpoint load re-makes the mappings without those views. An engine that resumes from a checkpoint taken on a
+    restart step would then restart before its first step, find no moments and stop (every requeue alike). After
+    an optimizer-state load the engine must look as it did when it was saved: the views are linked here, exactly as
+    DeepSpeed's own step would link them. Other layouts keep their state keyed by the parameters: nothing to do.
+    Local; a no-op when the optimizer holds no state for its flat partitions (nothing was loaded).
+    """
+    optimizer = engine.optimizer
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(optimizer, "fp32_groups_flat_partition", None)
+    if link is None or flats is None or stage(engine) == 3:
+        return
+    state = inner_optimizer(engine).state
+    if not all(flat in state for flat in flats):
+        return
+    optimizer._hp_optimizer_states_linked = False  # re-link: the load made new mappings
+    link()
+
+
 # --- choosing the layout, and failing fast -------------------------------------------------------------------
 
 def layout_for(engine, adapters: dict | None = None) -> Layout:
