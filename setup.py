@@ -12,7 +12,7 @@ setup(
     package_dir={"relora_ds.ds_configs": "ds_configs"},
     package_data={"relora_ds": ["data/sample/*/*", "configs/*.yaml"], "relora_ds.ds_configs": ["*.json", "*.md"]},
     install_requires=[
-        "torch>=2.4",  # torch.library.custom_op (relora_ds/kernels)
+        "torch>=2.5",  # torch.library.custom_op (relora_ds/kernels); torch.serialization.safe_globals (engine/zero_checkpoint.py)
         "deepspeed>=0.19.8,<0.20",  # = engine/versions.py TESTED_DEEPSPEED: the restart reads its internals
         "packaging",
         "transformers>=5.0",  # transformers.initialization (no_init_weights), used by model/build.py

@@ -269,7 +269,7 @@ def load(engine, tag_dir: str, *, module_only: bool = False) -> dict:
         zero.link_loaded_moments(engine)  # the restored moments, reachable before the engine's first step
         rng_path = os.path.join(tag_dir, f"rank_{dist.rank():05d}_rng.pt")
         if os.path.isfile(rng_path):
-            rng = torch.load(rng_path, weights_only=False)
+            rng = torch.load(rng_path, weights_only=True)  # tensors and None only
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])

@@ -28,11 +28,17 @@ tensor at a time. The values are bitwise those of DeepSpeed's consolidated dict 
 - shared parameters (`shared_params`, e.g. tied embeddings): the alias gets the same LazyTensor.
 Layouts this does not know (no `zero_stage` in the optimizer states, a rank's file missing) are a one-line
 CheckpointError naming the file.
+
+The files may come from someone else (`export`, `eval` and `analyze` read shared checkpoints), so they are read
+with `torch.load(weights_only=True)`: tensors, plain containers and the three DeepSpeed types its checkpoints
+hold (`_deepspeed_globals`), allowed for that read only. A pickle naming anything else (a function it would call,
+any other class) is refused unrun, as a one-line CheckpointError naming the file and the type.
 """
 
 import ctypes
 import math
 import os
+import pickle
 import sys
 from collections import OrderedDict
 
@@ -86,14 +92,49 @@ def _whole(path: str, tensor: torch.Tensor) -> LazyTensor:
 
 # --- reading the files -------------------------------------------------------------------------------------
 
+def _deepspeed_globals() -> list:
+    """The only objects other than tensors and plain containers that DeepSpeed 0.19.8 pickles into the
+    `*model_states.pt` and `*optim_states.pt` files of the layouts relora-ds trains (ZeRO 0-3, fp32 and bf16,
+    BF16_Optimizer; found with torch.serialization.get_unsafe_globals_in_checkpoint over real checkpoints).
+    The model states hold none."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [
+        ZeroStageEnum,  # ZeRO-1/2/3 optimizer states: "zero_stage"
+        LossScaler,  # ZeRO-1/2/3 optimizer states: "loss_scaler" (the static scaler of fp32 and bf16 runs)
+        fragment_address,  # ZeRO-1/2 and BF16_Optimizer optimizer states: "param_slice_mappings"
+    ]
+
+
 def _load(path: str) -> dict:
-    """torch.load with mmap (storages stay on disk until read); a file that cannot be read is one line."""
+    """torch.load with mmap (storages stay on disk until read) and weights_only: tensors, plain containers and
+    `_deepspeed_globals()`, nothing that runs code. A file holding anything else, or that cannot be read, is one
+    line."""
+    allowed = _deepspeed_globals()
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except UNREADABLE as e:
-        message = " ".join(str(e).split())
-        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt? ({type(e).__name__}: "
-                              f"{message[:200]})") from None
+        unknown = _unknown_globals(path, allowed) if isinstance(e, pickle.UnpicklingError) else []
+        if unknown:
+            message = (f"holds a pickled object of type {', '.join(unknown)}, which is not a tensor or a known "
+                       f"DeepSpeed type, so it is not loaded (untrusted checkpoint)")
+        else:
+            detail = " ".join(str(e).split())
+            message = f"cannot be read, truncated or corrupt? ({type(e).__name__}: {detail[:200]})"
+        raise CheckpointError(f"{path}: {message}") from None
+
+
+def _unknown_globals(path: str, allowed: list) -> list[str]:
+    """The globals the file's pickle names (read, not run) that weights_only refuses and `allowed` leaves out."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except UNREADABLE:
+        return []
+    known = {f"{cls.__module__}.{cls.__qualname__}" for cls in allowed}
+    return [name for name in found if name not in known]
 
 
 def _files(finder, tag_dir: str) -> list[str]:
