@@ -202,13 +202,14 @@ def prepare_output_dir(cfg: RunConfig) -> str | None:
     or a CheckpointError. auto: the newest complete checkpoint if there is one; else a fresh start, and the records
     of an attempt that died before its first complete checkpoint (RUN_RECORDS) are moved to
     previous_attempts/NNN/ (rank 0), so the new run's metrics.jsonl, wandb run and TensorBoard start empty.
-    Torn checkpoints are never resumed; a later save removes them.
+    Torn checkpoints are never resumed; a later save removes them. Damaged ones (files that no longer match their
+    MANIFEST.json) are moved to checkpoints/damaged/ with a warning, never deleted.
     """
     out = cfg.train.output_dir
     resume = cfg.train.resume
     if resume:  # true or "auto"
         try:
-            return checkpoint.find_checkpoint(out)
+            return checkpoint.find_resume_checkpoint(out)  # damaged tags are moved aside, never deleted
         except checkpoint.CheckpointError as e:
             if resume != "auto":
                 raise checkpoint.CheckpointError(f"{e}; train.resume=auto (--resume auto) starts fresh instead "

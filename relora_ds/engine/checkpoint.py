@@ -9,6 +9,8 @@ Layout of `<output_dir>/checkpoints/`:
     latest                      the newest complete tag (written atomically; informational)
     reference                   the tag of the reference checkpoint (the warm-start switch, or
                                 checkpoint.reference_step): the W that `relora-ds analyze` subtracts; never pruned
+    damaged/step_00000500[.N]   complete tags whose files no longer match MANIFEST.json, moved aside by a resume,
+                                a save of the same step or the pruning, with a warning naming them; never deleted
 A tag without COMPLETE is never resumed from and is removed by the next save. A complete tag is never
 removed to be rewritten: saving the same step with the same run state again (a resumed run that had already
 finished, a requeued job) keeps the tag on disk as it is, unless its files no longer match MANIFEST.json.
@@ -34,6 +36,7 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "relora_state.json"
 MANIFEST = "MANIFEST.json"
 REFERENCE = "reference"
+DAMAGED = "damaged"
 CHUNK_BYTES = 8 << 20
 # What torch.load and DeepSpeed's zero_to_fp32 raise on a truncated or corrupt file.
 UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, KeyError)
@@ -65,11 +68,13 @@ def complete_tags(checkpoint_dir: str) -> list[str]:
     return sorted(tags)
 
 
-def find_checkpoint(path: str, checksums: bool = True) -> str:
+def find_checkpoint(path: str, checksums: bool = True, set_aside: bool = False) -> str:
     """Resolve `path` to an intact complete tag dir, or raise CheckpointError.
 
     One tag dir (holding COMPLETE) must pass verify. A checkpoints dir or a run dir gives its newest complete
     tag that passes verify; each newer one that fails is skipped with a one-line warning on stderr (rank 0).
+    set_aside (a resume, on rank 0 only): each one that fails is also moved to checkpoints/damaged/ (`set_aside`),
+    so no later save or pruning can delete it and the next resume does not read it again.
     """
     if os.path.isfile(os.path.join(path, COMPLETE)):
         verify(path, checksums)
@@ -82,14 +87,52 @@ def find_checkpoint(path: str, checksums: bool = True) -> str:
                 return os.path.join(directory, tag)
             except CheckpointError as e:
                 failures.append(str(e))
-                if dist.is_rank_zero():
+                if set_aside:
+                    set_aside_damaged(directory, tag, str(e), then="trying an older one")
+                elif dist.is_rank_zero():
                     print(f"warning: {e}; skipping checkpoint {tag}, trying an older one", file=sys.stderr,
                           flush=True)
         if tags:
-            raise CheckpointError(f"{directory}: none of its {len(tags)} complete checkpoints is intact "
+            moved = f", all moved to {os.path.join(directory, DAMAGED)}" if set_aside else ""
+            raise CheckpointError(f"{directory}: none of its {len(tags)} complete checkpoints is intact{moved} "
                                   f"(the newest: {failures[0]})")
     raise CheckpointError(f"{path}: no complete relora-ds checkpoint found (expected a step_* directory "
                           f"holding {COMPLETE}, directly or under checkpoints/)")
+
+
+def set_aside_damaged(checkpoint_dir: str, tag: str, reason: str, then: str = "") -> str:
+    """Move the damaged tag `checkpoint_dir`/`tag` to `checkpoint_dir`/damaged/`tag` (`tag`.1, .2, ... when that is
+    taken) with a one-line warning naming both and why; return where it went. Damaged checkpoints are never
+    deleted by relora-ds: what is left of them may still be read by hand. Rank 0 only."""
+    parent = os.path.join(checkpoint_dir, DAMAGED)
+    os.makedirs(parent, exist_ok=True)
+    target, n = os.path.join(parent, tag), 0
+    while os.path.lexists(target):
+        n += 1
+        target = os.path.join(parent, f"{tag}.{n}")
+    os.replace(os.path.join(checkpoint_dir, tag), target)
+    print(f"warning: {reason}; checkpoint {tag} moved to {target} (kept, never deleted)"
+          f"{'; ' + then if then else ''}", file=sys.stderr, flush=True)
+    return target
+
+
+def find_resume_checkpoint(path: str) -> str:
+    """`find_checkpoint(path, set_aside=True)` for a run being resumed: rank 0 verifies the tags and moves the
+    damaged ones aside; every rank gets its answer (the tag dir, or the same CheckpointError)."""
+    found = None
+    if dist.is_rank_zero():
+        try:
+            found = ("tag", find_checkpoint(path, set_aside=True))
+        except CheckpointError as e:
+            found = ("error", str(e))
+    if dist.is_initialized() and dist.world_size() > 1:
+        decision = [found]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        found = decision[0]
+    kind, value = found
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def file_crc32(path: str) -> int:
@@ -163,7 +206,10 @@ def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int,
             _atomic_write_text(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
         return tag_dir
     if dist.is_rank_zero() and os.path.isdir(tag_dir):
-        shutil.rmtree(tag_dir)  # an earlier torn write of the same step, or files no longer matching MANIFEST.json
+        if os.path.isfile(os.path.join(tag_dir, COMPLETE)):  # complete, but another state or damaged files
+            _set_aside_or_remove(checkpoint_dir, tag, then=f"saving step {step} again")
+        else:
+            shutil.rmtree(tag_dir)  # an earlier torn write of the same step
     dist.barrier()
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state={"relora_ds": state}, save_latest=False)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -230,7 +276,21 @@ def _prune(checkpoint_dir: str, keep_last: int, newest: str) -> None:
     doomed += [t for t in os.listdir(checkpoint_dir)
                if t.startswith("step_") and t not in complete and t != kept and t < newest]
     for tag in doomed:
-        shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
+        if os.path.isfile(os.path.join(checkpoint_dir, tag, COMPLETE)):
+            _set_aside_or_remove(checkpoint_dir, tag, then=f"keeping the newest {keep_last}")
+        else:
+            shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
+
+
+def _set_aside_or_remove(checkpoint_dir: str, tag: str, then: str) -> None:
+    """A complete tag that is to go: removed when its files still match MANIFEST.json by size (an intact
+    checkpoint replaced or pruned as asked), else moved aside as damaged, never deleted. Rank 0."""
+    try:
+        verify(os.path.join(checkpoint_dir, tag), checksums=False)
+    except CheckpointError as e:
+        set_aside_damaged(checkpoint_dir, tag, str(e), then=then)
+        return
+    shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """checkpoint.save with a real DeepSpeed engine on 2 gloo ranks (ZeRO-2) writes MANIFEST.json over every rank's
-files; a later save of the same step keeps an intact tag and rewrites one whose files were damaged."""
+files; a later save of the same step keeps an intact tag, and rewrites one whose files were damaged after moving
+the damaged one to checkpoints/damaged/ (never deleted)."""
 
 import json
 import os
@@ -26,7 +27,7 @@ def save_damage_save(rank, world_size, ckpt_dir):
         with open(model_file, "r+b") as f:
             f.truncate(100)
     dist.barrier()
-    checkpoint.save(engine, ckpt_dir, step=1, state=state, keep_last=2)  # damaged: written again
+    checkpoint.save(engine, ckpt_dir, step=1, state=state, keep_last=2)  # damaged: set aside, written again
     engine.destroy()
     return tag_dir, kept
 
@@ -47,6 +48,9 @@ def test_save_writes_a_manifest_and_rewrites_a_damaged_tag(tmp_path):
         assert any(name.startswith(f"zero_pp_rank_{rank}_") and name.endswith("optim_states.pt") for name in files)
     checkpoint.verify(tag_dir)
     assert checkpoint.find_checkpoint(str(tmp_path)) == tag_dir
+    aside = os.path.join(ckpt_dir, checkpoint.DAMAGED, checkpoint.tag_for(1))
+    assert os.path.getsize(os.path.join(aside, "mp_rank_00_model_states.pt")) == 100  # the damaged copy, kept
+    assert sorted(os.listdir(aside)) == sorted(os.listdir(tag_dir))
     from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
 
     assert "model.embed_tokens.weight" in lazy_fp32_state_dict(tag_dir)

@@ -164,3 +164,70 @@ def test_reference_checkpoint_is_read_from_the_marker(tmp_path):
     (tag / ck.COMPLETE).write_text("4\n")
     assert ck.reference_checkpoint(str(run)) == str(tag)
     assert ck.reference_checkpoint(str(run / "checkpoints")) == str(tag)
+
+
+# --- damaged checkpoints are moved aside, never deleted ------------------------------------------------------
+
+def _damaged(run_dir) -> list[str]:
+    parent = os.path.join(run_dir, "checkpoints", checkpoint.DAMAGED)
+    return sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+
+
+def test_resume_moves_a_damaged_tag_aside_and_names_it(tmp_path, capsys):
+    older, newest = fake_tag(tmp_path, 2), fake_tag(tmp_path, 4)
+    flip_a_byte(os.path.join(newest, MODEL_FILE))
+    capsys.readouterr()
+    assert checkpoint.find_resume_checkpoint(str(tmp_path)) == older
+    [warning] = capsys.readouterr().err.splitlines()
+    aside = os.path.join(tmp_path, "checkpoints", checkpoint.DAMAGED, "step_00000004")
+    assert warning.startswith(f"warning: {os.path.join(newest, MODEL_FILE)}: CRC32 differs")
+    assert f"checkpoint step_00000004 moved to {aside} (kept, never deleted)" in warning
+    assert not os.path.exists(newest) and os.path.isfile(os.path.join(aside, MODEL_FILE))
+    assert checkpoint.complete_tags(os.path.join(tmp_path, "checkpoints")) == ["step_00000002"]
+    # A tool that only reads (export, analyze) skips it without moving anything.
+    newest = fake_tag(tmp_path, 6)
+    truncate(os.path.join(newest, MODEL_FILE))
+    assert checkpoint.find_checkpoint(str(tmp_path)) == older and os.path.isdir(newest)
+
+
+def test_auto_resume_with_every_tag_damaged_starts_fresh_and_keeps_them(tmp_path, capsys):
+    from relora_ds import trainer
+    from relora_ds.config import load_config
+
+    run = str(tmp_path / "run")
+    for step in (4, 8):
+        truncate(os.path.join(fake_tag(run, step), MODEL_FILE))
+    cfg = load_config(None, [f"train.output_dir={run}", "train.resume=auto"])
+    assert trainer.prepare_output_dir(cfg) is None  # a fresh start
+    assert _damaged(run) == ["step_00000004", "step_00000008"]
+    assert len([w for w in capsys.readouterr().err.splitlines() if "(kept, never deleted)" in w]) == 2
+    # The fresh run saves and prunes (keep_last 1) its own tags: the damaged ones are not among them. When it
+    # reaches a step whose tag was damaged and set aside before, the second copy goes beside the first.
+    ckpt_dir = os.path.join(run, "checkpoints")
+    for step in (4, 8):
+        fake_tag(run, step)
+        checkpoint._prune(ckpt_dir, keep_last=1, newest=checkpoint.tag_for(step))
+    assert checkpoint.complete_tags(ckpt_dir) == ["step_00000008"]
+    assert _damaged(run) == ["step_00000004", "step_00000008"]
+    truncate(os.path.join(ckpt_dir, "step_00000008", MODEL_FILE))
+    assert trainer.prepare_output_dir(cfg) is None
+    assert _damaged(run) == ["step_00000004", "step_00000008", "step_00000008.1"]
+    # train.resume=true with nothing intact: the error says where they went.
+    truncate(os.path.join(fake_tag(run, 12), MODEL_FILE))
+    cfg.train.resume = True
+    with pytest.raises(checkpoint.CheckpointError, match=r"none of its 1 complete checkpoints is intact, all moved "
+                                                         r"to .*/checkpoints/damaged \(the newest: "):
+        trainer.prepare_output_dir(cfg)
+    assert "step_00000012" in _damaged(run)
+
+
+def test_pruning_moves_a_damaged_tag_aside_instead_of_deleting_it(tmp_path, capsys):
+    ckpt_dir = os.path.join(tmp_path, "checkpoints")
+    damaged, intact = fake_tag(tmp_path, 2), fake_tag(tmp_path, 4)
+    os.remove(os.path.join(damaged, "zero", "shard.bin"))
+    fake_tag(tmp_path, 6)
+    checkpoint._prune(ckpt_dir, keep_last=1, newest="step_00000006")
+    assert checkpoint.complete_tags(ckpt_dir) == ["step_00000006"]
+    assert not os.path.exists(intact)  # an intact old tag is pruned as asked
+    assert _damaged(tmp_path) == ["step_00000002"]
+    assert "step_00000002 moved to" in capsys.readouterr().err
