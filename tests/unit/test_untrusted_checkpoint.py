@@ -82,12 +82,14 @@ def test_analyze_refuses_it_too(tmp_path):
 
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker))
-    allowed_before = torch.serialization.get_safe_globals()
     with pytest.raises(checkpoint.CheckpointError) as info:
         open_side(tag_dir)
     _check_refusal(str(info.value), tag_dir)
     assert not marker.exists()
-    assert torch.serialization.get_safe_globals() == allowed_before  # the DeepSpeed types: for that read only
+    from relora_ds.engine.zero_checkpoint import _deepspeed_globals
+
+    # The DeepSpeed types are allowed for that read only (torch's own list may grow as torch modules are imported).
+    assert not set(_deepspeed_globals()) & set(torch.serialization.get_safe_globals())
 
 
 def test_cli_export_prints_one_line_and_runs_nothing(tmp_path):
