@@ -2,6 +2,7 @@
 
     relora-ds train --config RUN.yaml [--deepspeed_config DS.json] [--set key=value ...]
     relora-ds validate-config RUN.yaml [--set key=value ...]
+    relora-ds schedule RUN.yaml --out lr.png [--set key=value ...]
     relora-ds tokenizer train --files a.jsonl b.txt --out DIR [--vocab-size 8192]
     relora-ds pretokenize --source FILES --out DIR [--tokenizer DIR] [--seq-len 256] [--num-proc N]
     relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
@@ -47,6 +48,44 @@ def cmd_validate_config(args) -> int:
 
     cfg = load_config(args.file, args.overrides)
     print(cfg.to_yaml(), end="")
+    return 0
+
+
+def schedule_series(cfg) -> dict:
+    """{label: the LR of every step 0..N-1} of a run config, as the trainer sets it (schedule.lr × the method's
+    multiplier); for lora/relora with a warm start, under both schedule.at_switch modes, the config's first."""
+    from relora_ds import methods
+    from relora_ds.trainer import TrainState
+
+    modes = [cfg.schedule.at_switch]
+    if cfg.relora.mode != "full" and cfg.relora.warm_start_steps > 0:
+        modes += [m for m in ("restart", "continue") if m != cfg.schedule.at_switch]
+    series = {}
+    for mode in modes:
+        variant = cfg.resolved()
+        variant.schedule.at_switch = mode
+        method = methods.from_config(variant)
+        switch = method.switch_step
+        series[f"at_switch {mode}" if len(modes) > 1 else cfg.relora.mode] = [
+            cfg.schedule.lr * method.lr_multiplier(TrainState(step=t, wrapped=switch is not None and t >= switch))
+            for t in range(cfg.train.total_steps)]
+    return series
+
+
+def cmd_schedule(args) -> int:
+    from relora_ds import methods
+    from relora_ds.config import load_config
+    from relora_ds.plots import plot_schedule
+    from relora_ds.trainer import TrainState
+
+    cfg = load_config(args.file, args.overrides)
+    method = methods.from_config(cfg.resolved())
+    switch = method.switch_step
+    restarts = [t for t in range(cfg.train.total_steps)
+                if method.restart_due(TrainState(step=t, wrapped=True, relora_start=switch or 0))]
+    title = f"{os.path.basename(args.file)}: relora.mode {cfg.relora.mode}, schedule.kind {cfg.schedule.kind}"
+    out = plot_schedule(schedule_series(cfg), args.out, switch_step=switch, restart_steps=restarts, title=title)
+    print(f"learning-rate schedule written to {out}")
     return 0
 
 
@@ -208,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set relora.rank=64 (repeatable)")
     p.set_defaults(fn=cmd_validate_config)
+
+    p = sub.add_parser("schedule", help="draw a config's learning rate per step (both schedule.at_switch modes)")
+    p.add_argument("file", help="run config (YAML/JSON)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set relora.warm_start_steps=300 (repeatable)")
+    p.set_defaults(fn=cmd_schedule)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")

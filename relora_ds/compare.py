@@ -15,8 +15,12 @@ variant trains the same number of steps on the same data:
     lora_warm  relora.mode lora                              (the base's warm start W, then adapters, never merged)
     relora     the base as it is                             (warm start, merges, optimizer resets, jagged LR)
     no_reset   relora.optimizer_reset none                   (merges and LR re-warm-ups, no moment pruning)
-    no_jagged  schedule.kind cosine                          (merges and resets, no LR re-warm-up)
+    no_jagged  schedule.kind cosine                          (merges and resets, no LR re-warm-up at the restarts)
     no_warm    relora.warm_start_steps 0                     (ReLoRA from step 0)
+
+The LR at the switch (schedule.at_switch) is the base's for every variant that switches (lora_warm, relora,
+no_reset, no_jagged): a new schedule for the low-rank phase (restart, the default) or the full-rank cosine going on
+(continue); full never switches, so its schedule is the same under both.
 
 `--set key=value` edits the base config, as if written into BASE.yaml: the variants are derived from the edited
 base, so a --set changes every variant except where a variant defines that key (`--set relora.warm_start_steps=200`
@@ -81,7 +85,7 @@ VARIANTS = {v.name: v for v in (
             lambda base: {}),
     Variant("no_reset", "ReLoRA without the optimizer reset (merges and LR re-warm-ups kept)",
             lambda base: {"relora.optimizer_reset": "none"}),
-    Variant("no_jagged", "ReLoRA without the LR re-warm-ups: plain cosine (merges and resets kept)",
+    Variant("no_jagged", "ReLoRA without the LR re-warm-ups at its restarts: plain cosine (merges and resets kept)",
             lambda base: {"schedule.kind": "cosine"}),
     Variant("no_warm", "ReLoRA without the full-rank warm start (adapters from step 0)",
             lambda base: {"relora.warm_start_steps": 0}),

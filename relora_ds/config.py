@@ -30,6 +30,7 @@ OPTIMIZER_RESETS = ("magnitude", "random", "full", "none")
 KERNELS = ("auto", "triton", "torch")
 ZERO3_MERGES = ("shard", "gathered")
 SCHEDULE_KINDS = ("jagged_cosine", "cosine", "constant")
+AT_SWITCH = ("restart", "continue")
 DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")
 RESUME_CHOICES = (False, True, "auto")
 # Each model family's default relora.target_modules (relora.target_modules: null), by its Hugging Face model_type,
@@ -120,6 +121,12 @@ class ScheduleConfig:
                                            "multiple of schedule.lr (no effect in full mode); the paper's "
                                            "Appendix A suggests 1.5-2")
     kind: str = _field("jagged_cosine", "LR schedule", SCHEDULE_KINDS)
+    at_switch: str = _field(
+        "restart", "the LR at the warm-start switch (lora/relora): restart: a new schedule for the low-rank phase "
+                   "(warm-up, then the cosine from the peak over the remaining steps; ReLoRA's restarts on it), as "
+                   "the reference code does; continue: the full-rank run's cosine goes on", AT_SWITCH)
+    switch_warmup_steps: int | None = _field(
+        None, "the warm-up at the switch with at_switch restart; null: schedule.warmup_steps")
 
 
 @dataclass
@@ -356,6 +363,7 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("schedule.restart_warmup_steps", s.restart_warmup_steps, 0)
     in_range("schedule.min_lr_ratio", s.min_lr_ratio, 0, 1, high_open=False)
     positive("schedule.low_rank_lr_scale", s.low_rank_lr_scale)
+    at_least("schedule.switch_warmup_steps", s.switch_warmup_steps, 0)
     at_least("data.seq_len", d.seq_len, 8)
     at_least("data.num_workers", d.num_workers, 0)
     at_least("data.prefetch_batches", d.prefetch_batches, 1)
@@ -388,6 +396,16 @@ def validate(cfg: RunConfig) -> list[str]:
         if 0 < r.warm_start_steps < s.warmup_steps:
             errors.append(f"relora.warm_start_steps ({r.warm_start_steps}) must be 0 or >= schedule.warmup_steps "
                           f"({s.warmup_steps}): the first warm-up ends before the switch to adapters")
+    # schedule.at_switch restart: the low-rank phase has its own schedule, of N - S steps with its own warm-up.
+    restarts_at_switch = r.mode != "full" and s.at_switch == "restart"
+    switch_warmup = s.warmup_steps if s.switch_warmup_steps is None else s.switch_warmup_steps
+    first_warmup = ("schedule.switch_warmup_steps" if s.switch_warmup_steps is not None else "schedule.warmup_steps",
+                    switch_warmup) if restarts_at_switch else ("schedule.warmup_steps", s.warmup_steps)
+    if restarts_at_switch and (r.warm_start_steps > 0 or s.switch_warmup_steps is not None) and \
+            0 <= r.warm_start_steps < t.total_steps <= r.warm_start_steps + switch_warmup:
+        errors.append(f"train.total_steps - relora.warm_start_steps ({t.total_steps - r.warm_start_steps}) must be > "
+                      f"{first_warmup[0]} ({switch_warmup}): with schedule.at_switch restart the low-rank steps "
+                      f"start with that warm-up")
     if r.mode == "relora":
         if merge_every >= 1 and r.reset_every % merge_every != 0:
             errors.append(f"relora.reset_every ({r.reset_every}) must be a multiple of relora.merge_every "
@@ -396,8 +414,8 @@ def validate(cfg: RunConfig) -> list[str]:
             if r.reset_every <= s.restart_warmup_steps:
                 errors.append(f"relora.reset_every ({r.reset_every}) must be > schedule.restart_warmup_steps "
                               f"({s.restart_warmup_steps}): each cycle needs room for its LR re-warm-up")
-            if s.warmup_steps > r.reset_every:
-                errors.append(f"schedule.warmup_steps ({s.warmup_steps}) must be <= relora.reset_every "
+            if first_warmup[1] > r.reset_every:
+                errors.append(f"{first_warmup[0]} ({first_warmup[1]}) must be <= relora.reset_every "
                               f"({r.reset_every}): the first warm-up must end before the first restart")
     return errors
 

@@ -1,6 +1,8 @@
-"""`loss.png` from a run's metrics.jsonl: training loss (raw + smoothed), eval loss, lr, switch and restarts.
+"""`loss.png` from a run's metrics.jsonl: training loss (raw + smoothed), eval loss, lr, switch and restarts; and the
+LR schedule of a config before any run (`relora-ds schedule`).
 
     plot_loss("runs/x/metrics.jsonl", "runs/x/loss.png")
+    plot_schedule({"restart": [lr, ...], "continue": [lr, ...]}, "lr.png", switch_step=300, restart_steps=[600, 900])
 
 Uses matplotlib's Agg canvas directly (no pyplot, no global state), so it is safe inside training.
 """
@@ -123,6 +125,35 @@ def plot_loss(metrics_jsonl: str, out_png: str, title: str | None = None) -> str
     return save_figure(loss_figure(curves, title), out_png)
 
 
+def schedule_figure(series: dict, *, switch_step: int | None = None, restart_steps=(), title: str | None = None):
+    """A matplotlib Figure of LR curves, one per label ({label: the LR of steps 0, 1, ...}), with the warm-start
+    switch and the restarts marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, lrs in series.items():
+        ax.plot(range(len(lrs)), lrs, linewidth=1.5, label=label)
+    if switch_step:
+        ax.axvline(switch_step, color="tab:green", linestyle="--", linewidth=1.2, label="warm start → adapters")
+    for i, step in enumerate(restart_steps):
+        ax.axvline(step, color="tab:red", linestyle=":", linewidth=0.8, label="restart" if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedule(series: dict, out_png: str, **kwargs) -> str:
+    """Draw `schedule_figure(series, **kwargs)` into `out_png` (atomically) and return `out_png`."""
+    return save_figure(schedule_figure(series, **kwargs), out_png)
+
+
 def save_figure(fig, out_png: str) -> str:
     """Write a (pyplot-free) matplotlib Figure to `out_png` atomically, on an Agg canvas; return `out_png`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -142,4 +173,5 @@ def save_figure(fig, out_png: str) -> str:
     return out_png
 
 
-__all__ = ["LossCurves", "read_curves", "smooth", "loss_figure", "plot_loss", "save_figure"]
+__all__ = ["LossCurves", "read_curves", "smooth", "loss_figure", "plot_loss", "schedule_figure", "plot_schedule",
+           "save_figure"]

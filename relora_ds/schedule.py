@@ -9,8 +9,10 @@ offset (relora.warm_start_steps), env(p) = m + (1 − m)·½(1 + cos πp) with p
     otherwise:                   λ = env((t − W0) / (N − W0))
 
 Restart points t_r = S + k·C > 0 (k >= 0): the switch to adapters at S starts a fresh optimizer, so it
-re-warms too. With S = 0 this is exactly the authors' jagged cosine. Which restart points a run has is its
-training method's choice (relora_ds/methods/: `schedule_kwargs`). Pure python; torch only in make_lambda_lr.
+re-warms too. With S = 0 this is exactly the authors' jagged cosine. A schedule may also be made of pieces
+(`piecewise_multiplier`): schedule.at_switch restart runs the full-rank schedule before the switch and a new one,
+counted from the switch over the N − S remaining steps, after it. Which pieces and restart points a run has is its
+training method's choice (relora_ds/methods/: `schedule_segments`). Pure python; torch only in make_lambda_lr.
 """
 
 import math
@@ -92,6 +94,13 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, restart_war
             target = envelope((t_r + restart_warmup_steps - warmup_steps) / decay_steps, min_lr_ratio)
             return (step - t_r) / restart_warmup_steps * target
     return envelope((step - warmup_steps) / decay_steps, min_lr_ratio)
+
+
+def piecewise_multiplier(step: int, segments) -> float:
+    """λ(step) of a schedule made of `segments`, [(first step, lr_multiplier's keyword arguments)] with first steps
+    increasing from 0: the last segment that has begun, evaluated at the step counted from its first step."""
+    start, kwargs = next((start, kwargs) for start, kwargs in reversed(segments) if start <= step)
+    return lr_multiplier(step - start, **kwargs)
 
 
 def make_lambda_lr(optimizer, fn: Callable[[int], float], last_step: int = -1):

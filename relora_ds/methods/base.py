@@ -17,7 +17,7 @@ import functools
 import torch
 
 from relora_ds.config import RunConfig
-from relora_ds.schedule import check_schedule, lr_multiplier
+from relora_ds.schedule import check_schedule, piecewise_multiplier
 
 
 class Method:
@@ -27,8 +27,13 @@ class Method:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self._schedule = self.schedule_kwargs()
-        check_schedule(**self._schedule)  # a ValueError naming the impossible setting, before anything is built
+        self._segments = self.schedule_segments()
+        for start, kwargs in self._segments:  # a ValueError naming the impossible setting, before anything is built
+            try:
+                check_schedule(**kwargs)
+            except ValueError as e:
+                raise ValueError(f"the schedule from step {start} (schedule.at_switch restart): {e}" if start
+                                 else str(e)) from None
 
     # --- the model -------------------------------------------------------------------------------------------
     @property
@@ -67,17 +72,19 @@ class Method:
         return None
 
     # --- the learning rate -----------------------------------------------------------------------------------
-    def schedule_kwargs(self) -> dict:
-        """schedule.lr_multiplier's arguments: no restart points (override for a switch or restarts)."""
+    def schedule_segments(self) -> list[tuple[int, dict]]:
+        """The schedule's pieces, [(first step, schedule.lr_multiplier's arguments for the steps counted from it)]
+        (schedule.piecewise_multiplier): here one, warm-up + cosine over the run, no restart points (override for
+        a switch or restarts)."""
         s = self.cfg.schedule
-        return dict(total_steps=self.cfg.train.total_steps, warmup_steps=s.warmup_steps,
-                    restart_warmup_steps=s.restart_warmup_steps, cycle_length=None, min_lr_ratio=s.min_lr_ratio,
-                    restart_offset=0, kind=s.kind)
+        return [(0, dict(total_steps=self.cfg.train.total_steps, warmup_steps=s.warmup_steps,
+                         restart_warmup_steps=s.restart_warmup_steps, cycle_length=None, min_lr_ratio=s.min_lr_ratio,
+                         restart_offset=0, kind=s.kind))]
 
     @functools.cached_property
     def lr_lambda(self):
-        """step → λ(step): the schedule alone (schedule.lr_multiplier with this method's restart points)."""
-        return functools.partial(lr_multiplier, **self._schedule)
+        """step → λ(step): the schedule alone (schedule.piecewise_multiplier of this method's segments)."""
+        return functools.partial(piecewise_multiplier, segments=self._segments)
 
     def lr_multiplier(self, state) -> float:
         """The LR multiplier of the step about to run; the trainer sets lr = schedule.lr × this."""

@@ -25,9 +25,20 @@ class LoRA(Method):
     def next_event(self, state) -> int | None:
         return None if state.wrapped else self.switch_step
 
-    def schedule_kwargs(self) -> dict:
-        """The switch starts a fresh optimizer: the LR re-warms there (restart point S = relora.warm_start_steps)."""
-        return {**super().schedule_kwargs(), "restart_offset": self.cfg.relora.warm_start_steps}
+    def schedule_segments(self) -> list[tuple[int, dict]]:
+        """The switch at S = relora.warm_start_steps starts a fresh optimizer, and the LR starts again there.
+
+        schedule.at_switch restart (the reference code's handover): the full-rank schedule before S, then a new one
+        for the N − S low-rank steps, counted from S: warm-up over schedule.switch_warmup_steps (null:
+        warmup_steps), then the envelope from the peak. continue: one schedule over the run, re-warmed at S over
+        restart_warmup_steps (restart point S) onto the full-rank cosine where it has got to."""
+        [(_, full)] = super().schedule_segments()
+        s, start = self.cfg.schedule, self.cfg.relora.warm_start_steps
+        if s.at_switch == "continue":
+            return [(0, {**full, "restart_offset": start})]
+        low_rank = {**full, "total_steps": full["total_steps"] - start,
+                    "warmup_steps": s.warmup_steps if s.switch_warmup_steps is None else s.switch_warmup_steps}
+        return [(0, full), (start, low_rank)] if start > 0 else [(0, low_rank)]
 
     def lr_multiplier(self, state) -> float:
         """λ(step), times schedule.low_rank_lr_scale once the adapters train."""

@@ -41,6 +41,8 @@ class ReLoRA(LoRA):
         upcoming = state.relora_start + ((state.step - state.relora_start) // every + 1) * every
         return upcoming if upcoming < self.cfg.train.total_steps else None
 
-    def schedule_kwargs(self) -> dict:
-        """Jagged cosine: restart points every relora.reset_every steps from the switch."""
-        return {**super().schedule_kwargs(), "cycle_length": self.cfg.relora.reset_every}
+    def schedule_segments(self) -> list[tuple[int, dict]]:
+        """Jagged cosine: restart points every relora.reset_every steps from the switch, on the low-rank phase's
+        schedule (the last segment)."""
+        *before, (start, low_rank) = super().schedule_segments()
+        return [*before, (start, {**low_rank, "cycle_length": self.cfg.relora.reset_every})]

@@ -61,8 +61,14 @@ def test_no_jagged_has_no_rewarmup_but_still_merges_and_resets(tmp_path):
 
     cfgs = configs(tmp_path, names=("relora", "no_jagged"))
     jagged, plain = (methods.from_config(cfgs[n]) for n in ("relora", "no_jagged"))
+    # After the first warm-up: only down, but for the warm-up that the switch (at 20) starts, as relora's does.
     lrs = [plain.lr_multiplier(TrainState(step=t)) for t in range(10, 100)]
-    assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # after the first warm-up: only down
+    switch_warmup = cfgs["no_jagged"].schedule.warmup_steps
+    after_switch = lrs[20 + switch_warmup - 10:]
+    assert all(b <= a for a, b in zip(lrs[:20 - 10], lrs[1:20 - 10])) and all(b <= a for a, b in zip(after_switch,
+                                                                                                      after_switch[1:]))
+    assert [plain.lr_multiplier(TrainState(step=t)) for t in range(20, 20 + switch_warmup + 1)] == \
+        [jagged.lr_multiplier(TrainState(step=t)) for t in range(20, 20 + switch_warmup + 1)]
     # ReLoRA re-warms from 0 at its restart, cosine does not
     assert jagged.lr_multiplier(TrainState(step=40)) == 0.0 and plain.lr_multiplier(TrainState(step=40)) > 0.5
     states = [TrainState(step=t, wrapped=True, relora_start=20) for t in range(100)]

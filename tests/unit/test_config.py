@@ -179,6 +179,22 @@ def test_schedule_constraints():
     assert load_config(None, ["relora.merge_every=250"]).relora.merge_every == 250  # online ReLoRA
 
 
+def test_schedule_constraints_of_the_low_rank_phase_restarting_at_the_switch():
+    """schedule.at_switch restart: the low-rank steps (N - S) need room for their own warm-up, and ReLoRA's first
+    cycle after the switch for that warm-up; the full-rank warm-up is then free of the cycle length."""
+    assert errors_of("schedule.at_switch=sometimes") == [
+        "schedule.at_switch: must be one of restart, continue, got 'sometimes'"]
+    assert errors_of("schedule.switch_warmup_steps=-1") == ["schedule.switch_warmup_steps: must be >= 0, got -1"]
+    assert errors_of("relora.warm_start_steps=950") == [
+        "train.total_steps - relora.warm_start_steps (50) must be > schedule.warmup_steps (100): with "
+        "schedule.at_switch restart the low-rank steps start with that warm-up"]
+    load_config(None, ["relora.warm_start_steps=950", "schedule.at_switch=continue"])
+    assert errors_of("relora.reset_every=80", "schedule.switch_warmup_steps=90", "schedule.restart_warmup_steps=10") \
+        == ["schedule.switch_warmup_steps (90) must be <= relora.reset_every (80): "
+            "the first warm-up must end before the first restart"]
+    load_config(None, ["relora.reset_every=80", "schedule.switch_warmup_steps=40", "schedule.restart_warmup_steps=10"])
+
+
 def test_all_errors_are_reported_together():
     lines = errors_of("relora.rnk=1", "relora.rank=abc", "schedule.lr=x")
     assert lines == ["unknown key 'relora.rnk' (did you mean 'relora.rank'?)",

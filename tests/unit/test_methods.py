@@ -1,6 +1,7 @@
 """The training methods (relora_ds/methods/): what the trainer asks each of them, answered without a run."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -31,15 +32,43 @@ def test_every_mode_is_a_method():
         methods.from_config(cfg)
 
 
-def test_lr_multiplier_per_method():
+def test_lr_multiplier_per_method_continuing_at_the_switch():
     plain = functools.partial(lr_multiplier, total_steps=1000, warmup_steps=100, min_lr_ratio=0.1)
-    full, lora, relora = (methods.from_config(_cfg(m)).lr_lambda for m in ("full", "lora", "relora"))
+    full, lora, relora = (methods.from_config(_cfg(m, **{"schedule.at_switch": "continue"})).lr_lambda
+                          for m in ("full", "lora", "relora"))
     zeros = lambda fn: [t for t in range(1, 1000) if fn(t) == 0.0]  # noqa: E731
     assert zeros(full) == []
     assert zeros(lora) == [200]  # the switch starts a fresh optimizer: it re-warms
     assert zeros(relora) == [200, 500, 800]
     assert [full(t) for t in range(1000)] == [plain(t) for t in range(1000)]
     assert relora(250) == pytest.approx(plain(250))
+
+
+def test_lr_multiplier_per_method_restarting_at_the_switch():
+    """at_switch restart (the default): the full-rank schedule up to the switch at 200, then a new one over the 800
+    low-rank steps: warm-up (100 steps, or switch_warmup_steps), the cosine from the peak, ReLoRA's restarts on it."""
+    plain = functools.partial(lr_multiplier, total_steps=1000, warmup_steps=100, min_lr_ratio=0.1)
+    low_rank = functools.partial(lr_multiplier, total_steps=800, warmup_steps=100, min_lr_ratio=0.1)
+    full, lora, relora = (methods.from_config(_cfg(m)).lr_lambda for m in ("full", "lora", "relora"))
+    assert methods.from_config(_cfg("relora")).cfg.schedule.at_switch == "restart"
+    zeros = lambda fn: [t for t in range(1, 1000) if fn(t) == 0.0]  # noqa: E731
+    assert zeros(lora) == [200] and zeros(relora) == [200, 500, 800]
+    assert [lora(t) for t in range(200)] == [relora(t) for t in range(200)] == [plain(t) for t in range(200)]
+    assert [lora(t) for t in range(200, 1000)] == [low_rank(t - 200) for t in range(200, 1000)]
+    assert [full(t) for t in range(1000)] == [plain(t) for t in range(1000)]
+    # By hand: the warm-up from the switch, the peak again at 300 (continuing gives 0.88 there), the floor at the end.
+    assert (lora(250), lora(300), relora(300)) == (0.5, 1.0, 1.0)
+    assert relora(499) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 199 / 700)))
+    ramp_target = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (300 + 50 - 100) / 700))  # env((t_r + Wr - W0)/(N - W0))
+    assert relora(525) == pytest.approx(25 / 50 * ramp_target)
+    assert lora(999) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 699 / 700)))
+    # Its own warm-up at the switch; without a warm start (S = 0) it is the whole run's schedule.
+    short = methods.from_config(_cfg("relora", **{"schedule.switch_warmup_steps": 20})).lr_lambda
+    assert (short(210), short(220), short(199)) == (0.5, 1.0, plain(199))
+    scratch = methods.from_config(_cfg("relora", **{"relora.warm_start_steps": 0})).lr_lambda
+    scratch_continued = methods.from_config(_cfg("relora", **{"relora.warm_start_steps": 0,
+                                                               "schedule.at_switch": "continue"})).lr_lambda
+    assert [scratch(t) for t in range(1000)] == [scratch_continued(t) for t in range(1000)]
 
 
 def test_low_rank_lr_scale_applies_once_wrapped():
