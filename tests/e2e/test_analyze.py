@@ -114,7 +114,8 @@ def test_a_checkpoint_of_several_layers_is_analysed_a_few_tensors_at_a_time(tmp_
     train_file, val_file = write_corpus(tmp_path, n_train=4, n_val=1)
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
         "model.preset": "20m", "relora.mode": "lora", "relora.warm_start_steps": 1, "train.total_steps": 2,
-        "schedule.warmup_steps": 1, "train.eval_every": 0, "train.output_dir": str(tmp_path / "run")})
+        "schedule.warmup_steps": 1, "schedule.switch_warmup_steps": 0, "train.eval_every": 0,
+        "train.output_dir": str(tmp_path / "run")})
     out = run(cfg)
     reference, final = checkpoint.reference_checkpoint(out), checkpoint.find_checkpoint(out)
 

@@ -219,6 +219,7 @@ def test_resume_auto_starts_fresh_then_continues(corpus, tmp_path):
     def attempt(total_steps):
         return run(tiny_run_config(tmp_path, train_file, val_file, ds, **{
             "train.resume": "auto", "train.total_steps": total_steps, "train.eval_every": 0,
+            "schedule.switch_warmup_steps": 1,  # 6 steps, the switch at 4: room for a warm-up of 1 after it
             "train.output_dir": str(out)}))
 
     first = attempt(6)
@@ -349,7 +350,7 @@ def test_reference_checkpoint_at_the_switch_survives_keep_last(corpus, tmp_path)
 
     none = tiny_run_config(tmp_path, train_file, val_file, ds, **{
         "checkpoint.at_switch": False, "train.total_steps": 6, "train.eval_every": 0,
-        "train.output_dir": str(tmp_path / "none")})
+        "schedule.switch_warmup_steps": 1, "train.output_dir": str(tmp_path / "none")})
     run(none)
     assert checkpoint.reference_checkpoint(none.train.output_dir) is None
     assert checkpoint.complete_tags(os.path.join(none.train.output_dir, "checkpoints")) == [checkpoint.tag_for(6)]
