@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Can `relora-ds analyze` run on a machine with less memory than the fp32 model? (issue 14)
+"""Can `relora-ds analyze` run on a machine with less memory than the fp32 model?
 
     python benchmarks/analyze_memory.py [--preset 1b] [--limit-gib 4] [--workdir DIR] [--keep]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data pipeline throughput (issue 12), against the tokenizer's own speed.
+"""Data pipeline throughput, against the tokenizer's own speed.
 
     (a) the tokenizer alone: relora_ds.data.tokenize.encode_documents (encode_batch, 256 documents a call), one
         process, documents already in memory; also the Rust tokenizer's encode_batch_fast (no offsets), which

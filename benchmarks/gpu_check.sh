@@ -24,7 +24,8 @@
 #
 # The GPU machine needs python3 with PyTorch (CUDA), Triton and transformers; DeepSpeed, datasets and their
 # small dependencies come as wheels in .whl/, built on a machine with network access (a CUDA machine with
-# Python 3.12, e.g. with the workplace's gpu-wheels.sh run in the project root). Without .whl/ the install
+# Python 3.12: `pip download --no-deps --only-binary=:all: --python-version 3.12` of datasets and DeepSpeed's
+# and datasets' small dependencies, and `pip wheel --no-deps deepspeed==0.19.8`, into .whl/). Without .whl/ the install
 # step passes only when deepspeed and datasets are importable already. It never creates .venv and never
 # installs torch.
 #

@@ -12,11 +12,10 @@ Restart points t_r = S + k·C > 0 (k >= 0): the switch to adapters at S starts a
 re-warms too. With S = 0 this is exactly the authors' jagged cosine. A schedule may also be made of pieces
 (`piecewise_multiplier`): schedule.at_switch restart runs the full-rank schedule before the switch and a new one,
 counted from the switch over the N − S remaining steps, after it. Which pieces and restart points a run has is its
-training method's choice (relora_ds/methods/: `schedule_segments`). Pure python; torch only in make_lambda_lr.
+training method's choice (relora_ds/methods/: `schedule_segments`). Pure python.
 """
 
 import math
-from typing import Callable
 
 from relora_ds.config import SCHEDULE_KINDS
 
@@ -101,15 +100,3 @@ def piecewise_multiplier(step: int, segments) -> float:
     increasing from 0: the last segment that has begun, evaluated at the step counted from its first step."""
     start, kwargs = next((start, kwargs) for start, kwargs in reversed(segments) if start <= step)
     return lr_multiplier(step - start, **kwargs)
-
-
-def make_lambda_lr(optimizer, fn: Callable[[int], float], last_step: int = -1):
-    """torch LambdaLR with lr = peak · fn(step). last_step = the last completed step (-1: fresh), so the
-    next update uses fn(last_step + 1); the groups' current "lr" must then be the peak LR (it becomes
-    "initial_lr" where that is missing), e.g. for the fresh optimizer made at the warm-start switch."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    if last_step >= 0:
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-    return LambdaLR(optimizer, lr_lambda=fn, last_epoch=last_step)

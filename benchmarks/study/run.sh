@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-scale study of issue 14 (benchmarks/README.md, "Paper comparisons at CPU scale"), every command in one
+# The CPU-scale study (benchmarks/README.md, "Paper comparisons at CPU scale"), every command in one
 # place. Each line is a `relora-ds compare` of the base config benchmarks/study/20m-sotu.yaml with one factor
 # changed (--set), into its own directory under $OUT; compare is resumable, so rerunning this script continues
 # where it stopped and skips what finished. ~7.5 min per variant on 2 CPU cores (1 200 steps of 8 x 128 tokens).

@@ -10,7 +10,7 @@ from relora_ds import config, methods
 from relora_ds.config import load_config
 from relora_ds.methods.relora import restart_action
 from relora_ds.relora.layer import ReLoRALinear
-from relora_ds.schedule import lr_multiplier, make_lambda_lr
+from relora_ds.schedule import lr_multiplier
 from relora_ds.trainer import TrainState
 
 
@@ -137,37 +137,6 @@ def test_exported_weight_is_the_merged_linear(trainable_scaling):
     adapters = {n: p.detach().float() for n, p in layer.named_parameters() if n.startswith("lora_")}
     exported = methods.from_config(cfg).exported_weight(layer.weight.detach().float().clone(), adapters)
     torch.testing.assert_close(exported, layer.merged_linear().weight, rtol=0, atol=1e-6)
-
-
-def _sgd(peak):
-    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=peak)
-
-
-def test_lambda_lr_gives_the_same_values():
-    fn = methods.from_config(_cfg("relora")).lr_lambda
-    opt = _sgd(2e-3)
-    scheduler = make_lambda_lr(opt, fn)
-    seen = []
-    for _ in range(1000):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
-    assert seen == pytest.approx([2e-3 * fn(t) for t in range(1000)], abs=1e-15)
-    assert seen[200] == 0.0 and seen[500] == 0.0
-
-
-def test_lambda_lr_started_mid_run_continues_the_schedule():
-    """The fresh optimizer made at the warm-start switch S continues at λ(S) (= 0, a restart)."""
-    fn = methods.from_config(_cfg("relora")).lr_lambda
-    opt = _sgd(2e-3)
-    scheduler = make_lambda_lr(opt, fn, last_step=199)
-    assert opt.param_groups[0]["lr"] == 0.0
-    lrs = []
-    for _ in range(60):
-        opt.step()
-        scheduler.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    assert lrs == pytest.approx([2e-3 * fn(t) for t in range(201, 261)], abs=1e-15)
 
 
 def test_the_trainer_asks_the_method_and_reads_no_mode():
