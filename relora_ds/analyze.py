@@ -52,13 +52,13 @@ import os
 import re
 import struct
 import sys
-import tempfile
 
 import torch
 
 from relora_ds.config import FAMILY_TARGET_MODULES, default_target_modules
 from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
+from relora_ds.files import atomic_write
 from relora_ds.memory import trim_heap
 from relora_ds.relora.wrap import _matches
 
@@ -432,21 +432,6 @@ def spectra_figure(results: dict, title: str | None = None):
     return fig
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def spectra_document(results: dict) -> dict:
     """What spectra.json holds for `results` ({label: analyze_pair/analyze_run result})."""
     from relora_ds import __version__
@@ -470,10 +455,10 @@ def write_spectra(results: dict, out_dir: str) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     json_path, png_path = os.path.join(out_dir, JSON_NAME), os.path.join(out_dir, PNG_NAME)
     text = json.dumps(spectra_document(results), indent=1, allow_nan=False) + "\n"
-    _atomic_write(json_path, lambda f: f.write(text.encode()))
+    atomic_write(json_path, text)
     fig = spectra_figure(results)
     FigureCanvasAgg(fig)
-    _atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
     return json_path, png_path
 
 

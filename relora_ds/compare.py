@@ -50,12 +50,12 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 from relora_ds import dist
 from relora_ds.config import SECTIONS, ConfigError, RunConfig, load_config, validate
+from relora_ds.files import atomic_write
 from relora_ds.metrics import METRICS_FILE, read_records
 
 RESULT_FILE = "result.json"
@@ -214,7 +214,7 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     release_memory()
     result = result_of_run(name, cfg, overrides, counts, error, diverged_at)
     if dist.is_rank_zero():
-        _write_atomic(os.path.join(out, RESULT_FILE), json.dumps(result, indent=2) + "\n")
+        atomic_write(os.path.join(out, RESULT_FILE), json.dumps(result, indent=2) + "\n")
     dist.barrier()
     _say(f"compare: {name}: {status_text(result)}")
     return result
@@ -437,8 +437,8 @@ def write_report(out: str, base_path: str | None, overrides: list[str], results:
     notes += [f"{r['variant']}: {r['error']}" for r in rows if r.get("error")] + spectra["notes"]
     report = {"base_config": base_path, "overrides": overrides, "variants": rows, "notes": notes,
               "spectra": {"json": spectra["json"], "png": spectra["png"]}, "plot": os.path.join(out, REPORT_PNG)}
-    _write_atomic(os.path.join(out, REPORT_JSON), json.dumps(report, indent=2) + "\n")
-    _write_atomic(os.path.join(out, REPORT_MD), markdown(rows, base_path=base_path, overrides=overrides,
+    atomic_write(os.path.join(out, REPORT_JSON), json.dumps(report, indent=2) + "\n")
+    atomic_write(os.path.join(out, REPORT_MD), markdown(rows, base_path=base_path, overrides=overrides,
                                                           notes=notes, spectra=spectra))
 
 
@@ -494,20 +494,6 @@ def _finite(value) -> bool:
 
 def _yaml(value) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, bool) else str(value)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "CompareError", "Variant", "base_config", "variant_config", "compare",

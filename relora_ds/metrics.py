@@ -22,6 +22,8 @@ import uuid
 import sys
 import time
 
+from relora_ds.files import atomic_write
+
 EVENTS = ("switch", "restart", "eval", "checkpoint", "resume", "memory", "data")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
@@ -272,11 +274,7 @@ class Metrics:
                 end = i + 1
                 break
         kept = [r for r in records[:end] if r["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         self._file = open(self.path, "a")
         return len(records) - len(kept)
 

@@ -8,9 +8,9 @@ Uses matplotlib's Agg canvas directly (no pyplot, no global state), so it is saf
 """
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
+from relora_ds.files import atomic_write
 from relora_ds.metrics import read_records
 
 MAX_RESTART_LABELS = 20  # beyond this many restarts the lines are drawn but not each labelled
@@ -159,18 +159,7 @@ def save_figure(fig, out_png: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    out_dir = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png.tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_png)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return out_png
+    return atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
 
 
 __all__ = ["LossCurves", "read_curves", "smooth", "loss_figure", "plot_loss", "schedule_figure", "plot_schedule",

@@ -39,6 +39,7 @@ from relora_ds.config import parse_byte_size
 from relora_ds.data import DataError
 from relora_ds.data.sources import resolve_source
 from relora_ds.data.tokenize import Encoder, vocab_hash
+from relora_ds.files import atomic_write
 
 FORMAT = "relora-ds packed v2"
 FORMAT_V1 = "relora-ds packed v1"  # one tokens.bin; still read
@@ -149,9 +150,7 @@ def write_packed(documents: Iterable[str], out_dir: str, *, tokenizer, seq_len: 
         "seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -31,6 +31,7 @@ import torch
 
 from relora_ds import dist
 from relora_ds.engine import zero
+from relora_ds.files import atomic_write
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "relora_state.json"
@@ -44,15 +45,6 @@ UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueErro
 
 class CheckpointError(ValueError):
     """No usable checkpoint where one was asked for."""
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -155,13 +147,13 @@ def write_manifest(tag_dir: str) -> None:
             relative = os.path.relpath(path, tag_dir)
             if relative not in (MANIFEST, COMPLETE):
                 files[relative] = {"size": os.path.getsize(path), "crc32": file_crc32(path)}
-    _atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps({"files": files}, indent=1, sort_keys=True))
+    atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def mark_complete(tag_dir: str, step: int) -> None:
     """Write MANIFEST.json, then COMPLETE: the last act of a save, once every file of the tag is written."""
     write_manifest(tag_dir)
-    _atomic_write_text(os.path.join(tag_dir, COMPLETE), f"{step}\n")
+    atomic_write(os.path.join(tag_dir, COMPLETE), f"{step}\n")
 
 
 def verify(tag_dir: str, checksums: bool = True) -> None:
@@ -203,7 +195,7 @@ def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int,
     tag_dir = os.path.join(checkpoint_dir, tag)
     if _same_complete_tag(tag_dir, state):
         if reference and dist.is_rank_zero():
-            _atomic_write_text(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
+            atomic_write(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
         return tag_dir
     if dist.is_rank_zero() and os.path.isdir(tag_dir):
         if os.path.isfile(os.path.join(tag_dir, COMPLETE)):  # complete, but another state or damaged files
@@ -216,11 +208,11 @@ def save(engine, checkpoint_dir: str, *, step: int, state: dict, keep_last: int,
     torch.save(rng, os.path.join(tag_dir, f"rank_{dist.rank():05d}_rng.pt"))
     dist.barrier()
     if dist.is_rank_zero():
-        _atomic_write_text(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=1, sort_keys=True))
+        atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=1, sort_keys=True))
         mark_complete(tag_dir, step)
-        _atomic_write_text(os.path.join(checkpoint_dir, "latest"), tag + "\n")
+        atomic_write(os.path.join(checkpoint_dir, "latest"), tag + "\n")
         if reference:
-            _atomic_write_text(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
+            atomic_write(os.path.join(checkpoint_dir, REFERENCE), tag + "\n")
         _prune(checkpoint_dir, keep_last, newest=tag)
     dist.barrier()
     return tag_dir
