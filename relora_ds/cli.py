@@ -17,28 +17,7 @@ import argparse
 import os
 import sys
 
-from relora_ds.train import add_train_arguments, run_train
-
-
-def project_errors() -> tuple:
-    """The error classes whose message is the whole story: print one line, exit 2, no traceback."""
-    from relora_ds.config import ConfigError
-    from relora_ds.data import DataError
-    from relora_ds.engine.checkpoint import CheckpointError
-    from relora_ds.engine.ds_config import DSConfigError
-    from relora_ds.engine.versions import UnsupportedVersionError
-    from relora_ds.trainer import RunError
-
-    return ConfigError, DataError, CheckpointError, DSConfigError, UnsupportedVersionError, RunError
-
-
-def run_guarded(fn, args) -> int:
-    try:
-        return fn(args)
-    except project_errors() as e:
-        for line in str(e).splitlines() or [type(e).__name__]:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+from relora_ds.train import add_train_arguments, run_guarded, run_train
 
 
 # --- subcommands ------------------------------------------------------------------------------------------
@@ -128,7 +107,7 @@ def cmd_export(args) -> int:
 def load_any_model(path: str):
     """(model, tokenizer name) from a relora-ds checkpoint or an exported/HF model dir."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        from relora_ds.model.hf import load_pretrained
+        from relora_ds.model.build import load_pretrained
 
         return load_pretrained(path, attn_implementation="sdpa"), path
     from relora_ds.export import load_checkpoint_model

@@ -1,6 +1,8 @@
 """`deepspeed --module relora_ds.train --config RUN.yaml --deepspeed_config ds_configs/X.json [--set k=v ...]`.
 
-Also what `relora-ds train` and `torchrun -m relora_ds.train` run. Accepts the launcher's --local_rank.
+Also what `relora-ds train` and `torchrun -m relora_ds.train` run. Accepts the launcher's --local_rank. Holds the
+one error policy of every command (`run_guarded`: the project's errors are one line and exit code 2), which the
+CLI imports from here.
 """
 
 import argparse
@@ -51,13 +53,32 @@ def run_train(args) -> int:
     return 0
 
 
+def project_errors() -> tuple:
+    """The error classes whose message is the whole story: print one line, exit 2, no traceback."""
+    from relora_ds.config import ConfigError
+    from relora_ds.data import DataError
+    from relora_ds.engine.checkpoint import CheckpointError
+    from relora_ds.engine.ds_config import DSConfigError
+    from relora_ds.engine.versions import UnsupportedVersionError
+    from relora_ds.trainer import RunError
+
+    return ConfigError, DataError, CheckpointError, DSConfigError, UnsupportedVersionError, RunError
+
+
+def run_guarded(fn, args) -> int:
+    try:
+        return fn(args)
+    except project_errors() as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="relora_ds.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    from relora_ds.cli import run_guarded
-
     return run_guarded(run_train, args)
 
 

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 
 from relora_ds.config import ATTN_IMPLEMENTATIONS
-from relora_ds.model import families
+from relora_ds.model import families, hf
 
 
 def resolve_attn_implementation(choice: str = "auto") -> str:
@@ -45,8 +45,6 @@ def preset_config(preset: str, vocab_size: int, family: str = "llama", max_posit
 def run_model_config(model_cfg, vocab_size: int, attn_implementation: str = "auto"):
     """The transformers config of the run's model: model.init_from's, model.hf_config's (its vocab_size must hold
     `vocab_size` tokens), else the family preset's at `vocab_size`. One-line ValueErrors naming the field."""
-    from relora_ds.model import hf
-
     if model_cfg.init_from:
         return hf.pretrained_config(model_cfg.init_from)
     if model_cfg.hf_config:
@@ -77,11 +75,19 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     """
     attn = attn_implementation or model_cfg.attn_implementation
     if model_cfg.init_from:
-        from relora_ds.model.hf import load_pretrained
-
         return load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
     config = run_model_config(model_cfg, vocab_size, attn)
     return build_from_config(config, seed=seed, zero3_config=zero3_config)
+
+
+def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: dict | None = None):
+    """AutoModelForCausalLM.from_pretrained(path) in fp32 with the chosen attention kernel; on ZeRO-3
+    (zero3_config) built partitioned and filled parameter by parameter (model.build.zero3_construction)."""
+    from transformers import AutoModelForCausalLM
+
+    hf.check_model_dir(path)
+    with zero3_construction(zero3_config):
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn_implementation(attn_implementation))
 
 
 def meta_model(model_cfg, vocab_size: int):

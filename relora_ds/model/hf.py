@@ -1,10 +1,10 @@
-"""Hugging Face files: saved models (exported relora-ds models or any causal LM checkpoint dir, model.init_from and
-`relora-ds eval`) and config.json files to build from scratch (model.hf_config)."""
+"""Hugging Face files: saved model directories (exported relora-ds models or any causal LM checkpoint dir,
+model.init_from and `relora-ds eval`: checked and their config read here, loaded by model.build.load_pretrained)
+and config.json files to build from scratch (model.hf_config). Reads files only: it imports nothing of model.build,
+which imports it."""
 
 import json
 import os
-
-from relora_ds.model.build import resolve_attn_implementation, zero3_construction
 
 
 def check_model_dir(path: str) -> None:
@@ -58,13 +58,3 @@ def load_hf_config(path: str, min_vocab_size: int = 1):
         raise ValueError(f"model.hf_config {path}: vocab_size {vocab} is smaller than the {min_vocab_size} tokens "
                          f"of the tokenizer (or model.vocab_size); raise vocab_size in it")
     return config
-
-
-def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: dict | None = None):
-    """AutoModelForCausalLM.from_pretrained(path) in fp32 with the chosen attention kernel; on ZeRO-3
-    (zero3_config) built partitioned and filled parameter by parameter (model.build.zero3_construction)."""
-    from transformers import AutoModelForCausalLM
-
-    check_model_dir(path)
-    with zero3_construction(zero3_config):
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn_implementation(attn_implementation))

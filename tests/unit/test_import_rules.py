@@ -145,6 +145,67 @@ def test_package_follows_the_import_rules():
     assert not problems, "\n".join(problems)
 
 
+def import_graph(modules: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
+    """{module: the modules of relora_ds it imports (lazily or not)}. An import of a name inside a module counts as
+    one of that module; a module's import of its own package (`from relora_ds.kernels import triton_fused` in
+    relora_ds.kernels.autograd: the package is already loaded) and of the top-level package do not count."""
+    def owner(name):
+        parts = name.split(".")
+        while parts and ".".join(parts) not in modules:
+            parts.pop()
+        return ".".join(parts) or None
+
+    graph = {m: set() for m in modules}
+    for module, (source, is_package) in modules.items():
+        for name, _, _ in imports_of(source, module, is_package):
+            target = owner(name)
+            if target not in (None, module, PACKAGE) and not module.startswith(target + "."):
+                graph[module].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: each set of modules that reach one another (Tarjan's strongly connected
+    components of more than one module), sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_imports_point_one_way():
+    """No import cycle among relora_ds's modules, lazy imports included (DESIGN.md: imports point one way)."""
+    assert cycles(import_graph(package_sources())) == []
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    planted = {"relora_ds.a": ("def f():\n    from relora_ds.b import x\n", False),
+               "relora_ds.b": ("from relora_ds import c\n", False),
+               "relora_ds.c": ("import relora_ds.a\n", False),
+               "relora_ds.d": ("from relora_ds.a import f\n", False)}
+    assert cycles(import_graph(planted)) == [["relora_ds.a", "relora_ds.b", "relora_ds.c"]]
+
+
 def test_imports_of_resolves_relative_and_nested_imports():
     source = (
         "import torch\n"
