@@ -7,6 +7,7 @@ from relora_ds.config import load_config
 from relora_ds.engine import zero
 from relora_ds import methods
 from relora_ds.trainer import RunError, check_model_settings
+from tests.helpers.fakes import FakeEngine
 
 
 @pytest.mark.parametrize("intervals, numel, replicated, problem", [
@@ -24,43 +25,15 @@ def test_coverage_errors(intervals, numel, replicated, problem):
     assert zero.coverage_errors(intervals, numel, replicated) == problem
 
 
-class FakeEngine:
-    """The engine methods check_engine_settings reads."""
-
-    def __init__(self, stage=3, fp16=False, hpz=1, quantized=False, offload=None):
-        self.stage, self.fp16, self.hpz, self.quantized, self.offload = stage, fp16, hpz, quantized, offload
-
-    def zero_optimization_stage(self):
-        return self.stage
-
-    def fp16_enabled(self):
-        return self.fp16
-
-    def zero_hpz_partition_size(self):
-        return self.hpz
-
-    def zero_quantized_weights(self):
-        return self.quantized
-
-    def zero_quantized_nontrainable_weights(self):
-        return False
-
-    def zero_offload_param(self):
-        return self.offload
-
-    def zero_offload_optimizer(self):
-        return None
-
-
 class Offload:
     device = "nvme"
 
 
 @pytest.mark.parametrize("engine, setting", [
     (FakeEngine(stage=2, fp16=True), "fp16.enabled"),
-    (FakeEngine(hpz=2), "zero_optimization.zero_hpz_partition_size 2"),
-    (FakeEngine(quantized=True), "zero_optimization.zero_quantized_weights"),
-    (FakeEngine(offload=Offload()), "zero_optimization.offload_param.device nvme"),
+    (FakeEngine(stage=3, hpz=2), "zero_optimization.zero_hpz_partition_size 2"),
+    (FakeEngine(stage=3, quantized=True), "zero_optimization.zero_quantized_weights"),
+    (FakeEngine(stage=3, offload=Offload()), "zero_optimization.offload_param.device nvme"),
 ])
 def test_unsupported_settings_are_one_line_errors(engine, setting):
     with pytest.raises(zero.LayoutError) as e:
@@ -69,7 +42,7 @@ def test_unsupported_settings_are_one_line_errors(engine, setting):
 
 
 def test_supported_settings_pass():
-    zero.check_engine_settings(FakeEngine())
+    zero.check_engine_settings(FakeEngine(stage=3))
     zero.check_engine_settings(FakeEngine(stage=1))
 
 

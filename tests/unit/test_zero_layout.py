@@ -6,37 +6,7 @@ import pytest
 import torch
 
 from relora_ds.engine import zero
-
-
-class FakeEngine:
-    """The engine methods layout_for reads (ZeRO-3's extra settings all off)."""
-
-    def __init__(self, optimizer, stage=0, fp16=False):
-        self.optimizer, self.stage, self.fp16 = optimizer, stage, fp16
-
-    def zero_optimization_stage(self):
-        return self.stage
-
-    def fp16_enabled(self):
-        return self.fp16
-
-    def optimizer_name(self):
-        return "adamw"
-
-    def zero_hpz_partition_size(self):
-        return 1
-
-    def zero_quantized_weights(self):
-        return False
-
-    def zero_quantized_nontrainable_weights(self):
-        return False
-
-    def zero_offload_param(self):
-        return None
-
-    def zero_offload_optimizer(self):
-        return None
+from tests.helpers.fakes import FakeEngine
 
 
 def adamw(param=None):

@@ -1,0 +1,37 @@
+"""Stand-ins for DeepSpeed objects in single-process unit tests.
+
+    engine = FakeEngine(optimizer, stage=2)        # what zero.layout_for and check_engine_settings read
+"""
+
+
+class FakeEngine:
+    """The DeepSpeed engine methods that zero.layout_for and zero.check_engine_settings read; every ZeRO-3 extra
+    (hpZ, quantized weights, offload) off unless asked for."""
+
+    def __init__(self, optimizer=None, stage=0, fp16=False, hpz=1, quantized=False, offload=None):
+        self.optimizer, self.stage, self.fp16 = optimizer, stage, fp16
+        self.hpz, self.quantized, self.offload = hpz, quantized, offload
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def fp16_enabled(self):
+        return self.fp16
+
+    def optimizer_name(self):
+        return "adamw"
+
+    def zero_hpz_partition_size(self):
+        return self.hpz
+
+    def zero_quantized_weights(self):
+        return self.quantized
+
+    def zero_quantized_nontrainable_weights(self):
+        return False
+
+    def zero_offload_param(self):
+        return self.offload
+
+    def zero_offload_optimizer(self):
+        return None
