@@ -6,7 +6,7 @@
 For each variant and schedule.at_switch mode: the final held-out perplexity (the in-distribution split) of every
 seed, their mean ± sample standard deviation, and the mean of the final train loss; restart against continue per
 seed (the paired difference, which removes the seed's share of the noise). Writes switch.md and switch.json and
-copies each comparison's compare.{json,md,png} as <mode>-seed<k>-compare.*. Nothing is computed here that compare
+copies each comparison's compare.{json,md,png} as <mode>-seed<k>-compare.* (full-seed<k>: the full-rank run). Nothing is computed here that compare
 did not already write; a run that has not finished is left out of the mean and listed.
 """
 
@@ -25,21 +25,22 @@ sys.path.insert(0, HERE)
 from summarize import machine  # noqa: E402
 
 ROWS = (("full", "restart"), ("lora_warm", "continue"), ("lora_warm", "restart"), ("relora", "continue"),
-        ("relora", "restart"))  # full does not switch: it runs once, under the default
+        ("relora", "restart"))  # full does not switch: it runs once (full-seed<k>), listed under the default
 
 
 def read_runs(runs_dir: str) -> dict:
     """{(variant, mode): {seed: compare's record of that variant}} of every <mode>-seed<k>/compare.json."""
     found = {}
     for name in sorted(os.listdir(runs_dir)):
-        match = re.fullmatch(r"(restart|continue)-seed(\d+)", name)
+        match = re.fullmatch(r"(restart|continue|full)-seed(\d+)", name)
         path = os.path.join(runs_dir, name, "compare.json")
         if not match or not os.path.isfile(path):
             continue
         with open(path) as f:
             report = json.load(f)
         for record in report["variants"]:
-            found.setdefault((record["variant"], match.group(1)), {})[int(match.group(2))] = record
+            mode = "restart" if record["variant"] == "full" else match.group(1)  # full: the default's row
+            found.setdefault((record["variant"], mode), {})[int(match.group(2))] = record
     return found
 
 
@@ -78,7 +79,8 @@ def markdown(summary: dict, runs_dir: str) -> str:
     lines = ["# The LR schedule at the warm-start switch, 20m on SOTU (in-distribution held-out split)", "",
              f"Runs: `bash benchmarks/study/switch.sh` (OUT={runs_dir}), then `python benchmarks/study/summarize_switch.py`.",
              "Base: benchmarks/study/20m-sotu.yaml (1 200 steps of 8 × 128 tokens, warm start 300, cycles of 300, "
-             "r 16, α 32, peak LR 2e-3, warm-up 100, restart warm-up 50); trained on 190 of SOTU's 211 training "
+             "r 16, α 32, peak LR 2e-3, warm-up 100, restart warm-up 50; lora_warm and relora start from full's "
+             "step-300 checkpoint of the same seed); trained on 190 of SOTU's 211 training "
              "speeches, held-out perplexity on 100 × 8 × 128 tokens of the other 21 (every tenth: "
              "benchmarks/study/heldout_split.py).", "",
              "| variant | schedule.at_switch | " + " | ".join(f"seed {s}" for s in seeds)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     for name in sorted(os.listdir(args.runs)):
         for ext in ("json", "md", "png"):
             src = os.path.join(args.runs, name, f"compare.{ext}")
-            if re.fullmatch(r"(restart|continue)-seed\d+", name) and os.path.isfile(src):
+            if re.fullmatch(r"(restart|continue|full)-seed\d+", name) and os.path.isfile(src):
                 shutil.copy(src, os.path.join(args.out, f"{name}-compare.{ext}"))
     print(open(os.path.join(args.out, "switch.md")).read())
     return 0
