@@ -1,6 +1,7 @@
-"""Resume at every event boundary on one rank (in this process): ZeRO-0 and ZeRO-2, fp32 bitwise and bf16 within
-BF16_REL, and a streamed source read by two data workers. The checkpoint at the restart step is the one that
-stopped every ZeRO-1/2 resume before (DeepSpeed links the loaded moments only at its next step)."""
+"""Resume at every event boundary on one rank (in this process): ZeRO 0-3 (one rank: a single-GPU user's ZeRO-2/3,
+for offload), fp32 bitwise and bf16 within BF16_REL, and a streamed source read by two data workers. The checkpoint
+at the restart step is the one that stopped every ZeRO-1/2 resume before (DeepSpeed links the loaded moments only at
+its next step)."""
 
 import pytest
 
@@ -15,7 +16,7 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_resume_matrix_one_rank(corpus, tmp_path, stage, bf16):
     ds = write_ds_config(tmp_path, stage=stage, bf16=bf16)
