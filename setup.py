@@ -29,7 +29,8 @@ setup(
         "wandb": ["wandb"],
         "flash": ["flash-attn>=2.5"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "wandb"],
+        "galore": ["galore-torch>=1.0", "bitsandbytes"],  # method: galore (galore-torch imports bitsandbytes)
+        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "wandb", "galore-torch>=1.0", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["relora-ds=relora_ds.cli:main"]},
 )

@@ -27,6 +27,7 @@ from relora_ds.engine import runtime, zero  # noqa: E402
 from relora_ds.engine.restart import merge_into_weight, relora_restart  # noqa: E402
 from relora_ds.model.build import build_model  # noqa: E402
 from relora_ds.relora.layer import ReLoRALinear  # noqa: E402
+from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import wrap  # noqa: E402
 
 TINY_RANK, TINY_ALPHA = 16, 32
@@ -54,7 +55,7 @@ def train_step(engine, batch) -> None:
 def tiny_restarts(stage: int, bf16: bool, repeats: int, rank: int) -> dict:
     """Median seconds of a full restart (merge + re-init + magnitude prune) on the wrapped tiny model."""
     model = build_model("tiny", 256, attn_implementation="sdpa", seed=0)
-    wrap(model, rank=TINY_RANK, alpha=TINY_ALPHA, seed=0)
+    wrap(model, target_modules=target_modules_of(model), rank=TINY_RANK, alpha=TINY_ALPHA, seed=0)
     engine = runtime.make_engine(model, ds_config(stage, bf16))
     generator = torch.Generator().manual_seed(rank)
     records = []

@@ -14,7 +14,7 @@ shards + `model.safetensors.index.json`). A checkpoint's wrapped layers count me
 
 Analysed: every linear weight (a 2-D `<module>.weight`) whose module matches the targets as `relora.wrap` matches
 them (the module's last name, or a glob on its dotted name): `--targets`, else A's targets, else B's, else every
-family's default projections (`config.FAMILY_TARGET_MODULES`). A side's targets: a checkpoint's run config's
+family's default projections (`model/families.py`). A side's targets: a checkpoint's run config's
 `relora.target_modules`, or (null) its model family's defaults; an exported dir's family defaults by the model_type
 of its config.json (exported dirs carry no relora-ds config).
 For each, ΔW = W_B − W_A in fp32 and its singular values, `torch.linalg.svdvals` on the CPU.
@@ -55,7 +55,7 @@ import sys
 
 import torch
 
-from relora_ds.config import FAMILY_TARGET_MODULES, default_target_modules
+from relora_ds.model.families import FAMILIES, default_target_modules
 from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.files import atomic_write
@@ -377,7 +377,7 @@ def summarize(result: dict) -> dict:
 # --- writing -------------------------------------------------------------------------------------------------------
 
 # Every family's projections in its own order (each model has only its family's names, so one list orders them all).
-ALL_PROJECTIONS = tuple(dict.fromkeys(name for targets in FAMILY_TARGET_MODULES.values() for name in targets))
+ALL_PROJECTIONS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.target_modules))
 
 
 def _projection_key(name: str, targets=()):

@@ -32,22 +32,19 @@ def cmd_validate_config(args) -> int:
 
 def schedule_series(cfg) -> dict:
     """{label: the LR of every step 0..N-1} of a run config, as the trainer sets it (schedule.lr × the method's
-    multiplier); for lora/relora with a warm start, under both schedule.at_switch modes, the config's first."""
+    multiplier); for a method with a warm-start switch, under both schedule.at_switch modes, the config's first."""
     from relora_ds import methods
-    from relora_ds.trainer import TrainState
 
     modes = [cfg.schedule.at_switch]
-    if cfg.relora.mode != "full" and cfg.relora.warm_start_steps > 0:
+    if methods.from_config(cfg).switch_step:  # a switch after step 0
         modes += [m for m in ("restart", "continue") if m != cfg.schedule.at_switch]
     series = {}
     for mode in modes:
         variant = cfg.resolved()
         variant.schedule.at_switch = mode
         method = methods.from_config(variant)
-        switch = method.switch_step
-        series[f"at_switch {mode}" if len(modes) > 1 else cfg.relora.mode] = [
-            cfg.schedule.lr * method.lr_multiplier(TrainState(step=t, wrapped=switch is not None and t >= switch))
-            for t in range(cfg.train.total_steps)]
+        series[f"at_switch {mode}" if len(modes) > 1 else cfg.method] = [
+            cfg.schedule.lr * method.lr_multiplier(t) for t in range(cfg.train.total_steps)]
     return series
 
 
@@ -55,15 +52,13 @@ def cmd_schedule(args) -> int:
     from relora_ds import methods
     from relora_ds.config import load_config
     from relora_ds.plots import plot_schedule
-    from relora_ds.trainer import TrainState
 
     cfg = load_config(args.file, args.overrides)
     method = methods.from_config(cfg.resolved())
-    switch = method.switch_step
-    restarts = [t for t in range(cfg.train.total_steps)
-                if method.restart_due(TrainState(step=t, wrapped=True, relora_start=switch or 0))]
-    title = f"{os.path.basename(args.file)}: relora.mode {cfg.relora.mode}, schedule.kind {cfg.schedule.kind}"
-    out = plot_schedule(schedule_series(cfg), args.out, switch_step=switch, restart_steps=restarts, title=title)
+    restarts = [t for t in range(cfg.train.total_steps) if method.restart_due(t)]
+    title = f"{os.path.basename(args.file)}: method {cfg.method}, schedule.kind {cfg.schedule.kind}"
+    out = plot_schedule(schedule_series(cfg), args.out, switch_step=method.switch_step, restart_steps=restarts,
+                        title=title)
     print(f"learning-rate schedule written to {out}")
     return 0
 
@@ -123,7 +118,7 @@ def evaluate_model(model, tokenizer_name, *, source, split, seq_len, batch_size,
 
     from relora_ds.data import loader
     from relora_ds.data.tokenize import load_tokenizer
-    from relora_ds.trainer import evaluate
+    from relora_ds.engine.train_module import evaluate
 
     tokenizer = load_tokenizer(tokenizer_name)
     dataset = loader.build_dataset(source, tokenizer=tokenizer, seq_len=seq_len, format=fmt,

@@ -4,15 +4,15 @@
     relora-ds compare --config BASE.yaml --out DIR --variant lora     # one variant (e.g. one SLURM job each)
     relora-ds compare --config BASE.yaml --out DIR --report           # only the report, from what has finished
 
-BASE.yaml is a ReLoRA run (relora.mode relora) with a full-rank warm start W = relora.warm_start_steps > 0 and
+BASE.yaml is a ReLoRA run (method relora) with a full-rank warm start W = relora.warm_start_steps > 0 and
 held-out evaluation (train.eval_every > 0). Each variant is that config with a few fields changed (VARIANTS below);
 everything else — train.total_steps, data, seed, model, DeepSpeed config and so batch — is the base's, so every
 variant trains the same number of steps on the same data:
 
-    full       relora.mode full, relora.warm_start_steps 0, checkpoint.reference_step W
+    full       method full, relora.warm_start_steps 0, checkpoint.reference_step W
                (full-rank throughout; its ΔW is measured from step W, like the others' from the switch)
-    lora       relora.mode lora, relora.warm_start_steps 0   (adapters from step 0, never merged)
-    lora_warm  relora.mode lora                              (the base's warm start W, then adapters, never merged)
+    lora       method lora, relora.warm_start_steps 0   (adapters from step 0, never merged)
+    lora_warm  method lora                              (the base's warm start W, then adapters, never merged)
     relora     the base as it is                             (warm start, merges, optimizer resets, jagged LR)
     no_reset   relora.optimizer_reset none                   (merges and LR re-warm-ups, no moment pruning)
     no_jagged  schedule.kind cosine                          (merges and resets, no LR re-warm-up at the restarts)
@@ -37,7 +37,7 @@ at that step and the others still run; any other error stops the command with it
 DIR/<variant>/result.json to run a variant again.
 
 The report (rank 0): DIR/compare.json and DIR/compare.md — per variant its status, final held-out loss and
-perplexity, final train loss, trainable parameters, median tokens/s, restarts (merges), epochs of the training data
+perplexity, final train loss, trainable parameters, optimizer-state bytes, median tokens/s, restarts (merges), epochs of the training data
 seen (one line on stderr when a variant passes one epoch), and the number of singular values of ΔW above 0.1
 (relora_ds.analyze) — and DIR/compare.png, the held-out and train losses of all variants overlaid.
 """
@@ -56,6 +56,7 @@ from typing import Callable
 from relora_ds import dist
 from relora_ds.config import SECTIONS, ConfigError, RunConfig, load_config, validate
 from relora_ds.files import atomic_write
+from relora_ds.methods import METHODS
 from relora_ds.metrics import METRICS_FILE, read_records
 
 RESULT_FILE = "result.json"
@@ -73,23 +74,9 @@ class Variant:
     overrides: Callable[[RunConfig], dict]  # base config → {dotted key: value}: the keys that define the variant
 
 
-VARIANTS = {v.name: v for v in (
-    Variant("full", "full-rank training throughout; ΔW measured from step W",
-            lambda base: {"relora.mode": "full", "relora.warm_start_steps": 0,
-                          "checkpoint.reference_step": base.relora.warm_start_steps}),
-    Variant("lora", "LoRA: adapters from step 0, never merged",
-            lambda base: {"relora.mode": "lora", "relora.warm_start_steps": 0}),
-    Variant("lora_warm", "LoRA after the full-rank warm start, never merged",
-            lambda base: {"relora.mode": "lora"}),
-    Variant("relora", "the base config: warm start, merges, optimizer resets, jagged LR",
-            lambda base: {}),
-    Variant("no_reset", "ReLoRA without the optimizer reset (merges and LR re-warm-ups kept)",
-            lambda base: {"relora.optimizer_reset": "none"}),
-    Variant("no_jagged", "ReLoRA without the LR re-warm-ups at its restarts: plain cosine (merges and resets kept)",
-            lambda base: {"schedule.kind": "cosine"}),
-    Variant("no_warm", "ReLoRA without the full-rank warm start (adapters from step 0)",
-            lambda base: {"relora.warm_start_steps": 0}),
-)}
+# Every method's variants (Method.compare_variants), in the registry's order: a new method file brings its own.
+VARIANTS = {name: Variant(name, description, overrides)
+            for method in METHODS.values() for name, description, overrides in method.compare_variants()}
 DEFAULT_VARIANTS = ("full", "lora", "lora_warm", "relora")  # the paper's Table 2
 
 # What compare sets in every variant (so a --set of these is refused); train.output_dir is DIR/<variant>.
@@ -119,9 +106,9 @@ def base_config(path: str | None, overrides=()) -> RunConfig:
             raise CompareError(f"--set {key}: relora-ds compare sets it for every variant (train.output_dir: "
                                f"--out DIR/<variant>; {', '.join(f'{k} {_yaml(v)}' for k, v in COMPARE_SETS.items())})")
     cfg = load_config(path, overrides)
-    if cfg.relora.mode != "relora":
-        raise CompareError(f"relora.mode: the base config of relora-ds compare must be a ReLoRA run (relora), "
-                           f"got {cfg.relora.mode!r}")
+    if cfg.method != "relora":
+        raise CompareError(f"method: the base config of relora-ds compare must be a ReLoRA run (relora), "
+                           f"got {cfg.method!r}")
     if cfg.relora.warm_start_steps <= 0:
         raise CompareError(f"relora.warm_start_steps: the base config of relora-ds compare needs a full-rank warm "
                            f"start (> 0; lora_warm and full's reference step use it), got {cfg.relora.warm_start_steps}")
@@ -140,8 +127,8 @@ def variant_config(base: RunConfig, name: str, out_dir: str) -> RunConfig:
     """The base config with the variant's fields and compare's own (COMPARE_SETS, train.output_dir), validated."""
     cfg = copy.deepcopy(base)
     for key, value in {**variant_overrides(base, name), **COMPARE_SETS, "train.output_dir": out_dir}.items():
-        section, field_name = key.split(".")
-        setattr(getattr(cfg, section), field_name, value)
+        section, _, field_name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, field_name, value)
     errors = validate(cfg)
     if errors:
         raise CompareError(f"variant {name}: " + "; ".join(errors))
@@ -152,6 +139,9 @@ def config_differences(saved: dict, cfg: RunConfig, limit: int = 3) -> list[str]
     """'schedule.lr 0.002 there, 0.001 here' for the fields (NOT_COMPARED aside) where `saved` differs from `cfg`."""
     now = cfg.to_dict()
     found = []
+    there = saved.get("method", (saved.get("relora") or {}).get("mode", cfg.method))  # relora.mode: the old name
+    if there != cfg.method:
+        found.append(f"method {_yaml(there)} there, {_yaml(cfg.method)} here")
     for section in SECTIONS:
         for key, value in now[section].items():
             dotted = f"{section}.{key}"
@@ -209,7 +199,7 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     except trainer.NonFiniteError as e:
         error, diverged_at = str(e), e.step
     else:
-        counts = {k: summary[k] for k in ("total_params", "trainable_params")}
+        counts = {k: summary[k] for k in ("total_params", "trainable_params", "optimizer_state_bytes")}
     gc.collect()  # a diverged run's engine was never destroyed: drop it before the next variant builds its own
     release_memory()
     result = result_of_run(name, cfg, overrides, counts, error, diverged_at)
@@ -248,6 +238,7 @@ def result_of_run(name: str, cfg: RunConfig, overrides: dict, counts: dict, erro
         "train_loss": losses[-1]["loss"] if losses else None,
         "trainable_params": counts.get("trainable_params"),
         "total_params": counts.get("total_params"),
+        "optimizer_state_bytes": counts.get("optimizer_state_bytes"),
         "tokens_per_s": statistics.median(speeds) if speeds else None,
         "restarts": sum(r.get("event") == "restart" for r in records),
         "tokens_seen": tokens_seen,
@@ -260,7 +251,8 @@ def result_of_run(name: str, cfg: RunConfig, overrides: dict, counts: dict, erro
 def not_run_result(name: str, cfg: RunConfig, overrides: dict) -> dict:
     """The report's entry of a variant without result.json: not run, or unfinished at its last logged step."""
     result = result_of_run(name, cfg, overrides, {}, None)
-    result.update(status="unfinished" if result["steps"] else "not run", trainable_params=None, total_params=None)
+    result.update(status="unfinished" if result["steps"] else "not run", trainable_params=None, total_params=None,
+                  optimizer_state_bytes=None)
     return result
 
 
@@ -380,7 +372,8 @@ def plot_compare(out: str, results: dict) -> str:
 
 # --- the report ---------------------------------------------------------------------------------------------------
 
-COLUMNS = ("variant", "status", "eval loss", "eval ppl", "train loss", "trainable params", "tokens/s", "restarts",
+COLUMNS = ("variant", "status", "eval loss", "eval ppl", "train loss", "trainable params", "optimizer state MiB",
+           "tokens/s", "restarts",
            "epochs", "σ>0.1")
 
 
@@ -411,7 +404,9 @@ def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], n
         cells = [f"`{r['variant']}`", status_text(r),
                  num(r["eval_loss"], ".4f") + (f" (step {r['eval_step']})" if early else ""),
                  num(r["eval_perplexity"], ".2f"),
-                 num(r["train_loss"], ".4f"), num(r["trainable_params"], ","), num(r["tokens_per_s"], ",.0f"),
+                 num(r["train_loss"], ".4f"), num(r["trainable_params"], ","),
+                 num(r.get("optimizer_state_bytes") and r["optimizer_state_bytes"] / 2**20, ",.1f"),
+                 num(r["tokens_per_s"], ",.0f"),
                  str(r["restarts"]), num(r["epochs"], ".2f") + (" ⚠" if (r["epochs"] or 0) > 1 else ""),
                  num(r["num_above_0_1"], ",")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -419,7 +414,8 @@ def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], n
     for r in rows:
         changes = ", ".join(f"{k}={_yaml(v)}" for k, v in r["overrides"].items()) or "none"
         lines.append(f"- `{r['variant']}`: {r['description']} ({changes})")
-    lines += ["", "eval loss / ppl: the last held-out evaluation; train loss: the last logged step; tokens/s: the "
+    lines += ["", "eval loss / ppl: the last held-out evaluation; train loss: the last logged step; optimizer state "
+              "MiB: one rank's optimizer-state tensors at the end (moments, projections); tokens/s: the "
               "median of the logged values; restarts: merges; epochs: training tokens seen / tokens in one epoch "
               "of the training data (⚠: data repeated); σ>0.1: singular values of ΔW = W_final − W_reference above "
               "0.1, summed over the adapted layers (relora_ds.analyze)."]
@@ -446,7 +442,7 @@ def write_report(out: str, base_path: str | None, overrides: list[str], results:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="BASE.yaml", required=True,
-                        help="the base run config: relora.mode relora with relora.warm_start_steps > 0 and "
+                        help="the base run config: method relora with relora.warm_start_steps > 0 and "
                              "train.eval_every > 0")
     parser.add_argument("--out", required=True, metavar="DIR", help="one run directory per variant (DIR/<variant>) "
                         "and the report (compare.json, compare.md, compare.png)")

@@ -5,7 +5,7 @@
 
 Sections: model, relora, schedule, data, train, log, checkpoint. Batch sizes, precision, ZeRO stage
 and the optimizer live in the DeepSpeed JSON (`train.deepspeed_config`), not here.
-No torch import: this module is cheap to import everywhere.
+Each field's vocabulary is its owner's (imported below); the method sections are checked by the methods themselves.
 """
 
 import copy
@@ -21,178 +21,128 @@ from dataclasses import dataclass, field
 
 import yaml
 
-# The names of the model sizes; their shapes, for every family, are in relora_ds/model/families.py (a unit test
-# checks that each family has exactly these). No model import here.
-MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "250m", "350m", "1b", "7b")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-MODES = ("full", "lora", "relora")
-OPTIMIZER_RESETS = ("magnitude", "random", "full", "none")
-KERNELS = ("auto", "triton", "torch")
-ZERO3_MERGES = ("shard", "gathered")
-SCHEDULE_KINDS = ("jagged_cosine", "cosine", "constant")
-AT_SWITCH = ("restart", "continue")
+from relora_ds.engine.restart import ZERO3_MERGES
+from relora_ds.fields import setting
+from relora_ds.model.build import ATTN_IMPLEMENTATIONS
+from relora_ds.model.families import FAMILIES, MODEL_PRESETS
+from relora_ds.relora.layer import KERNELS
+from relora_ds.relora.reset import PRUNE_METHODS as OPTIMIZER_RESETS
+from relora_ds.schedule import AT_SWITCH, SCHEDULE_KINDS
+from relora_ds.methods import METHODS
+
+# The vocabularies of the fields are their owners' (imported above); config.py assembles the tree.
+MODEL_FAMILIES = tuple(FAMILIES)
 DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")
 RESUME_CHOICES = (False, True, "auto")
-# Each model family's default relora.target_modules (relora.target_modules: null), by its Hugging Face model_type,
-# which is also its model.family name: the attention and MLP projections, never embeddings, norms or the head. The
-# families' shapes are in relora_ds/model/families.py; the defaults are here because relora/ (which wraps) may not
-# import model/. Models of another model_type (model.init_from, model.hf_config) name their targets.
-LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FAMILY_TARGET_MODULES = {
-    "llama": LLAMA_TARGET_MODULES,
-    "mistral": LLAMA_TARGET_MODULES,
-    "qwen2": LLAMA_TARGET_MODULES,
-    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
-MODEL_FAMILIES = tuple(FAMILY_TARGET_MODULES)
 
 
 class ConfigError(ValueError):
     """A bad run configuration; the message holds one line per problem."""
 
 
-def default_target_modules(model_type: str | None) -> tuple[str, ...]:
-    """The linears relora.target_modules: null wraps in a model of this Hugging Face model_type (FAMILY_TARGET_MODULES);
-    a one-line ValueError naming relora.target_modules for a model_type without defaults."""
-    if model_type not in FAMILY_TARGET_MODULES:
-        raise ValueError(f"relora.target_modules: null takes the model family's projections, but model_type "
-                         f"{model_type!r} has no defaults (families: {', '.join(MODEL_FAMILIES)}); name the linears "
-                         f"to wrap, e.g. relora.target_modules=[q_proj,v_proj]")
-    return FAMILY_TARGET_MODULES[model_type]
-
-
-def _field(default, help: str, choices: tuple[str, ...] | None = None):
-    """A dataclass field with its help text (and allowed values) kept in the metadata."""
-    metadata = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass
 class ModelConfig:
-    preset: str = _field("tiny", "model size (paper Table 1 plus tiny/20m for tests and 7b)", MODEL_PRESETS)
-    family: str = _field("llama", "architecture of the preset, shaped as that family shapes it (relora_ds/model/"
+    preset: str = setting("tiny", "model size (paper Table 1 plus tiny/20m for tests and 7b)", MODEL_PRESETS)
+    family: str = setting("llama", "architecture of the preset, shaped as that family shapes it (relora_ds/model/"
                                   "families.py): llama (paper), mistral and qwen2 (GQA; qwen2: q/k/v biases, tied "
                                   "embeddings up to 1b), gpt_neox (Pythia)", MODEL_FAMILIES)
-    vocab_size: int | None = _field(None, "vocabulary size; null: taken from the tokenizer")
-    attn_implementation: str = _field(
+    vocab_size: int | None = setting(None, "vocabulary size; null: taken from the tokenizer")
+    attn_implementation: str = setting(
         "auto", "attention kernel; auto: flash_attention_2 with CUDA and flash-attn, else sdpa",
         ATTN_IMPLEMENTATIONS)
-    init_from: str | None = _field(None, "HF model dir (or exported model) to start from instead of random init")
-    hf_config: str | None = _field(None, "a transformers config.json (or a dir holding one) to build, randomly "
+    init_from: str | None = setting(None, "HF model dir (or exported model) to start from instead of random init")
+    hf_config: str | None = setting(None, "a transformers config.json (or a dir holding one) to build, randomly "
                                          "initialised, instead of model.family/model.preset (both then ignored; "
                                          "its vocab_size must hold the tokenizer's)")
 
 
 @dataclass
-class ReLoRAConfig:
-    mode: str = _field("relora", "full: plain training; lora: wrap once, never merge; relora: merge and restart",
-                       MODES)
-    rank: int = _field(128, "adapter rank r")
-    alpha: float = _field(32.0, "adapter scale numerator: s = alpha / rank")
-    dropout: float = _field(0.0, "dropout on the adapter input")
-    trainable_scaling: bool = _field(False, "learn the scale: s = tanh(g)")
-    target_modules: list[str] | None = _field(None, "names of the nn.Linear modules to wrap; null: the model "
-                                                    "family's attention and MLP projections (by model_type)")
-    warm_start_steps: int = _field(0, "full-rank steps before wrapping; 0: wrap at step 0")
-    warm_start_checkpoint: str | None = _field(None, "full-rank checkpoint to start ReLoRA from")
-    reset_every: int = _field(1000, "cycle length C: steps between optimizer reset + LR re-warm-up")
-    merge_every: int | None = _field(None, "steps between merges; null: reset_every (smaller: online ReLoRA)")
-    optimizer_reset: str = _field("magnitude", "how adapter Adam moments are reset at a restart",
-                                  OPTIMIZER_RESETS)
-    prune_ratio: float = _field(0.99, "fraction of adapter moments zeroed at a reset")
-    pair_moments: bool = _field(True, "also zero exp_avg where the pruned exp_avg_sq is zero (avoids the "
-                                      "post-restart loss spike; false: the paper's independent pruning)")
-    kernels: str = _field("auto", "adapter forward/backward: fused triton kernels or plain torch", KERNELS)
-    zero3_merge: str = _field("shard", "ZeRO-3 merge: into each rank's shard, or on the gathered weight",
-                              ZERO3_MERGES)
-
-
-@dataclass
 class ScheduleConfig:
-    lr: float = _field(1e-3, "peak learning rate")
-    warmup_steps: int = _field(100, "first linear warm-up W0")
-    restart_warmup_steps: int = _field(50, "linear re-warm-up Wr after each restart")
-    min_lr_ratio: float = _field(0.1, "cosine floor m as a fraction of the peak")
-    low_rank_lr_scale: float = _field(1.0, "peak LR while the adapters train (lora/relora after the switch) as a "
+    lr: float = setting(1e-3, "peak learning rate")
+    warmup_steps: int = setting(100, "first linear warm-up W0")
+    restart_warmup_steps: int = setting(50, "linear re-warm-up Wr after each restart")
+    min_lr_ratio: float = setting(0.1, "cosine floor m as a fraction of the peak")
+    low_rank_lr_scale: float = setting(1.0, "peak LR while the adapters train (lora/relora after the switch) as a "
                                            "multiple of schedule.lr (no effect in full mode); the paper's "
                                            "Appendix A suggests 1.5-2")
-    kind: str = _field("jagged_cosine", "LR schedule", SCHEDULE_KINDS)
-    at_switch: str = _field(
+    kind: str = setting("jagged_cosine", "LR schedule", SCHEDULE_KINDS)
+    at_switch: str = setting(
         "restart", "the LR at the warm-start switch (lora/relora): restart: a new schedule for the low-rank phase "
                    "(warm-up, then the cosine from the peak over the remaining steps; ReLoRA's restarts on it), as "
                    "the reference code does; continue: the full-rank run's cosine goes on", AT_SWITCH)
-    switch_warmup_steps: int | None = _field(
+    switch_warmup_steps: int | None = setting(
         None, "the warm-up at the switch with at_switch restart; null: schedule.warmup_steps")
 
 
 @dataclass
 class DataConfig:
-    source: str = _field("sotu", "'sotu' (shipped corpus), local file/dir/glob, hub name or pretokenized dir")
-    format: str = _field("auto", "how to read the source", DATA_FORMATS)
-    text_column: str = _field("text", "column holding the text")
-    hub_config: str | None = _field(None, "datasets hub config name (e.g. 'en')")
-    split: str = _field("train", "split to train on")
-    streaming: bool = _field(False, "read the source lazily as a stream sharded across ranks (hub: without "
+    source: str = setting("sotu", "'sotu' (shipped corpus), local file/dir/glob, hub name or pretokenized dir")
+    format: str = setting("auto", "how to read the source", DATA_FORMATS)
+    text_column: str = setting("text", "column holding the text")
+    hub_config: str | None = setting(None, "datasets hub config name (e.g. 'en')")
+    split: str = setting("train", "split to train on")
+    streaming: bool = setting(False, "read the source lazily as a stream sharded across ranks (hub: without "
                                     "downloading it) instead of packing it into a cached dataset first")
-    validation_source: str | None = _field(None, "held-out source; null: the source's validation split if any")
-    validation_split: str | None = _field(None, "held-out split name")
-    tokenizer: str | None = _field(None, "HF tokenizer dir or hub name; null: the shipped SOTU tokenizer")
-    seq_len: int = _field(256, "tokens per packed training sequence")
-    num_workers: int = _field(0, "background processes that read, tokenize and pack a stream (data.streaming), "
+    validation_source: str | None = setting(None, "held-out source; null: the source's validation split if any")
+    validation_split: str | None = setting(None, "held-out split name")
+    tokenizer: str | None = setting(None, "HF tokenizer dir or hub name; null: the shipped SOTU tokenizer")
+    seq_len: int = setting(256, "tokens per packed training sequence")
+    num_workers: int = setting(0, "background processes that read, tokenize and pack a stream (data.streaming), "
                                  "each its own share; 0: in the training process")
-    prefetch_batches: int = _field(16, "micro-batches the data workers prepare ahead of the step (data.num_workers > 0)")
-    skip_bad_records: bool = _field(False, "count and log bad records instead of stopping")
+    prefetch_batches: int = setting(16, "micro-batches the data workers prepare ahead of the step (data.num_workers > 0)")
+    skip_bad_records: bool = setting(False, "count and log bad records instead of stopping")
 
 
 @dataclass
 class TrainConfig:
-    total_steps: int = _field(1000, "optimizer steps N, warm start included")
-    seed: int = _field(42, "seed for init, data order and adapter draws")
-    eval_every: int = _field(200, "steps between held-out evaluations; 0: never")
-    eval_batches: int = _field(20, "micro-batches per evaluation")
-    deepspeed_config: str = _field("ds_configs/cpu.json", "DeepSpeed JSON: batch sizes, precision, ZeRO, optimizer")
-    output_dir: str = _field("runs/default", "run directory")
-    resume: bool | str = _field(
+    total_steps: int = setting(1000, "optimizer steps N, warm start included")
+    seed: int = setting(42, "seed for init, data order and adapter draws")
+    eval_every: int = setting(200, "steps between held-out evaluations; 0: never")
+    eval_batches: int = setting(20, "micro-batches per evaluation")
+    deepspeed_config: str = setting("ds_configs/cpu.json", "DeepSpeed JSON: batch sizes, precision, ZeRO, optimizer")
+    output_dir: str = setting("runs/default", "run directory")
+    resume: bool | str = setting(
         False, "false: refuse an output_dir holding another run; true: continue from its newest complete checkpoint "
                "(error if none); auto: continue if there is one, else start fresh (for requeued jobs)", RESUME_CHOICES)
-    max_grad_norm: float | None = _field(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
+    max_grad_norm: float | None = setting(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
 
 
 @dataclass
 class LogConfig:
-    every: int = _field(10, "steps between log records")
-    wandb: bool = _field(False, "log to Weights & Biases (offline without a key)")
-    wandb_project: str = _field("relora-ds", "wandb project")
-    wandb_entity: str | None = _field(None, "wandb entity")
-    run_name: str | None = _field(None, "run name; null: the output dir's name")
-    tags: list[str] = _field([], "wandb tags")
-    tensorboard: bool = _field(False, "also write TensorBoard events")
-    progress: bool = _field(True, "progress bar on rank 0 (one plain line per record when stderr is not a terminal)")
-    peak_tflops: float | None = _field(
+    every: int = setting(10, "steps between log records")
+    wandb: bool = setting(False, "log to Weights & Biases (offline without a key)")
+    wandb_project: str = setting("relora-ds", "wandb project")
+    wandb_entity: str | None = setting(None, "wandb entity")
+    run_name: str | None = setting(None, "run name; null: the output dir's name")
+    tags: list[str] = setting([], "wandb tags")
+    tensorboard: bool = setting(False, "also write TensorBoard events")
+    progress: bool = setting(True, "progress bar on rank 0 (one plain line per record when stderr is not a terminal)")
+    peak_tflops: float | None = setting(
         None, "peak TFLOP/s per device for the logged MFU; null: the GPU's dense bf16/fp16 peak by name "
               "(relora_ds/hardware.py), no MFU on CPU, on fp32 runs or on an unlisted GPU")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _field(500, "steps between checkpoints; 0: only at the end")
-    keep_last: int = _field(3, "periodic checkpoints kept on disk; 0: keep all")
-    save_final: bool = _field(True, "save a checkpoint at the end of training")
-    at_switch: bool = _field(True, "save a checkpoint at the warm-start switch (step relora.warm_start_steps, before "
+    every: int = setting(500, "steps between checkpoints; 0: only at the end")
+    keep_last: int = setting(3, "periodic checkpoints kept on disk; 0: keep all")
+    save_final: bool = setting(True, "save a checkpoint at the end of training")
+    at_switch: bool = setting(True, "save a checkpoint at the warm-start switch (step relora.warm_start_steps, before "
                                    "wrapping; step 0 when wrapping at the start): the reference W of `relora-ds "
                                    "analyze RUN_DIR`, kept whatever keep_last says")
-    reference_step: int | None = _field(
+    reference_step: int | None = setting(
         None, "a step whose checkpoint is saved and kept as that reference instead; set it on full-rank runs "
               "compared with low-rank ones (relora-ds compare sets it); null: the switch, with at_switch")
 
 
+# The sections, in the order a config is written: the model, each method's own (methods/: Method.section), the rest.
+METHOD_SECTIONS = {}
+for _method in METHODS.values():
+    if _method.section is not None:
+        METHOD_SECTIONS.setdefault(_method.section, _method.Config)
 SECTIONS = {
     "model": ModelConfig,
-    "relora": ReLoRAConfig,
+    **METHOD_SECTIONS,
     "schedule": ScheduleConfig,
     "data": DataConfig,
     "train": TrainConfig,
@@ -201,15 +151,12 @@ SECTIONS = {
 }
 
 
-@dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+METHOD_HELP = ("the training method, one of relora_ds/methods/ (full: plain training; lora: wrap once, never merge; "
+               "relora: merge and restart)")
+
+
+class RunConfigMethods:
+    """What a run config does (RunConfig below is the dataclass of the sections, made from SECTIONS)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -220,7 +167,14 @@ class RunConfig:
             raise ConfigError(f"config: expected a mapping of sections, got {_describe(d)}")
         errors = []
         sections = {}
+        d = _method_from_relora_mode(d, errors)
         for name, value in d.items():
+            if name == "method":
+                if isinstance(value, str):
+                    sections["method"] = value
+                else:
+                    errors.append(f"method: expected str, got {_describe(value)}")
+                continue
             if name not in SECTIONS:
                 errors.append(_unknown_key_message(str(name), None))
                 continue
@@ -275,6 +229,28 @@ class RunConfig:
         return cfg
 
 
+
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig",
+    [("method", str, field(default="relora", metadata={"help": METHOD_HELP}))]
+    + [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()],
+    bases=(RunConfigMethods,))
+RunConfig.__module__ = __name__
+RunConfig.__doc__ = "The run configuration: `method` and one dataclass per section (SECTIONS)."
+
+def _method_from_relora_mode(d: dict, errors: list) -> dict:
+    """Configs written before `method:` named the method as relora.mode: it still loads, as `method`; naming both,
+    differently, is an error."""
+    relora = d.get("relora")
+    if not isinstance(relora, dict) or "mode" not in relora:
+        return d
+    d = {**d, "relora": {k: v for k, v in relora.items() if k != "mode"}}
+    if "method" in d and d["method"] != relora["mode"]:
+        errors.append(f"relora.mode: is the old name of `method`; give only method (got method {d['method']!r} and "
+                      f"relora.mode {relora['mode']!r})")
+    return {"method": relora["mode"], **d}
+
+
 def load_config(path: str | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Load a YAML/JSON file (None: defaults), apply `section.key=value` overrides, validate, resolve.
 
@@ -299,6 +275,9 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         parts = key.split(".")
+        if sep and parts == ["method"]:
+            raw["method"] = text.strip()
+            continue
         if not sep or len(parts) != 2 or not all(parts):
             errors.append(f"override {item!r}: expected section.key=value (e.g. relora.rank=64)")
             continue
@@ -383,59 +362,21 @@ def validate(cfg: RunConfig) -> list[str]:
     # How the phases and the schedule fit together.
     if t.total_steps <= s.warmup_steps:
         errors.append(f"train.total_steps ({t.total_steps}) must be > schedule.warmup_steps ({s.warmup_steps})")
-    if r.mode == "full":
-        if r.warm_start_steps > 0:
-            errors.append(f"relora.warm_start_steps: must be 0 with relora.mode full (nothing to switch to), "
-                          f"got {r.warm_start_steps}")
-        if r.warm_start_checkpoint is not None:
-            errors.append("relora.warm_start_checkpoint: must be null with relora.mode full (nothing to switch to)")
-    else:
-        if r.warm_start_steps >= t.total_steps:
-            errors.append(f"relora.warm_start_steps ({r.warm_start_steps}) must be < train.total_steps "
-                          f"({t.total_steps})")
-        if 0 < r.warm_start_steps < s.warmup_steps:
-            errors.append(f"relora.warm_start_steps ({r.warm_start_steps}) must be 0 or >= schedule.warmup_steps "
-                          f"({s.warmup_steps}): the first warm-up ends before the switch to adapters")
-    # schedule.at_switch restart: the low-rank phase has its own schedule, of N - S steps with its own warm-up.
-    restarts_at_switch = r.mode != "full" and s.at_switch == "restart"
-    switch_warmup = s.warmup_steps if s.switch_warmup_steps is None else s.switch_warmup_steps
-    first_warmup = ("schedule.switch_warmup_steps" if s.switch_warmup_steps is not None else "schedule.warmup_steps",
-                    switch_warmup) if restarts_at_switch else ("schedule.warmup_steps", s.warmup_steps)
-    if restarts_at_switch and (r.warm_start_steps > 0 or s.switch_warmup_steps is not None) and \
-            0 <= r.warm_start_steps < t.total_steps <= r.warm_start_steps + switch_warmup:
-        errors.append(f"train.total_steps - relora.warm_start_steps ({t.total_steps - r.warm_start_steps}) must be > "
-                      f"{first_warmup[0]} ({switch_warmup}): with schedule.at_switch restart the low-rank steps "
-                      f"start with that warm-up")
-    if r.mode == "relora":
-        if merge_every >= 1 and r.reset_every % merge_every != 0:
-            errors.append(f"relora.reset_every ({r.reset_every}) must be a multiple of relora.merge_every "
-                          f"({merge_every})")
-        if s.kind == "jagged_cosine":
-            if r.reset_every <= s.restart_warmup_steps:
-                errors.append(f"relora.reset_every ({r.reset_every}) must be > schedule.restart_warmup_steps "
-                              f"({s.restart_warmup_steps}): each cycle needs room for its LR re-warm-up")
-            if first_warmup[1] > r.reset_every:
-                errors.append(f"{first_warmup[0]} ({first_warmup[1]}) must be <= relora.reset_every "
-                              f"({r.reset_every}): the first warm-up must end before the first restart")
+    errors += _method_errors(cfg)
     return errors
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_byte_size(text) -> int:
-    """Bytes in "5GB", "500MB", "2GiB", "1.5GB" or a plain number of bytes (GB = 10^9, GiB = 2^30, as in Hugging
-    Face's max_shard_size); 0 when `text` is not a size (the caller names its option in the error)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return max(text, 0)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
-    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]) if match else 0
+def _method_errors(cfg: RunConfig) -> list[str]:
+    """The run's method: one of the registry's (relora_ds/methods/), and its own checks (Method.validate)."""
+    if cfg.method not in METHODS:
+        return [f"method: must be one of {', '.join(METHODS)}, got {cfg.method!r}"]
+    return METHODS[cfg.method].validate(cfg)
 
 
 def reference_markdown() -> str:
     """A markdown table of every field: dotted name, default, meaning (for the README and --help)."""
-    lines = ["| field | default | meaning |", "|---|---|---|"]
+    lines = ["| field | default | meaning |", "|---|---|---|",
+             f"| `method` | `\"relora\"` | {METHOD_HELP} ({', '.join(METHODS)}; `relora.mode`, its old name, still loads) |"]
     for section_name, section_cls in SECTIONS.items():
         for f in dataclasses.fields(section_cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

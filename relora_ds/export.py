@@ -24,7 +24,8 @@ import struct
 import torch
 
 from relora_ds import methods
-from relora_ds.config import RunConfig, parse_byte_size
+from relora_ds.config import RunConfig
+from relora_ds.files import parse_byte_size
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError

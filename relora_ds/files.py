@@ -6,9 +6,11 @@
 The content goes into a temporary file beside `path` (same directory, so the rename stays on one file system),
 is flushed and fsynced, and is then renamed over `path` (os.replace, atomic on POSIX); on any error the temporary
 file is removed and the old `path` is left as it was. Every file relora-ds writes in one piece goes through here.
+Also here: `parse_byte_size`, the sizes of the files it writes in shards ("5GB", "2GiB").
 """
 
 import os
+import re
 import tempfile
 
 
@@ -32,3 +34,16 @@ def atomic_write(path: str, content) -> str:
             os.remove(tmp)
         raise
     return path
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_byte_size(text) -> int:
+    """Bytes in "5GB", "500MB", "2GiB", "1.5GB" or a plain number of bytes (GB = 10^9, GiB = 2^30, as in Hugging
+    Face's max_shard_size); 0 when `text` is not a size (the caller names its option in the error)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return max(text, 0)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]) if match else 0

@@ -17,7 +17,8 @@ training method's choice (relora_ds/methods/: `schedule_segments`). Pure python.
 
 import math
 
-from relora_ds.config import SCHEDULE_KINDS
+SCHEDULE_KINDS = ("jagged_cosine", "cosine", "constant")
+AT_SWITCH = ("restart", "continue")  # schedule.at_switch: the LR at the warm-start switch (methods/lora.py)
 
 
 def check_schedule(*, total_steps: int, warmup_steps: int, restart_warmup_steps: int = 0,

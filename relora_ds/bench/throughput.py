@@ -99,7 +99,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for values the workers would otherwise fail on much later."""
-    from relora_ds.config import MODEL_PRESETS as PRESETS
+    from relora_ds.model.families import MODEL_PRESETS as PRESETS
 
     if args.preset not in PRESETS:
         raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")

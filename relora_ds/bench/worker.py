@@ -48,7 +48,7 @@ def make_batches(args, device, micro_batch: int, count: int) -> list[torch.Tenso
 def train_step(engine, batches: list[torch.Tensor]) -> torch.Tensor:
     """One optimizer step over the micro batches, through the trainer's own step function (what `relora-ds train`
     runs: forward, backward and engine.step() per micro batch, the collective non-finite check); its mean loss."""
-    from relora_ds.trainer import train_step as trainer_step
+    from relora_ds.engine.train_module import train_step as trainer_step
 
     micro_batches = iter({"input_ids": ids, "labels": ids} for ids in batches)
     loss, _ = trainer_step(engine, micro_batches, len(batches), step=engine.global_steps + 1, grad_norm=False)
@@ -78,29 +78,6 @@ def phase_breakdown(engine, batches: list[torch.Tensor], steps: int = 3) -> dict
     """Median seconds per phase over `steps` extra optimizer steps (after the timed ones)."""
     runs = [phase_seconds(engine, batches) for _ in range(steps)]
     return {phase: statistics.median(run[phase] for run in runs) for phase in PHASES}
-
-
-def base_optimizer(engine):
-    """The torch optimizer that holds the state (inside DeepSpeed's bf16 / ZeRO wrappers, if any)."""
-    optimizer = engine.optimizer
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def optimizer_bytes(engine) -> dict:
-    """This rank's optimizer-state bytes (Adam moments, step counters) and fp32 master copies it keeps."""
-    optimizer = base_optimizer(engine)
-    state = sum(tensor_bytes(value) for per_param in optimizer.state.values()
-                for value in per_param.values() if torch.is_tensor(value))
-    module_storage = {p.data_ptr() for p in engine.module.parameters()}
-    masters = sum(tensor_bytes(p) for group in optimizer.param_groups for p in group["params"]
-                  if p.data_ptr() not in module_storage)
-    return {"optimizer_state_bytes": state, "optimizer_master_bytes": masters}
 
 
 def peak_memory() -> dict:
@@ -143,9 +120,10 @@ def measure(args) -> dict:
     import torch.distributed
 
     from relora_ds.engine import ds_config as dsc, runtime
+    from relora_ds.engine.train_module import optimizer_bytes
     from relora_ds.model.build import build_model
     from relora_ds.model.counts import parameter_counts
-    from relora_ds.model.families import preset_shape
+    from relora_ds.model.families import preset_shape, target_modules_of
     from relora_ds.relora.wrap import wrap
 
     mode = args.worker
@@ -171,7 +149,8 @@ def measure(args) -> dict:
 
             if not triton_available():
                 raise SystemExit("relora-triton: the Triton kernels are not available on this machine")
-        wrap(model, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, kernels=MODES[mode], seed=args.seed)
+        wrap(model, rank=args.rank, alpha=args.alpha, target_modules=target_modules_of(model), dropout=args.lora_dropout,
+             kernels=MODES[mode], seed=args.seed)
     engine = runtime.make_engine(model, ds_config)
     if args.compile:
         engine.compile()

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from relora_ds.config import parse_byte_size
+from relora_ds.files import parse_byte_size
 from relora_ds.data import DataError
 from relora_ds.data.sources import resolve_source
 from relora_ds.data.tokenize import Encoder, vocab_hash

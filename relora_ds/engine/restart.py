@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from relora_ds import dist
-from relora_ds.config import ZERO3_MERGES
 from relora_ds.engine import zero
 from relora_ds.relora import functional
 from relora_ds.relora.reset import (MOMENT_KEYS, PRUNE_METHODS, check_prune_ratio, magnitude_threshold, prune_,
                                    zero_unpaired_)
 from relora_ds.relora.wrap import relora_modules
+
+ZERO3_MERGES = ("shard", "gathered")  # relora.zero3_merge: into each rank's shard, or on the gathered weight
 
 
 

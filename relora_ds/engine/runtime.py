@@ -56,8 +56,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_engine(model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize over the model's trainable parameters; returns the engine.
+def make_engine(model: torch.nn.Module, ds_config: dict, *, params=None, optimizer=None):
+    """deepspeed.initialize over `params` (default: the model's trainable parameters; or parameter groups) with
+    `optimizer` (default: the one the DeepSpeed JSON names; a torch optimizer over the same parameters replaces it,
+    and the JSON's "optimizer" section is then left out); returns the engine.
 
     A single process on ZeRO-0 skips DeepSpeed's gradient all-reduce: with one rank it is an exact no-op
     (a sum over one rank, divided by 1), yet DeepSpeed still flattens every gradient into buckets and copies
@@ -67,8 +69,12 @@ def make_engine(model: torch.nn.Module, ds_config: dict):
     import deepspeed
     import torch.distributed as dist
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is not None:
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config)
     if dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0:
         engine.enable_backward_allreduce = False
     return engine

@@ -1,18 +1,36 @@
-"""Training methods: full-rank, LoRA, ReLoRA; `relora.mode` picks one (methods/base.py: the interface)."""
+"""Training methods: one file each in this package, holding the Method subclass whose `name` is the file's name
+(methods/base.py: the interface). METHODS is made of those files, imported once here: the only list of method names;
+adding a method is adding its file."""
 
-from relora_ds.config import RunConfig
+import importlib
+import inspect
+import pkgutil
+
 from relora_ds.methods.base import Method
-from relora_ds.methods.full import FullRank
-from relora_ds.methods.lora import LoRA
-from relora_ds.methods.relora import ReLoRA
 
-METHODS: dict[str, type[Method]] = {"full": FullRank, "lora": LoRA, "relora": ReLoRA}
+NOT_METHODS = ("base", "hooks")  # the interface and the methods' callbacks
 
 
-def from_config(cfg: RunConfig) -> Method:
-    """The run's method, holding the resolved config (RunConfig.resolved: relora.merge_every filled in); a one-line
-    ValueError for an unknown relora.mode or an impossible LR schedule. config.MODES (relora.mode's choices) names
-    the same methods (a unit test keeps them equal)."""
-    if cfg.relora.mode not in METHODS:
-        raise ValueError(f"relora.mode must be one of {', '.join(METHODS)}, got {cfg.relora.mode!r}")
-    return METHODS[cfg.relora.mode](cfg.resolved())
+def _discover() -> dict[str, type[Method]]:
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in NOT_METHODS:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        [cls] = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                 if issubclass(c, Method) and c.__module__ == module.__name__ and c.name == info.name] or [None]
+        if cls is None:
+            raise ImportError(f"relora_ds/methods/{info.name}.py: defines no Method subclass named {info.name!r}")
+        found[info.name] = cls
+    return found
+
+
+METHODS: dict[str, type[Method]] = _discover()
+
+
+def from_config(cfg) -> Method:
+    """The run's method (`method:`), holding its own resolved copy of the config (RunConfig.resolved:
+    relora.merge_every filled in); a one-line ValueError for an unknown method or an impossible LR schedule."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    return METHODS[cfg.method](cfg.resolved())

@@ -1,29 +1,121 @@
 """LoRA: adapters placed once (at the start, or after relora.warm_start_steps full-rank steps), never merged."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from relora_ds.engine.restart import ZERO3_MERGES
+from relora_ds.fields import setting
 from relora_ds.methods.base import Method
+from relora_ds.methods.hooks import WarmStartSwitch
 from relora_ds.relora import functional
-from relora_ds.relora.wrap import wrap_from_config, wrap_targets
+from relora_ds.relora.layer import KERNELS
+from relora_ds.relora.reset import PRUNE_METHODS
+from relora_ds.model.families import target_modules_of
+from relora_ds.relora.wrap import wrap, wrap_targets
+
+
+@dataclass
+class ReLoRAConfig:
+    rank: int = setting(128, "adapter rank r")
+    alpha: float = setting(32.0, "adapter scale numerator: s = alpha / rank")
+    dropout: float = setting(0.0, "dropout on the adapter input")
+    trainable_scaling: bool = setting(False, "learn the scale: s = tanh(g)")
+    target_modules: list[str] | None = setting(None, "names of the nn.Linear modules to wrap; null: the model "
+                                                    "family's attention and MLP projections (by model_type)")
+    warm_start_steps: int = setting(0, "full-rank steps before wrapping; 0: wrap at step 0")
+    warm_start_checkpoint: str | None = setting(None, "full-rank checkpoint to start ReLoRA from")
+    reset_every: int = setting(1000, "cycle length C: steps between optimizer reset + LR re-warm-up")
+    merge_every: int | None = setting(None, "steps between merges; null: reset_every (smaller: online ReLoRA)")
+    optimizer_reset: str = setting("magnitude", "how adapter Adam moments are reset at a restart",
+                                  PRUNE_METHODS)
+    prune_ratio: float = setting(0.99, "fraction of adapter moments zeroed at a reset")
+    pair_moments: bool = setting(True, "also zero exp_avg where the pruned exp_avg_sq is zero (avoids the "
+                                      "post-restart loss spike; false: the paper's independent pruning)")
+    kernels: str = setting("auto", "adapter forward/backward: fused triton kernels or plain torch", KERNELS)
+    zero3_merge: str = setting("shard", "ZeRO-3 merge: into each rank's shard, or on the gathered weight",
+                              ZERO3_MERGES)
 
 
 class LoRA(Method):
     name = "lora"
+    section, Config = "relora", ReLoRAConfig  # the adapters' settings, shared with ReLoRA
+
+    def __init__(self, cfg):
+        self._switch = cfg.relora.warm_start_steps
+        super().__init__(cfg)
+
+    @classmethod
+    def validate(cls, cfg) -> list[str]:
+        r, s, t = cfg.relora, cfg.schedule, cfg.train
+        errors = []
+        if r.warm_start_steps >= t.total_steps:
+            errors.append(f"relora.warm_start_steps ({r.warm_start_steps}) must be < train.total_steps "
+                          f"({t.total_steps})")
+        if 0 < r.warm_start_steps < s.warmup_steps:
+            errors.append(f"relora.warm_start_steps ({r.warm_start_steps}) must be 0 or >= schedule.warmup_steps "
+                          f"({s.warmup_steps}): the first warm-up ends before the switch to adapters")
+        # schedule.at_switch restart: the low-rank phase has its own schedule, of N - S steps with its own warm-up.
+        switch_warmup = s.warmup_steps if s.switch_warmup_steps is None else s.switch_warmup_steps
+        if s.at_switch == "restart" and (r.warm_start_steps > 0 or s.switch_warmup_steps is not None) and \
+                0 <= r.warm_start_steps < t.total_steps <= r.warm_start_steps + switch_warmup:
+            errors.append(f"train.total_steps - relora.warm_start_steps ({t.total_steps - r.warm_start_steps}) must "
+                          f"be > {cls.first_warmup(cfg)[0]} ({switch_warmup}): with schedule.at_switch restart the "
+                          f"low-rank steps start with that warm-up")
+        return errors
+
+    @staticmethod
+    def first_warmup(cfg) -> tuple[str, int]:
+        """(the setting, its steps) of the warm-up that starts the low-rank phase's schedule."""
+        s = cfg.schedule
+        if s.at_switch == "restart":
+            if s.switch_warmup_steps is not None:
+                return "schedule.switch_warmup_steps", s.switch_warmup_steps
+        return "schedule.warmup_steps", s.warmup_steps
+
+    @classmethod
+    def compare_variants(cls) -> list:
+        return [("lora", "LoRA: adapters from step 0, never merged",
+                 lambda base: {"method": "lora", "relora.warm_start_steps": 0}),
+                ("lora_warm", "LoRA after the full-rank warm start, never merged", lambda base: {"method": "lora"})]
 
     @property
     def switch_step(self) -> int:
-        return self.cfg.relora.warm_start_steps
+        return self._switch
+
+    def switch_due(self, step: int) -> bool:
+        """Whether the adapters are placed before this step (the caller checks that they are not yet)."""
+        return step >= self._switch
+
+    def adopt_warm_start(self, step: int) -> None:
+        """The switch is at the saved checkpoint's step: relora.warm_start_steps 0 takes it, another value must
+        agree with it."""
+        wanted = self.cfg.relora.warm_start_steps
+        if wanted not in (0, step):
+            raise ValueError(f"relora.warm_start_steps {wanted} disagrees with the warm-start checkpoint's step "
+                             f"{step} (relora.warm_start_checkpoint); set it to 0 or {step}")
+        self._switch = step
+        self.cfg.relora.warm_start_steps = step  # this method's own copy of the config (methods.from_config)
+        self._segments = self.schedule_segments()
+        self.__dict__.pop("lr_lambda", None)
 
     def check(self, model) -> None:
-        wrap_targets(model, self.cfg.relora.target_modules, self.cfg.relora.rank)
+        r = self.cfg.relora
+        wrap_targets(model, target_modules_of(model, r.target_modules), r.rank)
 
     def wrap(self, model) -> None:
-        wrap_from_config(model, self.cfg.relora, seed=self.cfg.train.seed)
+        """Place the adapters (relora.*: rank, alpha, dropout, scaling, kernels) on relora.target_modules, null: the
+        model family's projections (model/families.py)."""
+        r = self.cfg.relora
+        wrap(model, rank=r.rank, alpha=r.alpha, target_modules=target_modules_of(model, r.target_modules),
+             dropout=r.dropout, trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=self.cfg.train.seed)
 
-    def next_event(self, state) -> int | None:
-        return None if state.wrapped else self.switch_step
+    def callbacks(self) -> list:
+        return [WarmStartSwitch(self)]
+
+    def next_event(self, step: int) -> int | None:
+        return self._switch if step < self._switch else None
 
     def schedule_segments(self) -> list[tuple[int, dict]]:
         """The switch at S = relora.warm_start_steps starts a fresh optimizer, and the LR starts again there.
@@ -33,16 +125,16 @@ class LoRA(Method):
         warmup_steps), then the envelope from the peak. continue: one schedule over the run, re-warmed at S over
         restart_warmup_steps (restart point S) onto the full-rank cosine where it has got to."""
         [(_, full)] = super().schedule_segments()
-        s, start = self.cfg.schedule, self.cfg.relora.warm_start_steps
+        s, start = self.cfg.schedule, self._switch
         if s.at_switch == "continue":
             return [(0, {**full, "restart_offset": start})]
         low_rank = {**full, "total_steps": full["total_steps"] - start,
                     "warmup_steps": s.warmup_steps if s.switch_warmup_steps is None else s.switch_warmup_steps}
         return [(0, full), (start, low_rank)] if start > 0 else [(0, low_rank)]
 
-    def lr_multiplier(self, state) -> float:
-        """λ(step), times schedule.low_rank_lr_scale once the adapters train."""
-        return super().lr_multiplier(state) * (self.cfg.schedule.low_rank_lr_scale if state.wrapped else 1.0)
+    def lr_multiplier(self, step: int) -> float:
+        """λ(step), times schedule.low_rank_lr_scale once the adapters train (from the switch step on)."""
+        return super().lr_multiplier(step) * (self.cfg.schedule.low_rank_lr_scale if step >= self._switch else 1.0)
 
     def exported_weight(self, weight: torch.Tensor, adapters: dict) -> torch.Tensor:
         """W + s·B·A in fp32 (s = tanh(g) with trainable scaling, else alpha / r), as ReLoRALinear.merged_linear."""

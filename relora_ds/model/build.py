@@ -10,8 +10,9 @@ import importlib.util
 
 import torch
 
-from relora_ds.config import ATTN_IMPLEMENTATIONS
 from relora_ds.model import families, hf
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # model.attn_implementation
 
 
 def resolve_attn_implementation(choice: str = "auto") -> str:

@@ -11,7 +11,8 @@ from torch import nn
 
 from relora_ds.model.build import meta_from_config, preset_meta_model
 from relora_ds.relora.layer import ReLoRALinear
-from relora_ds.relora.wrap import _matches, resolve_target_modules
+from relora_ds.model.families import target_modules_of
+from relora_ds.relora.wrap import _matches
 
 # The paper's Table 1 parameter counts, at the paper's vocabulary (7b: LLaMA-7B with 32,000 tokens).
 PAPER_PARAMS = {"60m": 58e6, "130m": 134e6, "250m": 248e6, "350m": 368e6, "1b": 1.34e9, "7b": 6.7e9}
@@ -34,7 +35,7 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
 
 def _wrapped(model: nn.Module, target_modules) -> dict[str, tuple[int, int]]:
     """The linears `wrap(model, target_modules=...)` would replace (same matching rule, same defaults)."""
-    targets = resolve_target_modules(model, target_modules)
+    targets = target_modules_of(model, target_modules)
     return {name: shape for name, shape in linear_shapes(model).items() if _matches(name, targets)}
 
 

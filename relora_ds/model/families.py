@@ -3,8 +3,9 @@
 An entry names the transformers config class it fills, the config fields every preset shares (norms, biases,
 rotary, tying), each preset's shape (hidden, MLP, heads, key/value heads, layers, positions) and the module name of
 the input embedding (whose weight's rows are the vocabulary). The vocabulary is never in the table: it is the
-tokenizer's (or model.vocab_size). Each family's default relora.target_modules are `config.FAMILY_TARGET_MODULES`
-(relora/ wraps, and may not import this package), exposed here as `Family.target_modules`.
+tokenizer's (or model.vocab_size). Each entry also names the family's default relora.target_modules (the attention
+and MLP projections, never embeddings, norms or the head): `target_modules_of(model)` gives them to whoever wraps
+(relora/ takes explicit lists).
 
 How the presets are shaped, family by family:
 - llama: the paper's Table 1 (RMSNorm, SwiGLU, rotary, no biases, untied head, multi-head attention); tiny and 20m
@@ -20,15 +21,16 @@ How the presets are shaped, family by family:
   positions): 20m pythia-31m, 60m pythia-70m, 130m pythia-160m, 350m pythia-410m, 1b pythia-1b, 7b pythia-6.9b;
   250m has no Pythia and is 160m's width at 24 layers; tiny for tests.
 
-Adding a family: one entry in FAMILIES, its default targets in config.FAMILY_TARGET_MODULES (whose keys are the
-model.family choices; tests/unit/test_families.py checks that both have the same families and every family every
-config.MODEL_PRESETS name), and its hand-counted shapes in that test. No torch or transformers import here.
+Adding a family: one entry in FAMILIES (tests/unit/test_families.py checks that every family has every MODEL_PRESETS
+name), and its hand-counted shapes in that test. No torch or transformers import here.
 """
 
 import copy
 import dataclasses
 
-from relora_ds.config import FAMILY_TARGET_MODULES
+# The names of the model sizes (model.preset); every family has each.
+MODEL_PRESETS = ("tiny", "20m", "60m", "130m", "250m", "350m", "1b", "7b")
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +40,7 @@ class Family:
     common: dict       # config fields of every preset
     presets: dict      # preset name → the config fields that shape it
     embedding: str     # module name of the input embedding
-
-    @property
-    def target_modules(self) -> tuple[str, ...]:
-        return FAMILY_TARGET_MODULES[self.name]
+    target_modules: tuple  # relora.target_modules: null wraps these (attention and MLP projections)
 
     def config_fields(self, preset: str) -> dict:
         """Every config field the preset sets (a fresh copy: transformers may edit the dicts it is given)."""
@@ -84,16 +83,17 @@ _PYTHIA = {
 
 FAMILIES = {
     "llama": Family(
-        name="llama", config_class="LlamaConfig", embedding="model.embed_tokens",
+        name="llama", config_class="LlamaConfig", embedding="model.embed_tokens", target_modules=LLAMA_TARGET_MODULES,
         common=dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
         presets={name: _shape(*row) for name, row in _LLAMA.items()}),
     "mistral": Family(
         name="mistral", config_class="MistralConfig", embedding="model.embed_tokens",
+        target_modules=LLAMA_TARGET_MODULES,
         common=dict(rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None),
         presets={name: _shape(d, d * 7 // 2, heads, layers, positions, kv_heads=heads // 4)
                  for name, (d, _, heads, layers, positions) in _LLAMA.items()}),
     "qwen2": Family(
-        name="qwen2", config_class="Qwen2Config", embedding="model.embed_tokens",
+        name="qwen2", config_class="Qwen2Config", embedding="model.embed_tokens", target_modules=LLAMA_TARGET_MODULES,
         common=dict(rms_norm_eps=1e-6, use_sliding_window=False,
                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
         presets={**{name: _shape(*row, kv_heads=row[2] // 4, tie_word_embeddings=True)
@@ -101,6 +101,7 @@ FAMILIES = {
                  "7b": _shape(3584, 18944, 28, 28, 4096, kv_heads=4, tie_word_embeddings=False)}),
     "gpt_neox": Family(
         name="gpt_neox", config_class="GPTNeoXConfig", embedding="gpt_neox.embed_in",
+        target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         common=dict(hidden_act="gelu", layer_norm_eps=1e-5, use_parallel_residual=True, attention_bias=True,
                     tie_word_embeddings=False,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
@@ -118,3 +119,20 @@ def family(name: str) -> Family:
 def preset_shape(name: str, preset: str) -> dict:
     """The config fields of `preset` in family `name` (common fields included)."""
     return family(name).config_fields(preset)
+
+
+def default_target_modules(model_type: str | None) -> tuple[str, ...]:
+    """The linears relora.target_modules: null wraps in a model of this Hugging Face model_type (its family's
+    projections); a one-line ValueError naming relora.target_modules for a model_type without defaults."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"relora.target_modules: null takes the model family's projections, but model_type "
+                         f"{model_type!r} has no defaults (families: {', '.join(FAMILIES)}); name the linears "
+                         f"to wrap, e.g. relora.target_modules=[q_proj,v_proj]")
+    return FAMILIES[model_type].target_modules
+
+
+def target_modules_of(model, target_modules=None) -> tuple[str, ...]:
+    """`target_modules`, or for None the defaults of the model's family by its config's model_type."""
+    if target_modules is not None:
+        return tuple(target_modules)
+    return default_target_modules(getattr(getattr(model, "config", None), "model_type", None))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from relora_ds.config import KERNELS as KERNEL_CHOICES
+KERNELS = ("auto", "triton", "torch")  # relora.kernels
 from relora_ds.relora import functional
 
 
@@ -41,8 +41,8 @@ class ReLoRALinear(nn.Module):
             raise ValueError(f"relora.rank must be >= 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"relora.dropout must be in [0, 1), got {dropout}")
-        if kernels not in KERNEL_CHOICES:
-            raise ValueError(f"relora.kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        if kernels not in KERNELS:
+            raise ValueError(f"relora.kernels must be one of {KERNELS}, got {kernels!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from relora_ds.config import OPTIMIZER_RESETS as PRUNE_METHODS
+PRUNE_METHODS = ("magnitude", "random", "full", "none")  # relora.optimizer_reset
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 

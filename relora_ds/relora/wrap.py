@@ -5,7 +5,6 @@ import fnmatch
 import torch
 from torch import nn
 
-from relora_ds.config import default_target_modules
 from relora_ds.relora import functional
 from relora_ds.relora.layer import ReLoRALinear
 
@@ -22,20 +21,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def resolve_target_modules(model: nn.Module, target_modules) -> tuple[str, ...]:
-    """`target_modules`, or for None the defaults of the model's family, by its config's model_type
-    (config.FAMILY_TARGET_MODULES: attention and MLP projections); a one-line ValueError naming
-    relora.target_modules for a model_type without defaults."""
-    if target_modules is not None:
-        return tuple(target_modules)
-    return default_target_modules(getattr(getattr(model, "config", None), "model_type", None))
-
-
 def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
-    """The names of the nn.Linear modules `wrap` replaces, in model order (target_modules None: the family's
-    defaults, `resolve_target_modules`); a one-line ValueError when none match or when `rank` exceeds both dims of
-    one. Reads only module types and sizes: works on a meta-device model."""
-    target_modules = resolve_target_modules(model, target_modules)
+    """The names of the nn.Linear modules `wrap` replaces, in model order (`target_modules`: name patterns, e.g. the
+    model family's defaults, model.families.target_modules_of); a one-line ValueError when none match or when `rank`
+    exceeds both dims of one. Reads only module types and sizes: works on a meta-device model."""
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear)
                and _matches(name, target_modules)]
@@ -51,11 +40,9 @@ def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
     return targets
 
 
-def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
-         target_modules=None, trainable_scaling: bool = False, kernels: str = "auto",
-         seed: int = 0) -> list[str]:
-    """Replace every nn.Linear whose name matches `target_modules` (None: the model family's projections) with a
-    ReLoRALinear.
+def wrap(model: nn.Module, *, rank: int, alpha: float, target_modules, dropout: float = 0.0,
+         trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0) -> list[str]:
+    """Replace every nn.Linear whose name matches `target_modules` (name patterns) with a ReLoRALinear.
 
     W (and bias) become frozen; A is drawn from `restart_generator(seed, 0, name)` so every rank
     wraps identically; B is zero, so the model's output is unchanged. All other parameters keep
@@ -68,13 +55,6 @@ def wrap(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                                           generator=functional.restart_generator(seed, 0, name))
         _set_submodule(model, name, module)
     return targets
-
-
-def wrap_from_config(model: nn.Module, relora_cfg, *, seed: int, kernels: str | None = None) -> list[str]:
-    """`wrap` with the settings of a run config's `relora` section (kernels: override, e.g. "torch")."""
-    r = relora_cfg
-    return wrap(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout, target_modules=r.target_modules,
-                trainable_scaling=r.trainable_scaling, kernels=kernels or r.kernels, seed=seed)
 
 
 def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:

@@ -28,6 +28,8 @@ def build_model(scaling: bool = False):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from relora_ds.model.families import target_modules_of
+
     from relora_ds.relora.wrap import wrap
 
     config = LlamaConfig(vocab_size=256, hidden_size=40, intermediate_size=101, num_attention_heads=4,
@@ -35,7 +37,7 @@ def build_model(scaling: bool = False):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    wrap(model, rank=5, alpha=10, seed=0, trainable_scaling=scaling)
+    wrap(model, target_modules=target_modules_of(model), rank=5, alpha=10, seed=0, trainable_scaling=scaling)
     return model
 
 

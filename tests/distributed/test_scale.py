@@ -58,10 +58,9 @@ def gathered_state(model) -> dict:
 
 def scenario(rank, world_size, directory):
     from relora_ds.config import ReLoRAConfig
-    from relora_ds.engine import runtime
     from relora_ds.model.build import build_model, model_from_config
     from relora_ds.config import ModelConfig
-    from relora_ds.trainer import switch_to_adapters
+    from relora_ds.engine.train_module import TrainEngine
 
     out = {}
     # 1. Sharded construction: partitioned from the start, and the same weights as the unsharded build.
@@ -90,7 +89,9 @@ def scenario(rank, world_size, directory):
         zero3 = ds_config(3) if stage == 3 else None
         model = build_model("20m", VOCAB, attn_implementation="sdpa", seed=0, zero3_config=zero3)
         model_bytes = sum(4 * (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in model.parameters())
-        engine = runtime.make_engine(model, ds_config(stage))
+        train_engine = TrainEngine(relora_with(relora_cfg), ds_config(stage))
+        train_engine.build(model)  # full rank: nothing is wrapped yet
+        engine = train_engine.ds
         for _ in range(2):
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
@@ -102,9 +103,9 @@ def scenario(rank, world_size, directory):
         old_optimizer = weakref.ref(engine.optimizer)
         counter = AllocatedBytes()
         with counter:
-            model = runtime.release_module(engine)
             engine = None
-            engine = switch_to_relora_with(relora_cfg, model, ds_config(stage), switch_to_adapters)
+            train_engine.remake(train_engine.method.wrap)  # the warm-start switch
+            engine = train_engine.ds
         gc.collect()
         engine.eval()
         with torch.no_grad():
@@ -122,15 +123,15 @@ def scenario(rank, world_size, directory):
     return out
 
 
-def switch_to_relora_with(relora_cfg, model, config, switch):
-    """trainer.switch_to_adapters with the ReLoRA method of a run config holding only what it reads."""
+def relora_with(relora_cfg):
+    """The ReLoRA method of a run config holding only what it reads."""
     from relora_ds.config import RunConfig
-    from relora_ds.methods import ReLoRA
+    from relora_ds.methods.relora import ReLoRA
 
     cfg = RunConfig()
     cfg.relora = relora_cfg
     cfg.train.seed = 0
-    return switch(ReLoRA(cfg), model, config)
+    return ReLoRA(cfg.resolved())
 
 
 def test_sharded_build_and_memory_bounded_switch(tmp_path):
@@ -152,11 +153,11 @@ def test_sharded_build_and_memory_bounded_switch(tmp_path):
 def nan_on_one_rank(rank, world_size, directory):
     """A loss that is NaN on rank 1 only, at step 3: both ranks must stop in that step with the same message."""
     from relora_ds import trainer
-    from relora_ds.engine import checkpoint
+    from relora_ds.engine import checkpoint, train_module
     from tests.helpers.runs import tiny_run_config
 
     calls = {"n": 0}
-    move = trainer._move
+    move = train_module._move
 
     def poisoned(batch, device):
         calls["n"] += 1
@@ -165,7 +166,7 @@ def nan_on_one_rank(rank, world_size, directory):
             batch["labels"] = torch.full_like(batch["labels"], -100)
         return batch
 
-    trainer._move = poisoned
+    train_module._move = poisoned
     cfg = tiny_run_config(directory, os.path.join(directory, "train.jsonl"), os.path.join(directory, "val.jsonl"),
                           os.path.join(directory, "ds_stage2.json"),
                           **{"train.eval_every": 0, "checkpoint.every": 2, "train.total_steps": 8})

@@ -34,9 +34,9 @@ def runs(tmp_path_factory):
     ds = write_ds_config(root)
     common = {"relora.rank": RANK, "relora.warm_start_steps": 4, "train.eval_every": 0, "train.total_steps": 16}
     lora = run(tiny_run_config(root, train_file, val_file, ds, **common, **{
-        "relora.mode": "lora", "train.output_dir": str(root / "lora")}))
+        "method": "lora", "train.output_dir": str(root / "lora")}))
     relora = run(tiny_run_config(root, train_file, val_file, ds, **common, **{
-        "relora.mode": "relora", "relora.reset_every": 4, "train.output_dir": str(root / "relora")}))
+        "method": "relora", "relora.reset_every": 4, "train.output_dir": str(root / "relora")}))
     return root, lora, relora
 
 
@@ -113,7 +113,7 @@ def test_a_checkpoint_of_several_layers_is_analysed_a_few_tensors_at_a_time(tmp_
     largest projection; the same counter sees the whole model when merged_tensors' tensors are all held."""
     train_file, val_file = write_corpus(tmp_path, n_train=4, n_val=1)
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
-        "model.preset": "20m", "relora.mode": "lora", "relora.warm_start_steps": 1, "train.total_steps": 2,
+        "model.preset": "20m", "method": "lora", "relora.warm_start_steps": 1, "train.total_steps": 2,
         "schedule.warmup_steps": 1, "schedule.switch_warmup_steps": 0, "train.eval_every": 0,
         "train.output_dir": str(tmp_path / "run")})
     out = run(cfg)

@@ -131,7 +131,7 @@ def test_tokenizer_train_pretokenize_train_eval_through_the_cli(tmp_path, capsys
 
     def run_cfg(name, **fields):
         cfg = tiny_run_config(tmp_path, str(packed), val_file, write_ds_config(tmp_path), **{
-            "data.tokenizer": str(tok), "relora.mode": "full", "relora.warm_start_steps": 0,
+            "data.tokenizer": str(tok), "method": "full", "relora.warm_start_steps": 0,
             "train.total_steps": 3, "train.eval_every": 3, "train.output_dir": str(tmp_path / name), **fields})
         path = tmp_path / f"{name}.yaml"
         cfg.save(str(path))

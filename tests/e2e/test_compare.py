@@ -8,6 +8,7 @@ import os
 import pytest
 
 from relora_ds import cli, compare, trainer
+from relora_ds.engine import train_module
 from relora_ds.methods.relora import restart_action
 from tests.helpers.runs import SOTU, tiny_run_config, write_corpus, write_ds_config
 
@@ -45,7 +46,7 @@ def test_compare_reports_the_variants_and_skips_finished_ones(tmp_path, monkeypa
     assert rows["relora"]["trainable_params"] == rows["lora"]["trainable_params"]
     assert rows["relora"]["restarts"] == len([t for t in range(8) if restart_action(t, 2, 2, 2)[0]]) == 2
     assert rows["full"]["restarts"] == rows["lora"]["restarts"] == 0
-    assert rows["full"]["overrides"] == {"relora.mode": "full", "relora.warm_start_steps": 0,
+    assert rows["full"]["overrides"] == {"method": "full", "relora.warm_start_steps": 0,
                                          "checkpoint.reference_step": 2}
     from relora_ds.engine import checkpoint
 
@@ -95,7 +96,7 @@ def test_one_variant_a_diverged_one_and_the_epoch_warning(tmp_path, monkeypatch,
     assert cli.main(args + ["--report"]) == 0  # report only: relora not run yet
     assert read_report(out)["relora"]["status"] == "not run"
 
-    trained, real_train, real_step = [], trainer.train, trainer.train_step
+    trained, real_train, real_step = [], trainer.train, train_module.train_step
 
     def train(cfg):
         trained.append(os.path.basename(cfg.train.output_dir))
@@ -107,7 +108,7 @@ def test_one_variant_a_diverged_one_and_the_epoch_warning(tmp_path, monkeypatch,
         return real_step(engine, batches, grad_accum, step=step, grad_norm=grad_norm)
 
     monkeypatch.setattr(trainer, "train", train)
-    monkeypatch.setattr(trainer, "train_step", nan_at_step_3)
+    monkeypatch.setattr(train_module, "train_step", nan_at_step_3)
     assert cli.main(args) == 0
     assert trained == ["relora", "lora_warm"]
     rows = read_report(out)

@@ -9,6 +9,7 @@ import torch
 
 from relora_ds import methods, trainer
 from relora_ds.engine.restart import relora_restart
+from relora_ds.methods.hooks import Restarts
 from relora_ds.methods.lora import LoRA
 from tests.helpers.runs import read_metrics, tiny_run_config, write_corpus, write_ds_config
 
@@ -17,24 +18,27 @@ class OnlineConstant(LoRA):
     name = "online_constant"
     EVERY = 3
 
-    def restart_due(self, state) -> bool:
-        since = state.step - state.relora_start
-        return state.wrapped and since > 0 and since % self.EVERY == 0
+    def restart_due(self, step: int) -> bool:
+        since = step - self.switch_step
+        return since > 0 and since % self.EVERY == 0
 
-    def restart(self, engine, state, layout=None):
-        state.restart_index += 1
-        return relora_restart(engine, restart_index=state.restart_index, step=state.step, seed=self.cfg.train.seed,
-                              merge=True, reset_optimizer=False, layout=layout)
+    def restart(self, engine, step: int) -> dict:
+        self.merges = getattr(self, "merges", 0) + 1
+        record = relora_restart(engine.ds, restart_index=self.merges, step=step, seed=self.cfg.train.seed, merge=True,
+                                reset_optimizer=False, layout=engine.layout)
+        return {"fraction_zeroed": record.fraction_zeroed}
 
-    def lr_multiplier(self, state) -> float:
-        warmup = self.cfg.schedule.warmup_steps
-        return min(1.0, state.step / warmup)
+    def callbacks(self) -> list:
+        return [*super().callbacks(), Restarts(self)]
+
+    def lr_multiplier(self, step: int) -> float:
+        return min(1.0, step / self.cfg.schedule.warmup_steps)
 
 
 def test_a_new_method_runs_through_the_trainer(tmp_path, monkeypatch):
     train_file, val_file = write_corpus(tmp_path)
-    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{"relora.mode": "lora"})
-    monkeypatch.setitem(methods.METHODS, "lora", OnlineConstant)  # relora.mode picks it (config knows the name)
+    monkeypatch.setitem(methods.METHODS, "online_constant", OnlineConstant)  # as its own file would register it
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), method="online_constant")
     summary = trainer.train(cfg, keep_engine=True)
     records = read_metrics(cfg.train.output_dir)
     events = [(r["event"], r["step"]) for r in records if r.get("event") in ("switch", "restart")]

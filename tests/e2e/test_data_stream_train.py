@@ -28,7 +28,7 @@ def _run(cfg):
 def test_streamed_run_with_workers_resumes_exactly(corpus, tmp_path):
     train_file, val_file = corpus
     ds = write_ds_config(tmp_path)
-    fields = {"data.streaming": True, "data.num_workers": 2, "data.prefetch_batches": 2, "relora.mode": "full",
+    fields = {"data.streaming": True, "data.num_workers": 2, "data.prefetch_batches": 2, "method": "full",
               "relora.warm_start_steps": 0, "train.total_steps": 6, "train.eval_every": 0, "checkpoint.every": 3}
     cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **fields)
     reference = _run(cfg)["losses"]
@@ -79,7 +79,7 @@ def test_bad_data_in_a_worker_ends_train_with_one_line(corpus, tmp_path, capsys)
     lines = open(train_file).read().splitlines()
     bad.write_text("\n".join(lines[:1] + ['{"text": "cut here'] + lines[1:]) + "\n")  # reader 1's first record
     cfg = tiny_run_config(tmp_path, str(bad), val_file, write_ds_config(tmp_path), **{
-        "data.streaming": True, "data.num_workers": 2, "relora.mode": "full", "relora.warm_start_steps": 0,
+        "data.streaming": True, "data.num_workers": 2, "method": "full", "relora.warm_start_steps": 0,
         "train.total_steps": 10, "train.eval_every": 0, "checkpoint.save_final": False})
     config_path = tmp_path / "run.yaml"
     cfg.save(str(config_path))

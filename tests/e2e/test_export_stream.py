@@ -49,7 +49,7 @@ def _make_checkpoints(rank, world_size, directory):
     AdamW steps on 2 ranks at a high LR (B, A and g all move), then relora-ds' own checkpoint.save."""
     from relora_ds.engine import runtime
     from relora_ds.model.build import model_from_config
-    from relora_ds.relora.wrap import wrap_from_config
+    from relora_ds import methods
     from tests.helpers.tiny import token_batches
 
     for name, (stage, bf16, wrapped, _, _) in LAYOUTS.items():
@@ -60,7 +60,7 @@ def _make_checkpoints(rank, world_size, directory):
         model = model_from_config(cfg.model, BYTE_VOCAB, seed=0, attn_implementation="sdpa",
                                   zero3_config=ds_config if stage == 3 else None)
         if wrapped:
-            wrap_from_config(model, cfg.relora, seed=0)
+            methods.from_config(cfg).wrap(model)
         engine = runtime.make_engine(model, ds_config)
         batches = token_batches(2, 16, seed=rank)
         for _ in range(3):
@@ -114,7 +114,8 @@ def _consolidated_merged_model(name: str, tag_dir: str):
     the frozen W from the module, which the old path missed)."""
     from relora_ds.config import RunConfig
     from relora_ds.model.build import model_from_config
-    from relora_ds.relora.wrap import unwrap, wrap_from_config
+    from relora_ds import methods
+    from relora_ds.relora.wrap import unwrap
 
     state = checkpoint.read_state(tag_dir)
     cfg = RunConfig.from_dict(state["config"])
@@ -124,7 +125,8 @@ def _consolidated_merged_model(name: str, tag_dir: str):
             weights.setdefault(key, tensor)
     model = model_from_config(cfg.model, BYTE_VOCAB, attn_implementation="sdpa")
     if state["wrapped"]:
-        wrap_from_config(model, cfg.relora, seed=0, kernels="torch")
+        cfg.relora.kernels = "torch"
+        methods.from_config(cfg).wrap(model)
     model.load_state_dict(weights, strict=True)
     unwrap(model)
     return model.eval()

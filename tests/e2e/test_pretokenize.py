@@ -40,7 +40,7 @@ def test_num_proc_1_and_2_through_the_cli_give_the_same_shards_and_a_run_trains_
     assert len(ds) == manifests[2]["num_sequences"] and ds.get_batch(np.arange(len(ds))).shape == (len(ds), 32)
 
     cfg = tiny_run_config(tmp_path, str(outs[2]), val_file, write_ds_config(tmp_path), **{
-        "relora.mode": "full", "relora.warm_start_steps": 0, "train.total_steps": 3, "train.eval_every": 3,
+        "method": "full", "relora.warm_start_steps": 0, "train.total_steps": 3, "train.eval_every": 3,
         "train.output_dir": str(tmp_path / "run")})
     cfg.save(str(tmp_path / "run.yaml"))
     assert cli.main(["train", "--config", str(tmp_path / "run.yaml")]) == 0

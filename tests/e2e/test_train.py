@@ -80,7 +80,7 @@ def test_logged_grad_norm_is_the_norm_of_the_step_gradients(corpus, tmp_path):
 
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), **{
-        "relora.mode": "full", "relora.warm_start_steps": 0, "train.total_steps": 3, "train.eval_every": 0,
+        "method": "full", "relora.warm_start_steps": 0, "train.total_steps": 3, "train.eval_every": 0,
         "checkpoint.save_final": False, "log.peak_tflops": 0.5})
     run(cfg)
     steps = [r for r in read_metrics(cfg.train.output_dir) if "event" not in r]
@@ -267,7 +267,7 @@ def test_relora_from_a_saved_full_rank_checkpoint_and_keep_last(corpus, tmp_path
     _, train_file, val_file = corpus
     ds = write_ds_config(tmp_path)
     full = tiny_run_config(tmp_path, train_file, val_file, ds, **{
-        "relora.mode": "full", "relora.warm_start_steps": 0, "checkpoint.every": 4,
+        "method": "full", "relora.warm_start_steps": 0, "checkpoint.every": 4,
         "checkpoint.keep_last": 3, "train.eval_every": 0, "train.output_dir": str(tmp_path / "full")})
     run(full)
     ckpt_dir = os.path.join(full.train.output_dir, "checkpoints")
@@ -278,7 +278,7 @@ def test_relora_from_a_saved_full_rank_checkpoint_and_keep_last(corpus, tmp_path
             "relora.warm_start_checkpoint": os.path.join(ckpt_dir, checkpoint.tag_for(8)), "train.output_dir": str(tmp_path / "bad")}))
 
     full4 = tiny_run_config(tmp_path, train_file, val_file, ds, **{
-        "relora.mode": "full", "relora.warm_start_steps": 0, "checkpoint.every": 4, "checkpoint.keep_last": 0,
+        "method": "full", "relora.warm_start_steps": 0, "checkpoint.every": 4, "checkpoint.keep_last": 0,
         "train.eval_every": 0, "train.output_dir": str(tmp_path / "full4")})
     run(full4)
     cfg = tiny_run_config(tmp_path, train_file, val_file, ds, **{
@@ -340,7 +340,7 @@ def test_reference_checkpoint_at_the_switch_survives_keep_last(corpus, tmp_path)
     assert [r["step"] for r in events if r.get("reference")] == [4]
 
     full = tiny_run_config(tmp_path, train_file, val_file, ds, **{
-        "relora.mode": "full", "relora.warm_start_steps": 0, "checkpoint.reference_step": 4,
+        "method": "full", "relora.warm_start_steps": 0, "checkpoint.reference_step": 4,
         "checkpoint.keep_last": 1, "checkpoint.every": 5, "train.total_steps": 12, "train.eval_every": 0,
         "train.output_dir": str(tmp_path / "full")})
     run(full)

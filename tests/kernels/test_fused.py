@@ -195,13 +195,14 @@ def test_layer_triton_switch_matches_torch_and_keeps_state_dict(bias):
 
 def test_tiny_llama_training_steps_match_torch_path():
     """The switch in training: a wrapped tiny LLaMA gives the same losses with kernels='triton'."""
+    from relora_ds.model.families import target_modules_of
     from relora_ds.relora.wrap import wrap
     from tests.helpers.tiny import lm_loss, tiny_model, token_batches
 
     losses = {}
     for kernels in ("torch", "triton"):
         model = tiny_model(seed=0)
-        wrap(model, rank=8, alpha=16, kernels=kernels, seed=0)
+        wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16, kernels=kernels, seed=0)
         model.to(DEVICE)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         batches = token_batches(2, 16, seed=0)

@@ -163,13 +163,14 @@ def test_layer_with_dropout_in_eval_takes_the_whole_fused_op(monkeypatch):
 
 def test_tiny_llama_training_with_dropout_matches_torch_path():
     """The paper's recipes (dropout 0.1) on the fused path: the same losses as the torch path."""
+    from relora_ds.model.families import target_modules_of
     from relora_ds.relora.wrap import wrap
     from tests.helpers.tiny import lm_loss, tiny_model, token_batches
 
     losses = {}
     for kernels_choice in ("torch", "triton"):
         model = tiny_model(seed=0)
-        wrap(model, rank=8, alpha=16, dropout=0.1, kernels=kernels_choice, seed=0)
+        wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16, dropout=0.1, kernels=kernels_choice, seed=0)
         model.to(DEVICE).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         batches = token_batches(2, 16, seed=0)

@@ -82,6 +82,7 @@ def test_torch_compile_inductor_matches_eager():
     (torch.float32, True, 0.1, 2e-2),     # fp32 parameters under bf16 autocast (a plain torch loop)
 ])
 def test_tiny_llama_training_step_matches_torch_path(dtype, autocast, dropout, tol, monkeypatch):
+    from relora_ds.model.families import target_modules_of
     from relora_ds.relora.wrap import wrap
     from tests.helpers.tiny import lm_loss, tiny_model, token_batches
 
@@ -89,7 +90,7 @@ def test_tiny_llama_training_step_matches_torch_path(dtype, autocast, dropout, t
     losses = {}
     for kernels in ("torch", "triton"):
         model = tiny_model(seed=0, dtype=dtype).cuda()
-        wrap(model, rank=8, alpha=16, dropout=dropout, kernels=kernels, seed=0)
+        wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16, dropout=dropout, kernels=kernels, seed=0)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         batches = token_batches(8, 64, seed=0)
         torch.manual_seed(0)  # the dropout masks

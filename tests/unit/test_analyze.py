@@ -117,7 +117,7 @@ def test_singular_values_of_a_pair_are_those_of_the_known_delta(pair):
     a, b, expected = pair
     result = analyze.analyze_pair(a, b, progress=False)
     assert result["a"] == {"path": a, "resolved": a, "kind": "export", "step": None}
-    assert result["targets"] == list(analyze.FAMILY_TARGET_MODULES["llama"])  # its config.json's model_type
+    assert result["targets"] == list(analyze.FAMILIES["llama"].target_modules)  # its config.json's model_type
     names = [e["name"] for e in result["entries"]]
     assert names == [weight_name(layer, p) for layer in range(3) for p in SHAPES]  # model order, projections only
     for e in result["entries"]:

@@ -191,14 +191,14 @@ def test_resume_moves_a_damaged_tag_aside_and_names_it(tmp_path, capsys):
 
 
 def test_auto_resume_with_every_tag_damaged_starts_fresh_and_keeps_them(tmp_path, capsys):
-    from relora_ds import trainer
+    from relora_ds.engine import run_dir
     from relora_ds.config import load_config
 
     run = str(tmp_path / "run")
     for step in (4, 8):
         truncate(os.path.join(fake_tag(run, step), MODEL_FILE))
     cfg = load_config(None, [f"train.output_dir={run}", "train.resume=auto"])
-    assert trainer.prepare_output_dir(cfg) is None  # a fresh start
+    assert run_dir.prepare_output_dir(cfg) is None  # a fresh start
     assert _damaged(run) == ["step_00000004", "step_00000008"]
     assert len([w for w in capsys.readouterr().err.splitlines() if "(kept, never deleted)" in w]) == 2
     # The fresh run saves and prunes (keep_last 1) its own tags: the damaged ones are not among them. When it
@@ -210,14 +210,14 @@ def test_auto_resume_with_every_tag_damaged_starts_fresh_and_keeps_them(tmp_path
     assert checkpoint.complete_tags(ckpt_dir) == ["step_00000008"]
     assert _damaged(run) == ["step_00000004", "step_00000008"]
     truncate(os.path.join(ckpt_dir, "step_00000008", MODEL_FILE))
-    assert trainer.prepare_output_dir(cfg) is None
+    assert run_dir.prepare_output_dir(cfg) is None
     assert _damaged(run) == ["step_00000004", "step_00000008", "step_00000008.1"]
     # train.resume=true with nothing intact: the error says where they went.
     truncate(os.path.join(fake_tag(run, 12), MODEL_FILE))
     cfg.train.resume = True
     with pytest.raises(checkpoint.CheckpointError, match=r"none of its 1 complete checkpoints is intact, all moved "
                                                          r"to .*/checkpoints/damaged \(the newest: "):
-        trainer.prepare_output_dir(cfg)
+        run_dir.prepare_output_dir(cfg)
     assert "step_00000012" in _damaged(run)
 
 

@@ -8,13 +8,13 @@ import pytest
 from relora_ds import cli, compare, methods
 from relora_ds.config import load_config
 
-BASE = {"relora": {"mode": "relora", "rank": 4, "warm_start_steps": 20, "reset_every": 20},
+BASE = {"method": "relora", "relora": {"rank": 4, "warm_start_steps": 20, "reset_every": 20},
         "schedule": {"warmup_steps": 10, "restart_warmup_steps": 5},
         "train": {"total_steps": 100, "eval_every": 50, "seed": 7}}
 
 
 def write_base(tmp_path, **sections) -> str:
-    raw = {k: {**v, **sections.get(k, {})} for k, v in BASE.items()}
+    raw = {k: {**v, **sections.get(k, {})} if isinstance(v, dict) else sections.get(k, v) for k, v in BASE.items()}
     raw.update({k: v for k, v in sections.items() if k not in raw})
     path = tmp_path / "base.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML
@@ -30,12 +30,14 @@ def test_variants_change_only_their_own_fields(tmp_path):
     cfgs = configs(tmp_path)
     base = load_config(write_base(tmp_path))
     r = {n: c.relora for n, c in cfgs.items()}
-    assert (r["full"].mode, r["full"].warm_start_steps, cfgs["full"].checkpoint.reference_step) == ("full", 0, 20)
-    assert (r["lora"].mode, r["lora"].warm_start_steps) == ("lora", 0)
-    assert (r["lora_warm"].mode, r["lora_warm"].warm_start_steps) == ("lora", 20)
-    assert (r["no_reset"].mode, r["no_reset"].optimizer_reset) == ("relora", "none")
-    assert (r["no_warm"].mode, r["no_warm"].warm_start_steps) == ("relora", 0)
+    m = {n: c.method for n, c in cfgs.items()}
+    assert (m["full"], r["full"].warm_start_steps, cfgs["full"].checkpoint.reference_step) == ("full", 0, 20)
+    assert (m["lora"], r["lora"].warm_start_steps) == ("lora", 0)
+    assert (m["lora_warm"], r["lora_warm"].warm_start_steps) == ("lora", 20)
+    assert (m["no_reset"], r["no_reset"].optimizer_reset) == ("relora", "none")
+    assert (m["no_warm"], r["no_warm"].warm_start_steps) == ("relora", 0)
     assert cfgs["no_jagged"].schedule.kind == "cosine"
+    assert (m["galore"], r["galore"].warm_start_steps, cfgs["galore"].checkpoint.reference_step) == ("galore", 0, 20)
     assert cfgs["relora"].relora == base.relora and cfgs["relora"].schedule == base.schedule
     for name, cfg in cfgs.items():  # equal steps, data, seed, model; compare's own keys
         assert (cfg.train.total_steps, cfg.train.seed, cfg.data, cfg.model) == (100, 7, base.data, base.model)
@@ -57,27 +59,24 @@ def test_set_edits_the_base_and_a_variants_own_fields_win(tmp_path):
 
 
 def test_no_jagged_has_no_rewarmup_but_still_merges_and_resets(tmp_path):
-    from relora_ds.trainer import TrainState
-
     cfgs = configs(tmp_path, names=("relora", "no_jagged"))
     jagged, plain = (methods.from_config(cfgs[n]) for n in ("relora", "no_jagged"))
     # After the first warm-up: only down, but for the warm-up that the switch (at 20) starts, as relora's does.
-    lrs = [plain.lr_multiplier(TrainState(step=t)) for t in range(10, 100)]
+    lrs = [plain.lr_multiplier(t) for t in range(10, 100)]
     switch_warmup = cfgs["no_jagged"].schedule.warmup_steps
     after_switch = lrs[20 + switch_warmup - 10:]
     assert all(b <= a for a, b in zip(lrs[:20 - 10], lrs[1:20 - 10])) and all(b <= a for a, b in zip(after_switch,
                                                                                                       after_switch[1:]))
-    assert [plain.lr_multiplier(TrainState(step=t)) for t in range(20, 20 + switch_warmup + 1)] == \
-        [jagged.lr_multiplier(TrainState(step=t)) for t in range(20, 20 + switch_warmup + 1)]
+    assert [plain.lr_multiplier(t) for t in range(20, 20 + switch_warmup + 1)] == \
+        [jagged.lr_multiplier(t) for t in range(20, 20 + switch_warmup + 1)]
     # ReLoRA re-warms from 0 at its restart, cosine does not
-    assert jagged.lr_multiplier(TrainState(step=40)) == 0.0 and plain.lr_multiplier(TrainState(step=40)) > 0.5
-    states = [TrainState(step=t, wrapped=True, relora_start=20) for t in range(100)]
-    assert [s.step for s in states if plain.restart_due(s)] == [40, 60, 80]
-    assert all(plain._action(s) == (True, True) for s in states if plain.restart_due(s))  # each merge resets too
+    assert jagged.lr_multiplier(40) == 0.0 and plain.lr_multiplier(40) > 0.5
+    assert [t for t in range(100) if plain.restart_due(t)] == [40, 60, 80]
+    assert all(plain._action(t) == (True, True) for t in range(100) if plain.restart_due(t))  # each merge resets too
 
 
 @pytest.mark.parametrize("sections, field", [
-    ({"relora": {"mode": "lora"}}, "relora.mode"),
+    ({"method": "lora"}, "method"),
     ({"relora": {"warm_start_steps": 0}}, "relora.warm_start_steps"),
     ({"train": {"eval_every": 0}}, "train.eval_every"),
 ])
@@ -127,7 +126,7 @@ def test_markdown_table_of_a_diverged_variant():
     md = compare.markdown([row], base_path="base.yaml", overrides=["schedule.lr=0.01"], notes=["n1"],
                           spectra={"png": None})
     line = next(l for l in md.splitlines() if l.startswith("| `no_jagged`"))
-    assert line == ("| `no_jagged` | diverged at step 12 | 4.2500 (step 10) | 70.10 | 4.5000 | — | 1,234 | 1 | "
+    assert line == ("| `no_jagged` | diverged at step 12 | 4.2500 (step 10) | 70.10 | 4.5000 | — | — | 1,234 | 1 | "
                     "1.50 ⚠ | — |")
     assert "`--set schedule.lr=0.01`" in md and "- `no_jagged`: d (schedule.kind=cosine)" in md and "- n1" in md
     assert compare.epoch_warning(row).startswith("warning: compare: variant no_jagged passed one epoch")

@@ -32,7 +32,7 @@ def errors_of(*overrides, path=None):
 def test_defaults_are_valid_and_resolved():
     cfg = load_config(None)
     assert validate(cfg) == []
-    assert cfg.relora.mode == "relora" and cfg.relora.rank == 128 and cfg.relora.alpha == 32.0
+    assert cfg.method == "relora" and cfg.relora.rank == 128 and cfg.relora.alpha == 32.0
     assert cfg.relora.merge_every == cfg.relora.reset_every == 1000  # derived default filled in
     assert RunConfig().relora.merge_every is None
     assert cfg.relora.target_modules is None  # the model family's projections (relora.wrap)
@@ -132,7 +132,7 @@ def test_file_errors(tmp_path):
 
 def test_ranges_and_choices():
     assert errors_of("relora.prune_ratio=1.5") == ["relora.prune_ratio: must be in [0, 1), got 1.5"]
-    assert errors_of("relora.mode=foo") == ["relora.mode: must be one of full, lora, relora, got 'foo'"]
+    assert errors_of("method=foo") == [f"method: must be one of {', '.join(methods.METHODS)}, got 'foo'"]
     assert errors_of("model.preset=3b") == [
         "model.preset: must be one of tiny, 20m, 60m, 130m, 250m, 350m, 1b, 7b, got '3b'"]
     assert errors_of("relora.rank=0") == ["relora.rank: must be >= 1, got 0"]
@@ -149,7 +149,7 @@ def test_ranges_and_choices():
 
 
 def test_total_steps_must_be_positive_and_exceed_warmup():
-    assert errors_of("train.total_steps=0", "schedule.warmup_steps=0", "relora.mode=full") == [
+    assert errors_of("train.total_steps=0", "schedule.warmup_steps=0", "method=full") == [
         "train.total_steps: must be >= 1, got 0",
         "train.total_steps (0) must be > schedule.warmup_steps (0)",
     ]
@@ -171,11 +171,11 @@ def test_schedule_constraints():
     assert errors_of("relora.warm_start_steps=50") == [
         "relora.warm_start_steps (50) must be 0 or >= schedule.warmup_steps (100): "
         "the first warm-up ends before the switch to adapters"]
-    assert errors_of("relora.mode=full", "relora.warm_start_steps=200") == [
-        "relora.warm_start_steps: must be 0 with relora.mode full (nothing to switch to), got 200"]
+    assert errors_of("method=full", "relora.warm_start_steps=200") == [
+        "relora.warm_start_steps: must be 0 with method full (nothing to switch to), got 200"]
     # the cycle constraints belong to the jagged schedule in relora mode only
     load_config(None, ["relora.reset_every=50", "schedule.warmup_steps=10", "schedule.kind=cosine"])
-    load_config(None, ["relora.reset_every=50", "schedule.warmup_steps=10", "relora.mode=lora"])
+    load_config(None, ["relora.reset_every=50", "schedule.warmup_steps=10", "method=lora"])
     assert load_config(None, ["relora.merge_every=250"]).relora.merge_every == 250  # online ReLoRA
 
 
@@ -223,7 +223,7 @@ def test_shipped_configs_load_and_validate(path):
 def test_shipped_configs_are_there_and_the_demo_restarts_at_least_three_times():
     assert {os.path.basename(p) for p in SHIPPED} >= {"tiny.yaml", "demo.yaml", "60m.yaml", "1b.yaml"}
     demo = load_config(os.path.join(CONFIG_DIR, "demo.yaml"))
-    assert demo.model.preset == "tiny" and demo.data.source == "sotu" and demo.relora.mode == "relora"
+    assert demo.model.preset == "tiny" and demo.data.source == "sotu" and demo.method == "relora"
     assert 600 <= demo.train.total_steps <= 2000  # 1600 steps measured at 166 s on 2 cores and demo.relora.warm_start_steps > 0
     fn = methods.from_config(demo).lr_lambda
     points = [t for t in range(1, demo.train.total_steps) if fn(t) == 0.0]  # where the LR re-warms from 0
@@ -233,10 +233,10 @@ def test_shipped_configs_are_there_and_the_demo_restarts_at_least_three_times():
 
 
 def test_model_presets_and_families_match_the_model_module():
-    from relora_ds.config import FAMILY_TARGET_MODULES, MODEL_FAMILIES
+    from relora_ds.config import MODEL_FAMILIES
     from relora_ds.model.families import FAMILIES
 
-    assert tuple(FAMILIES) == MODEL_FAMILIES == tuple(FAMILY_TARGET_MODULES)
+    assert tuple(FAMILIES) == MODEL_FAMILIES and all(family.target_modules for family in FAMILIES.values())
     assert all(tuple(family.presets) == MODEL_PRESETS for family in FAMILIES.values())
 
 
@@ -248,6 +248,20 @@ def test_reference_lists_every_field():
     assert "| `relora.rank` | `128` |" in text
 
 
-def test_config_and_schedule_do_not_import_torch():
-    code = "import sys, relora_ds.config, relora_ds.schedule; assert 'torch' not in sys.modules, 'torch imported'"
+def test_schedule_does_not_import_torch():
+    """The LR schedule is pure python (plots, the CLI's schedule command); the config assembles its owners' sections,
+    torch-importing ones included."""
+    code = "import sys, relora_ds.schedule; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_relora_mode_is_the_old_name_of_method(tmp_path):
+    """A config written with relora.mode (before `method:`) loads as that method; naming both, differently, is one
+    line naming the new key."""
+    old = tmp_path / "old.yaml"
+    old.write_text("relora:\n  mode: lora\n  rank: 8\n")
+    cfg = load_config(str(old))
+    assert cfg.method == "lora" and cfg.relora.rank == 8 and "mode" not in cfg.to_dict()["relora"]
+    assert load_config(None, ["relora.mode=full"]).method == "full"
+    assert errors_of("relora.mode=full", "method=lora") == [
+        "relora.mode: is the old name of `method`; give only method (got method 'lora' and relora.mode 'full')"]

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from relora_ds import config
+from relora_ds.model.families import LLAMA_TARGET_MODULES, MODEL_PRESETS
 from relora_ds.config import ModelConfig, load_config
 from relora_ds.model import hf
 from relora_ds.model.build import (build_model, input_embedding_name, meta_model, model_from_config,
                                    preset_config, preset_meta_model)
 from relora_ds.model.counts import flops_per_token, param_count
 from relora_ds.model.families import FAMILIES
+from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import wrap, wrap_targets
 
 FAMILY_NAMES = list(FAMILIES)
@@ -36,7 +38,7 @@ def numel(model, trainable_only: bool = False) -> int:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_preset_builds_on_meta_with_its_familys_shape(family):
     llama = FAMILIES["llama"].presets
-    for preset in config.MODEL_PRESETS:
+    for preset in MODEL_PRESETS:
         model = preset_meta_model(preset, 1000, family)
         c = model.config
         cls, kv, mlp, tied_small = EXPECTED[family]
@@ -113,7 +115,7 @@ def test_relora_counts_exact_per_family(family):
     plain = preset_meta_model("20m", 1000, family)
     with torch.device("meta"):
         wrapped = build_model("20m", 1000, family=family)
-    wrap(wrapped, rank=16, alpha=32, trainable_scaling=True)
+    wrap(wrapped, target_modules=target_modules_of(wrapped), rank=16, alpha=32, trainable_scaling=True)
     kwargs = dict(relora_rank=16, trainable_scaling=True)
     assert numel(wrapped) == param_count(plain, **kwargs)
     assert numel(wrapped, trainable_only=True) == param_count(plain, trainable_only=True, **kwargs)
@@ -122,15 +124,15 @@ def test_relora_counts_exact_per_family(family):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_default_targets_are_the_familys_projections(family):
     model = preset_meta_model("tiny", 256, family)
-    names = wrap_targets(model, None, 4)  # relora.target_modules: null
+    names = wrap_targets(model, target_modules_of(model), 4)  # relora.target_modules: null
     leaves = [name.rsplit(".", 1)[-1] for name in names]
-    targets = config.FAMILY_TARGET_MODULES[family]
+    targets = FAMILIES[family].target_modules
     assert FAMILIES[family].target_modules == targets
     assert leaves == list(targets) * 2  # every projection of both layers, in model order, nothing else
     if family == "gpt_neox":
         assert targets == ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     else:
-        assert targets == config.LLAMA_TARGET_MODULES
+        assert targets == LLAMA_TARGET_MODULES
     assert "lm_head" not in names and not any("embed" in n for n in names)
 
 
@@ -139,7 +141,7 @@ def test_a_model_type_without_defaults_needs_target_modules(tmp_path):
                                     "n_positions": 64})
     model = meta_model(ModelConfig(hf_config=path), 50)
     with pytest.raises(ValueError, match=r"relora.target_modules: null .* model_type 'gpt2' has no defaults"):
-        wrap_targets(model, None, 4)
+        wrap_targets(model, target_modules_of(model), 4)
 
 
 def _write_config(directory, fields: dict, name: str = "config.json") -> str:

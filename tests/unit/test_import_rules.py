@@ -16,7 +16,7 @@ ENTRY_POINTS = ("relora_ds.trainer", "relora_ds.cli", "relora_ds.train", "relora
 
 # imported name (and its submodules) → the only modules that may import it
 ONLY_IN = {
-    "deepspeed": ("relora_ds.engine.*",) + ENTRY_POINTS,
+    "deepspeed": ("relora_ds.engine.*", "relora_ds.cli", "relora_ds.train", "relora_ds.__main__"),
     "transformers": ("relora_ds.model.*", "relora_ds.data.*"),
     "wandb": ("relora_ds.metrics",),
     "tensorboard": ("relora_ds.metrics",),
@@ -38,13 +38,23 @@ ONLY_IN = {
 NEVER = {
     "relora_ds.*": ("tests", "benchmarks"),
     "relora_ds.relora.*": ("transformers", "deepspeed", "relora_ds.trainer", "relora_ds.cli", "relora_ds.engine",
-                           "relora_ds.data", "relora_ds.model", "relora_ds.metrics"),
+                           "relora_ds.data", "relora_ds.model", "relora_ds.metrics", "relora_ds.config"),
     "relora_ds.kernels.*": ("relora_ds",),  # nothing of relora_ds (its own package excepted, below)
     # a method says what happens to the model; the loop, data and logs are the trainer's
     "relora_ds.methods.*": ("relora_ds.trainer", "relora_ds.cli", "relora_ds.data", "relora_ds.metrics",
-                            "relora_ds.compare", "relora_ds.bench"),
+                            "relora_ds.compare", "relora_ds.bench", "relora_ds.config", "relora_ds.callbacks"),
+    # the loop and its callbacks see the TrainEngine, never DeepSpeed, a restart layout or the restart itself
+    "relora_ds.trainer": ("deepspeed", "relora_ds.engine.zero", "relora_ds.engine.restart",
+                          "relora_ds.engine.zero_checkpoint"),
+    "relora_ds.callbacks.*": ("deepspeed", "relora_ds.engine", "relora_ds.methods", "relora_ds.trainer"),
+    # below the config: the owners of its sections and vocabularies never import it back
+    "relora_ds.model.*": ("relora_ds.config",),
+    "relora_ds.engine.*": ("relora_ds.config",),
+    "relora_ds.data.*": ("relora_ds.config",),
+    "relora_ds.schedule": ("relora_ds.config",),
 }
-NEVER_EXCEPT = {"relora_ds.kernels.*": ("relora_ds.kernels",)}
+# a method's hooks are callbacks: the base class is theirs to import
+NEVER_EXCEPT = {"relora_ds.kernels.*": ("relora_ds.kernels",), "relora_ds.methods.*": ("relora_ds.callbacks.base",)}
 
 # imported name → modules where it may only be imported inside a function (importing them stays cheap)
 LAZY_ONLY = {
@@ -241,6 +251,15 @@ def test_imports_of_resolves_relative_and_nested_imports():
     ("relora_ds.data.loader", "from relora_ds import cli\n", False, "relora_ds.cli only in"),
     ("relora_ds.model.build", "from tests.helpers.tiny import tiny_model\n", False, "never imports tests"),
     ("relora_ds.trainer", "import benchmarks.kernels\n", False, "never imports benchmarks"),
+    ("relora_ds.trainer", "def f():\n    import deepspeed\n", False, "deepspeed only in"),
+    ("relora_ds.trainer", "from relora_ds.engine.zero import Layout\n", False, "never imports relora_ds.engine.zero"),
+    ("relora_ds.callbacks.memory", "from relora_ds.engine import checkpoint\n", False,
+     "never imports relora_ds.engine"),
+    ("relora_ds.methods.galore", "from relora_ds.config import RunConfig\n", False, "never imports relora_ds.config"),
+    ("relora_ds.methods.lora", "from relora_ds.callbacks.memory import MemoryEvents\n", False,
+     "never imports relora_ds.callbacks"),
+    ("relora_ds.relora.wrap", "from relora_ds.config import FAMILIES\n", False, "never imports relora_ds.config"),
+    ("relora_ds.schedule", "from relora_ds import config\n", False, "never imports relora_ds.config"),
 ])
 def test_checker_catches_planted_violations(module, source, is_package, expected):
     problems = violations({module: (source, is_package)})
@@ -251,14 +270,16 @@ def test_checker_catches_planted_violations(module, source, is_package, expected
 def test_checker_accepts_allowed_imports():
     allowed = {
         "relora_ds.engine.restart": ("import deepspeed\nfrom relora_ds.relora.reset import prune_\n", False),
-        "relora_ds.trainer": ("import deepspeed\nfrom relora_ds.engine import restart\n", False),
+        "relora_ds.trainer": ("from relora_ds.engine.train_module import start_engine\n", False),
+        "relora_ds.methods.lora": ("from relora_ds.callbacks.base import Callback\nfrom relora_ds.engine import restart\n",
+                                   False),
+        "relora_ds.config": ("from relora_ds.methods import METHODS\nfrom relora_ds.schedule import SCHEDULE_KINDS\n", False),
         "relora_ds.cli": ("def main():\n    from relora_ds.trainer import train\n", False),
         "relora_ds.model.build": ("from transformers import LlamaConfig\nfrom relora_ds.relora import wrap\n", False),
         "relora_ds.data.tokenize": ("def f():\n    from transformers import AutoTokenizer\n", False),
         "relora_ds.metrics": ("def f():\n    import wandb\n", False),
         "relora_ds.kernels": ("from relora_ds.kernels import reference\ndef f():\n    import triton\n", True),
         "relora_ds.kernels.fused": ("import triton\nimport triton.language as tl\n", False),
-        "relora_ds.relora.layer": ("from relora_ds.kernels import fused_relora_linear\nfrom relora_ds import config\n",
-                                   False),
+        "relora_ds.relora.layer": ("from relora_ds.kernels import fused_relora_linear\n", False),
     }
     assert violations(allowed) == []

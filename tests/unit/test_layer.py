@@ -11,6 +11,7 @@ from torch import nn
 
 from relora_ds.relora import functional
 from relora_ds.relora.layer import ReLoRALinear
+from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import adapter_parameter_names, merge_and_reinit, relora_modules, wrap
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
 
@@ -36,13 +37,13 @@ def test_output_equals_linear_at_wrap_time():
     model = tiny_model(seed=1)
     ids = fixed_batch()
     before = logits(model, ids)
-    wrap(model, rank=8, alpha=16, seed=0)
+    wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16, seed=0)
     assert torch.equal(logits(model, ids), before)  # B = 0: the low-rank path adds exactly zero
 
 
 def test_merge_keeps_output_after_training():
     model = tiny_model(seed=2)
-    wrap(model, rank=8, alpha=16, seed=0)
+    wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16, seed=0)
     train_steps(model, 5)
     modules = relora_modules(model)
     A_before = {name: m.lora_A.detach().clone() for name, m in modules.items()}
@@ -89,7 +90,7 @@ def test_bf16_merge_rounds_once():
 
 def test_only_adapters_embeddings_norms_head_trainable():
     model = tiny_model(seed=3)
-    names = wrap(model, rank=8, alpha=16)
+    names = wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapters = set(adapter_parameter_names(model))
     assert adapters and adapters <= trainable
@@ -105,7 +106,7 @@ def test_first_steps_give_both_adapters_gradients():
     B = 0, and non-zero from the second step on. With A and B both zero (the authors' bug) neither
     ever gets one."""
     model = tiny_model(seed=4)
-    wrap(model, rank=8, alpha=16)
+    wrap(model, target_modules=target_modules_of(model), rank=8, alpha=16)
     modules = relora_modules(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batches = token_batches(4, 32, seed=4)
@@ -120,7 +121,7 @@ def test_first_steps_give_both_adapters_gradients():
         assert m.lora_A.grad.abs().sum() > 0 and m.lora_B.grad.abs().sum() > 0
 
     both_zero = tiny_model(seed=4)
-    wrap(both_zero, rank=8, alpha=16)
+    wrap(both_zero, target_modules=target_modules_of(both_zero), rank=8, alpha=16)
     for m in relora_modules(both_zero).values():
         with torch.no_grad():
             m.lora_A.zero_()
@@ -132,7 +133,7 @@ def test_first_steps_give_both_adapters_gradients():
 
 def test_trainable_scaling_survives_merge_and_keeps_learning():
     model = tiny_model(seed=5)
-    wrap(model, rank=8, alpha=4, trainable_scaling=True)
+    wrap(model, target_modules=target_modules_of(model), rank=8, alpha=4, trainable_scaling=True)
     modules = relora_modules(model)
     g0 = {name: m.lora_scaling.item() for name, m in modules.items()}
     assert all(v == pytest.approx(torch.atanh(torch.tensor(0.5)).item()) for v in g0.values())  # s = tanh(g) = 4/8

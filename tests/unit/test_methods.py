@@ -6,29 +6,34 @@ import math
 import pytest
 import torch
 
-from relora_ds import config, methods
+from relora_ds import methods
 from relora_ds.config import load_config
 from relora_ds.methods.relora import restart_action
 from relora_ds.relora.layer import ReLoRALinear
 from relora_ds.schedule import lr_multiplier
-from relora_ds.trainer import TrainState
 
 
 def _cfg(mode, **overrides):
-    base = {"relora.mode": mode, "train.total_steps": 1000, "schedule.warmup_steps": 100,
+    base = {"method": mode, "train.total_steps": 1000, "schedule.warmup_steps": 100,
             "schedule.restart_warmup_steps": 50, "relora.reset_every": 300,
             "relora.warm_start_steps": 0 if mode == "full" else 200}
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
-def test_every_mode_is_a_method():
-    assert tuple(methods.METHODS) == config.MODES
+def test_the_registry_is_every_method_file():
+    """Each module of relora_ds/methods/ but the interface and the hooks defines the method named as the file; the
+    registry holds exactly those, and the config's `method` picks one by that name."""
+    import os
+    import pkgutil
+
+    files = {m.name for m in pkgutil.iter_modules([os.path.dirname(methods.__file__)])} - set(methods.NOT_METHODS)
+    assert set(methods.METHODS) == files
     for name, cls in methods.METHODS.items():
         assert cls.name == name and issubclass(cls, methods.Method)
     cfg = _cfg("relora")
-    cfg.relora.mode = "galore"  # bypasses validation on purpose
-    with pytest.raises(ValueError, match="relora.mode must be one of full, lora, relora, got 'galore'"):
+    cfg.method = "sophia"  # bypasses validation on purpose
+    with pytest.raises(ValueError, match=f"method must be one of {', '.join(methods.METHODS)}, got 'sophia'"):
         methods.from_config(cfg)
 
 
@@ -73,11 +78,10 @@ def test_lr_multiplier_per_method_restarting_at_the_switch():
 
 def test_low_rank_lr_scale_applies_once_wrapped():
     method = methods.from_config(_cfg("relora", **{"schedule.low_rank_lr_scale": 2}))
-    before, after = TrainState(step=150), TrainState(step=250, wrapped=True, relora_start=200)
-    assert method.lr_multiplier(before) == method.lr_lambda(150)
-    assert method.lr_multiplier(after) == 2 * method.lr_lambda(250)
+    assert method.lr_multiplier(150) == method.lr_lambda(150)
+    assert method.lr_multiplier(250) == 2 * method.lr_lambda(250)
     full = methods.from_config(_cfg("full", **{"schedule.low_rank_lr_scale": 2}))
-    assert full.lr_multiplier(TrainState(step=250)) == full.lr_lambda(250)  # nothing low-rank to scale
+    assert full.lr_multiplier(250) == full.lr_lambda(250)  # nothing low-rank to scale
 
 
 def test_impossible_schedule_rejected_when_the_method_is_made():
@@ -98,23 +102,38 @@ def test_restart_action_merges_every_merge_every_and_resets_every_reset_every():
 def test_relora_asks_for_restarts_only_after_the_switch():
     method = methods.from_config(_cfg("relora"))
     assert method.switch_step == 200
-    assert method.switch_due(TrainState(step=200)) and not method.switch_due(TrainState(step=199))
-    assert not method.switch_due(TrainState(step=300, wrapped=True, relora_start=200))
-    assert not method.restart_due(TrainState(step=500))  # not wrapped: nothing to merge
-    due = [t for t in range(1000) if method.restart_due(TrainState(step=t, wrapped=True, relora_start=200))]
-    assert due == [500, 800]
-    assert method.next_event(TrainState(step=10)) == 200
-    assert method.next_event(TrainState(step=510, wrapped=True, relora_start=200)) == 800
-    assert method.next_event(TrainState(step=810, wrapped=True, relora_start=200)) is None  # 1100 is past the end
+    assert method.switch_due(200) and not method.switch_due(199)
+    assert [t for t in range(1000) if method.restart_due(t)] == [500, 800]  # nothing before or at the switch
+    assert method.next_event(10) == 200 and method.next_event(510) == 800
+    assert method.next_event(810) is None  # 1100 is past the end
+    assert [type(c).__name__ for c in method.callbacks()] == ["WarmStartSwitch", "Restarts"]
+
+
+def test_relora_state_is_its_merge_count():
+    method = methods.from_config(_cfg("relora"))
+    method.load_state_dict({"restart_index": 3})
+    assert method.state_dict() == {"restart_index": 3}
+    assert methods.from_config(_cfg("lora")).state_dict() == {}
+
+
+def test_a_warm_start_checkpoint_moves_the_switch():
+    """relora.warm_start_checkpoint with warm_start_steps 0: the switch (and the schedule's new start) is at the saved
+    step, in the method's own copy of the config; another warm_start_steps must agree with it."""
+    cfg = _cfg("relora", **{"relora.warm_start_steps": 0})
+    method = methods.from_config(cfg)
+    method.adopt_warm_start(300)
+    assert method.switch_step == 300 and [t for t in range(1000) if method.restart_due(t)] == [600, 900]
+    assert method.lr_lambda(300) == 0.0 and cfg.relora.warm_start_steps == 0
+    with pytest.raises(ValueError, match="relora.warm_start_steps 200 disagrees with the warm-start checkpoint's step"):
+        methods.from_config(_cfg("relora")).adopt_warm_start(300)
 
 
 def test_lora_and_full_never_restart():
     lora, full = methods.from_config(_cfg("lora")), methods.from_config(_cfg("full"))
-    states = [TrainState(step=t, wrapped=True, relora_start=200) for t in range(1000)]
-    assert not any(lora.restart_due(s) or full.restart_due(s) for s in states)
-    assert lora.next_event(TrainState(step=10)) == 200 and lora.next_event(states[300]) is None
-    assert full.switch_step is None and not full.switch_due(TrainState(step=500))
-    with pytest.raises(NotImplementedError, match="relora.mode full: wraps nothing"):
+    assert not any(lora.restart_due(t) or full.restart_due(t) for t in range(1000))
+    assert lora.next_event(10) == 200 and lora.next_event(300) is None
+    assert full.switch_step is None and not full.switch_due(500) and full.callbacks() == []
+    with pytest.raises(NotImplementedError, match="method full: wraps nothing"):
         full.wrap(torch.nn.Linear(2, 2))
 
 
@@ -140,7 +159,8 @@ def test_exported_weight_is_the_merged_linear(trainable_scaling):
 
 
 def test_the_trainer_asks_the_method_and_reads_no_mode():
-    """No `cfg.relora.mode` (or any `.mode`) in the trainer: what differs between methods is the method's answer."""
+    """No method name in the trainer (no `.method` or `.mode` read of a config): what differs between methods is the
+    method's answer."""
     import ast
     import inspect
 
@@ -148,4 +168,24 @@ def test_the_trainer_asks_the_method_and_reads_no_mode():
 
     tree = ast.parse(inspect.getsource(trainer))
     reads = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "mode"]
-    assert reads == []
+    keys = {id(node.slice) for node in ast.walk(tree) if isinstance(node, ast.Subscript)}  # counts["full"]: a count
+    names = [node.lineno for node in ast.walk(tree)
+             if isinstance(node, ast.Constant) and node.value in methods.METHODS and id(node) not in keys]
+    assert reads == [] and names == []
+
+
+def test_galore_is_one_file():
+    """The method added last is named nowhere in the package but its own file: the registry, the config's choices and
+    `compare`'s variants all come from relora_ds/methods/galore.py."""
+    import os
+
+    root = os.path.dirname(methods.__file__).rsplit(os.sep, 1)[0]
+    found = []
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if name.endswith(".py") and path != os.path.join(root, "methods", "galore.py"):
+                with open(path, encoding="utf-8") as f:
+                    found += [f"{path}:{i}" for i, line in enumerate(f, 1) if "galore" in line.lower()]
+    assert found == []
+    assert "galore" in methods.METHODS

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from relora_ds import config
+from relora_ds.model.families import LLAMA_TARGET_MODULES, MODEL_PRESETS, target_modules_of
 from relora_ds.model import build
 from relora_ds.model.build import build_model, preset_meta_model, resolve_attn_implementation
 from relora_ds.model.counts import flops_per_token, paper_param_table, param_count
@@ -23,7 +24,7 @@ PRESETS = FAMILIES["llama"].presets
 
 
 def test_presets_match_config_choices():
-    assert tuple(PRESETS) == config.MODEL_PRESETS
+    assert tuple(PRESETS) == MODEL_PRESETS
     assert build.ATTN_IMPLEMENTATIONS == config.ATTN_IMPLEMENTATIONS
 
 
@@ -49,13 +50,14 @@ def test_every_preset_counts_exact_on_meta_device(preset):
 @pytest.mark.parametrize("preset, targets, trainable_scaling", [
     ("tiny", None, False),
     ("tiny", ("q_proj", "v_proj"), True),
-    ("1b", config.LLAMA_TARGET_MODULES, False),
+    ("1b", LLAMA_TARGET_MODULES, False),
     ("60m", ("*.mlp.*", "lm_head"), False),
 ])
 def test_relora_counts_exact(preset, targets, trainable_scaling):
     with torch.device("meta"):
         model = build_model(preset, 32100)
-        wrap(model, rank=32, alpha=32, target_modules=targets, trainable_scaling=trainable_scaling)
+        wrap(model, rank=32, alpha=32, target_modules=target_modules_of(model, targets),
+             trainable_scaling=trainable_scaling)
     kwargs = dict(relora_rank=32, target_modules=targets, trainable_scaling=trainable_scaling)
     plain = preset_meta_model(preset, 32100)
     assert numel(model) == param_count(plain, **kwargs)

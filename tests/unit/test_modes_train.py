@@ -13,6 +13,7 @@ import torch
 
 from relora_ds.methods.relora import restart_action
 from relora_ds.relora.reset import reset_optimizer_state
+from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import adapter_parameter_names, merge_and_reinit, wrap
 from relora_ds.schedule import lr_multiplier
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
@@ -43,7 +44,7 @@ def run(mode: str) -> dict:
     schedule = dict(total_steps=TOTAL, warmup_steps=WARMUP, restart_warmup_steps=RESTART_WARMUP,
                     cycle_length=CYCLE if mode == "relora" else None, restart_offset=offset, min_lr_ratio=0.1)
     if mode == "lora":
-        wrap(model, rank=RANK, alpha=ALPHA, seed=SEED)
+        wrap(model, target_modules=target_modules_of(model), rank=RANK, alpha=ALPHA, seed=SEED)
     optimizer = fresh_optimizer(model)
     batches = token_batches(8, 64, seed=SEED)
     probe = fixed_batch(4, 64, seed=123)
@@ -51,7 +52,7 @@ def run(mode: str) -> dict:
     restart_index = 0
     for step in range(TOTAL):
         if mode == "relora" and step == WARM_START:  # warm start over: adapters in, fresh optimizer
-            wrap(model, rank=RANK, alpha=ALPHA, seed=SEED)
+            wrap(model, target_modules=target_modules_of(model), rank=RANK, alpha=ALPHA, seed=SEED)
             optimizer = fresh_optimizer(model)
             record["wrapped_at"] = step
         if mode == "relora" and step > WARM_START and (step - WARM_START) % CYCLE == 0:

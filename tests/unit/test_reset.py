@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from relora_ds.relora.reset import magnitude_threshold, prune_, reset_optimizer_state, zero_unpaired_
+from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import adapter_parameter_names, wrap
 from tests.helpers.tiny import lm_loss, tiny_model, token_batches
 
@@ -13,7 +14,7 @@ RANK = 16  # every adapter tensor of the tiny model then has >= 1024 entries: 1%
 def trained(optimizer_cls=torch.optim.AdamW, steps: int = 3):
     """A wrapped tiny model after a few optimizer steps: (model, optimizer, adapters name→param)."""
     model = tiny_model(seed=0)
-    wrap(model, rank=RANK, alpha=32)
+    wrap(model, target_modules=target_modules_of(model), rank=RANK, alpha=32)
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches = token_batches(4, 32, seed=0)
     for _ in range(steps):
@@ -163,7 +164,7 @@ def test_reset_none_changes_nothing():
 
 def test_reset_before_first_step_raises():
     model = tiny_model(seed=0)
-    wrap(model, rank=RANK, alpha=32)
+    wrap(model, target_modules=target_modules_of(model), rank=RANK, alpha=32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     params = dict(model.named_parameters())
     adapters = {n: params[n] for n in adapter_parameter_names(model)}

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from relora_ds import trainer
 from relora_ds.config import ConfigError, RunConfig, load_config, reference_markdown, validate
-from relora_ds.engine import checkpoint
+from relora_ds.engine import checkpoint, run_dir
+from relora_ds.errors import RunError
 from relora_ds.train import add_train_arguments, config_from_args
 
 
@@ -116,11 +116,11 @@ def test_fresh_dir(tmp_path, exists):
     out = tmp_path / "run"
     if exists:
         out.mkdir()
-    assert trainer.prepare_output_dir(cfg_for(out, False)) is None
-    assert trainer.prepare_output_dir(cfg_for(out, "auto")) is None
+    assert run_dir.prepare_output_dir(cfg_for(out, False)) is None
+    assert run_dir.prepare_output_dir(cfg_for(out, "auto")) is None
     assert os.listdir(out) == [] if exists else not out.exists()  # auto created nothing
     with pytest.raises(checkpoint.CheckpointError) as info:
-        trainer.prepare_output_dir(cfg_for(out, True))
+        run_dir.prepare_output_dir(cfg_for(out, True))
     message = str(info.value)
     assert "no complete relora-ds checkpoint found" in message and "train.resume=auto" in message
     assert "\n" not in message
@@ -129,32 +129,32 @@ def test_fresh_dir(tmp_path, exists):
 def test_dead_attempt_without_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
     dead_attempt(out)
-    with pytest.raises(trainer.RunError, match="holds another run"):
-        trainer.prepare_output_dir(cfg_for(out, False))
+    with pytest.raises(RunError, match="holds another run"):
+        run_dir.prepare_output_dir(cfg_for(out, False))
     with pytest.raises(checkpoint.CheckpointError, match="train.resume=auto"):
-        trainer.prepare_output_dir(cfg_for(out, True))
+        run_dir.prepare_output_dir(cfg_for(out, True))
     assert os.path.isfile(os.path.join(out, "metrics.jsonl"))  # false / true touched nothing
 
-    assert trainer.prepare_output_dir(cfg_for(out, "auto")) is None
+    assert run_dir.prepare_output_dir(cfg_for(out, "auto")) is None
     first = os.path.join(out, "previous_attempts", "001")
     assert "previous_attempts/001" in capsys.readouterr().out
-    assert sorted(os.listdir(first)) == sorted(trainer.RUN_RECORDS)
+    assert sorted(os.listdir(first)) == sorted(run_dir.RUN_RECORDS)
     assert sorted(os.listdir(out)) == ["cache", "previous_attempts"]  # the data cache stays
     assert os.listdir(os.path.join(out, "cache")) == ["packed-train-abc"]
     assert len(open(os.path.join(first, "metrics.jsonl")).readlines()) == 3  # moved, not lost
     assert open(os.path.join(first, "wandb_run_id")).read() == "dead0001\n"
     # The fresh run may now start in the directory (a plain run would be refused no more either).
-    assert trainer.prepare_output_dir(cfg_for(out, False)) is None
+    assert run_dir.prepare_output_dir(cfg_for(out, False)) is None
 
     # A second attempt that died early too goes to 002; 001 is kept.
     dead_attempt(out, marker="second")
-    assert trainer.prepare_output_dir(cfg_for(out, "auto")) is None
+    assert run_dir.prepare_output_dir(cfg_for(out, "auto")) is None
     second = os.path.join(out, "previous_attempts", "002")
     assert open(os.path.join(second, "config.yaml")).read() == "# second\n"
     assert open(os.path.join(first, "config.yaml")).read() == "# first\n"
     # Nothing left to move: nothing moves, nothing printed.
     capsys.readouterr()
-    assert trainer.prepare_output_dir(cfg_for(out, "auto")) is None
+    assert run_dir.prepare_output_dir(cfg_for(out, "auto")) is None
     assert sorted(os.listdir(os.path.join(out, "previous_attempts"))) == ["001", "002"]
     assert capsys.readouterr().out == ""
 
@@ -163,11 +163,11 @@ def test_torn_checkpoint_only(tmp_path):
     out = str(tmp_path / "run")
     dead_attempt(out)
     torn = fake_tag(out, 3, complete=False)
-    with pytest.raises(trainer.RunError, match="holds another run"):
-        trainer.prepare_output_dir(cfg_for(out, False))
+    with pytest.raises(RunError, match="holds another run"):
+        run_dir.prepare_output_dir(cfg_for(out, False))
     with pytest.raises(checkpoint.CheckpointError, match="no complete relora-ds checkpoint"):
-        trainer.prepare_output_dir(cfg_for(out, True))
-    assert trainer.prepare_output_dir(cfg_for(out, "auto")) is None  # a torn checkpoint is never resumed
+        run_dir.prepare_output_dir(cfg_for(out, True))
+    assert run_dir.prepare_output_dir(cfg_for(out, "auto")) is None  # a torn checkpoint is never resumed
     assert os.path.isdir(os.path.join(out, "previous_attempts", "001"))
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
     assert os.path.isdir(torn)  # left to a later save, which removes it
@@ -178,13 +178,13 @@ def test_complete_checkpoint(tmp_path):
     dead_attempt(out)
     complete = fake_tag(out, 3, complete=True)
     fake_tag(out, 6, complete=False)  # killed while saving the next one
-    with pytest.raises(trainer.RunError, match="holds another run"):
-        trainer.prepare_output_dir(cfg_for(out, False))
-    assert trainer.prepare_output_dir(cfg_for(out, True)) == complete
-    assert trainer.prepare_output_dir(cfg_for(out, "auto")) == complete
+    with pytest.raises(RunError, match="holds another run"):
+        run_dir.prepare_output_dir(cfg_for(out, False))
+    assert run_dir.prepare_output_dir(cfg_for(out, True)) == complete
+    assert run_dir.prepare_output_dir(cfg_for(out, "auto")) == complete
     assert not os.path.exists(os.path.join(out, "previous_attempts"))  # a resume keeps the run's records
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 3
     # A checkpoint without any run records (copied in by hand) is resumed too.
     bare = str(tmp_path / "bare")
     tag = fake_tag(bare, 5, complete=True)
-    assert trainer.prepare_output_dir(cfg_for(bare, "auto")) == tag
+    assert run_dir.prepare_output_dir(cfg_for(bare, "auto")) == tag

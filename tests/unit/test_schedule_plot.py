@@ -21,7 +21,7 @@ def test_series_follow_each_mode_and_the_config_comes_first():
     assert [t for t in range(1, 1600) if restart[t] == 0.0] == [400, 700, 1000, 1300]
     cfg.schedule.at_switch = "continue"
     assert list(cli.schedule_series(cfg)) == ["at_switch continue", "at_switch restart"]
-    full = load_config(DEMO, ["relora.mode=full", "relora.warm_start_steps=0"])
+    full = load_config(DEMO, ["method=full", "relora.warm_start_steps=0"])
     assert list(cli.schedule_series(full)) == ["full"]
 
 

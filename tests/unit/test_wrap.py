@@ -8,7 +8,8 @@ from torch import nn
 
 from relora_ds.relora import functional
 from relora_ds.relora.layer import ReLoRALinear
-from relora_ds.config import LLAMA_TARGET_MODULES
+from relora_ds.model.families import LLAMA_TARGET_MODULES
+from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import (adapter_parameter_names, merge_and_reinit, relora_modules,
                                    unwrap, wrap)
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
@@ -17,7 +18,7 @@ from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_b
 def test_wrap_default_targets_every_projection_in_model_order():
     model = tiny_model(seed=0)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    names = wrap(model, rank=4, alpha=8)
+    names = wrap(model, target_modules=target_modules_of(model), rank=4, alpha=8)
     assert names == [n for n in linear_names if n != "lm_head"]
     assert len(names) == 2 * len(LLAMA_TARGET_MODULES)  # target_modules None: the family's
     assert list(relora_modules(model)) == names
@@ -45,16 +46,16 @@ def test_wrap_errors():
     model = tiny_model(seed=0)
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         wrap(model, rank=4, alpha=8, target_modules=("qkv",))
-    wrap(model, rank=4, alpha=8)
+    wrap(model, target_modules=target_modules_of(model), rank=4, alpha=8)
     with pytest.raises(ValueError, match="matched no nn.Linear"):  # already wrapped: nothing left to match
-        wrap(model, rank=4, alpha=8)
+        wrap(model, target_modules=target_modules_of(model), rank=4, alpha=8)
 
 
 def test_wrap_draws_A_from_the_seeded_generator():
     first, second, other_seed = tiny_model(seed=0), tiny_model(seed=0), tiny_model(seed=0)
-    wrap(first, rank=4, alpha=8, seed=11)
-    wrap(second, rank=4, alpha=8, seed=11)
-    wrap(other_seed, rank=4, alpha=8, seed=12)
+    wrap(first, target_modules=target_modules_of(first), rank=4, alpha=8, seed=11)
+    wrap(second, target_modules=target_modules_of(second), rank=4, alpha=8, seed=11)
+    wrap(other_seed, target_modules=target_modules_of(other_seed), rank=4, alpha=8, seed=12)
     for name, m in relora_modules(first).items():
         expected = functional.kaiming_uniform_A(4, m.in_features, functional.restart_generator(11, 0, name))
         assert torch.equal(m.lora_A, expected)
@@ -64,7 +65,7 @@ def test_wrap_draws_A_from_the_seeded_generator():
 
 def test_merge_and_reinit_uses_restart_index_and_reports_total_norm():
     model = tiny_model(seed=1)
-    wrap(model, rank=4, alpha=8, seed=3)
+    wrap(model, target_modules=target_modules_of(model), rank=4, alpha=8, seed=3)
     modules = relora_modules(model)
     with torch.no_grad():
         for m in modules.values():
@@ -82,7 +83,7 @@ def test_merge_and_reinit_uses_restart_index_and_reports_total_norm():
 def test_unwrap_round_trips_to_a_plain_llama():
     fresh = tiny_model(seed=2)
     model = tiny_model(seed=2)
-    names = wrap(model, rank=4, alpha=8)
+    names = wrap(model, target_modules=target_modules_of(model), rank=4, alpha=8)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batches = token_batches(4, 32, seed=2)
     for _ in range(3):  # B moves away from zero, so unwrap really has something to merge
