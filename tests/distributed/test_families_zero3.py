@@ -55,7 +55,7 @@ def _scenario(rank, world_size, directory):
 def test_every_family_builds_partitioned_and_qwen2_trains_and_exports_on_zero3(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     write_corpus(tmp_path, n_train=4, n_val=2)
     write_ds_config(tmp_path, stage=3)

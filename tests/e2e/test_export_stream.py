@@ -161,7 +161,7 @@ def test_sharded_export_loads_as_the_consolidated_merged_model(checkpoints, name
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import load_checkpoint_model
+    from relora_ds.tools.export import load_checkpoint_model
 
     out = tmp_path / "hf"
     assert cli.main(["export", checkpoints[name], "--out", str(out), "--max-shard-size", "90KB"]) == 0
@@ -204,7 +204,7 @@ def test_bf16_export_is_the_fp32_export_cast(checkpoints, name, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     fp32 = export(checkpoints[name], str(tmp_path / "fp32"))
     bf16 = export(checkpoints[name], str(tmp_path / "bf16"), dtype="bf16", max_shard_size="2GiB")
@@ -230,7 +230,7 @@ def _error_line(capsys) -> str:
 
 
 def test_export_settings_and_out_dir_errors_are_one_line(checkpoints, tmp_path, capsys):
-    from relora_ds.export import parse_size
+    from relora_ds.tools.export import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 << 30
     assert parse_size("1.5kb") == 1500 and parse_size("4096") == 4096

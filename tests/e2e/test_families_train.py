@@ -29,8 +29,8 @@ def corpus(tmp_path_factory):
 def test_family_trains_restarts_exports_and_is_analysed(family, corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.analyze import analyze_run, projections
-    from relora_ds.export import export, load_checkpoint_model
+    from relora_ds.tools.analyze import analyze_run, projections
+    from relora_ds.tools.export import export, load_checkpoint_model
     from relora_ds.model.counts import flops_per_token
 
     train_file, val_file = corpus

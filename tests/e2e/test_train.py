@@ -50,7 +50,7 @@ def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     # Export: a plain HF model with the trained model's logits; generate works.
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     export_dir = export(out, str(tmp_path / "export"))
     hf = AutoModelForCausalLM.from_pretrained(export_dir)

@@ -66,7 +66,7 @@ def test_the_payload_runs_under_a_full_unpickle(tmp_path):
 
 @pytest.mark.parametrize("where", [MODEL_FILE, OPTIM_FILE])
 def test_export_refuses_a_pickled_call_in_one_line_and_runs_nothing(tmp_path, where):
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker), where)
@@ -78,7 +78,7 @@ def test_export_refuses_a_pickled_call_in_one_line_and_runs_nothing(tmp_path, wh
 
 
 def test_analyze_refuses_it_too(tmp_path):
-    from relora_ds.analyze import open_side
+    from relora_ds.tools.analyze import open_side
 
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker))

@@ -133,7 +133,7 @@ class _CheckpointSide:
     kind = "checkpoint"
 
     def __init__(self, path: str):
-        from relora_ds.export import open_checkpoint
+        from relora_ds.tools.export import open_checkpoint
 
         self.path = path
         self.source = open_checkpoint(path)
