@@ -2,22 +2,40 @@
 
     relora-ds eval CHECKPOINT_OR_MODEL_DIR [--source sotu --split validation] [--seq-len 256 --batch-size 8]
 
-A relora-ds checkpoint (a run dir, its checkpoints/ dir or one step_* dir) is read as `relora-ds export` reads it,
-its wrapped layers merged (`export.load_checkpoint_model`), and evaluated with the run's tokenizer; a model dir
-(config.json) is loaded by transformers with its own. The loss is the trainer's held-out loss (`trainer.evaluate`).
+A relora-ds checkpoint (a run dir, its checkpoints/ dir or one step_* dir) is read as `relora-ds export` reads it
+(tools/reader.py: its wrapped layers merged, filled into the plain model tensor by tensor) and evaluated with the
+run's tokenizer; a model dir (config.json) is loaded by transformers and evaluated with its own tokenizer. The loss
+is the trainer's held-out loss (`trainer.evaluate`).
 """
 
-import os
+import torch
+
+from relora_ds.data import loader
+from relora_ds.data.tokenize import load_tokenizer
+from relora_ds.engine.checkpoint import CheckpointError
+from relora_ds.model.build import load_pretrained, model_from_config
+from relora_ds.tools.reader import is_model_dir, open_checkpoint
+from relora_ds.trainer import evaluate
+
+
+def load_checkpoint_model(path: str):
+    """(model, cfg, state): the checkpoint's plain model on the CPU, adapters merged, filled tensor by tensor."""
+    source = open_checkpoint(path)
+    model = model_from_config(source.cfg.model, source.vocab_size, attn_implementation="sdpa")
+    targets = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in source.tensors():
+            if name not in targets or tuple(targets[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{source.tag_dir}: {name} does not fit the model its config builds")
+            targets[name].copy_(tensor)
+    model.eval()
+    return model, source.cfg, source.state
 
 
 def load_any_model(path: str):
     """(model, tokenizer name) from a relora-ds checkpoint or an exported/HF model dir."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from relora_ds.model.build import load_pretrained
-
+    if is_model_dir(path):
         return load_pretrained(path, attn_implementation="sdpa"), path
-    from relora_ds.tools.export import load_checkpoint_model
-
     model, cfg, _ = load_checkpoint_model(path)
     return model, cfg.data.tokenizer
 
@@ -25,12 +43,6 @@ def load_any_model(path: str):
 def evaluate_model(model, tokenizer_name, *, source, split, seq_len, batch_size, max_batches, fmt="auto",
                    text_column="text") -> dict:
     """Held-out loss and perplexity of a plain model on `source`/`split` (single process)."""
-    import torch
-
-    from relora_ds.data import loader
-    from relora_ds.data.tokenize import load_tokenizer
-    from relora_ds.trainer import evaluate
-
     tokenizer = load_tokenizer(tokenizer_name)
     dataset = loader.build_dataset(source, tokenizer=tokenizer, seq_len=seq_len, format=fmt,
                                    text_column=text_column, split=split)

@@ -161,7 +161,7 @@ def test_sharded_export_loads_as_the_consolidated_merged_model(checkpoints, name
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.tools.export import load_checkpoint_model
+    from relora_ds.tools.eval import load_checkpoint_model
 
     out = tmp_path / "hf"
     assert cli.main(["export", checkpoints[name], "--out", str(out), "--max-shard-size", "90KB"]) == 0
