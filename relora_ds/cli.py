@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, metavar="NAMES",
                    help="comma-separated linear modules to analyse, e.g. q_proj,v_proj (default: the run config's "
                         "relora.target_modules, or its model family's projections; for exported models the family's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (default: a bar on a terminal, else a line every 30 s)")
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("demo", help="CPU demo: tiny LLaMA on the shipped SOTU corpus, warm start -> ReLoRA")

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import re
-import sys
 
 import torch
 
@@ -59,6 +58,7 @@ from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.files import atomic_write
 from relora_ds.memory import trim_heap
+from relora_ds.progress import Progress
 from relora_ds.relora.wrap import _matches
 from relora_ds.tools.reader import ReadError, open_model
 
@@ -188,13 +188,6 @@ def _check_pair(names_a, names_b, a, b) -> None:
                                f"match (A {a.path}, B {b.path})")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="weight", file=sys.stderr, disable=not enabled, leave=False,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-
-
 def analyze_pair(a_path: str, b_path: str, *, targets=None, progress: bool = True) -> dict:
     """The singular values of ΔW = W_B − W_A for every target weight: {"a": {path, resolved, kind, step}, "b": ...,
     "targets": [...], "entries": [entry, ...]} (entries in model order; see the module docstring)."""
@@ -209,7 +202,7 @@ def analyze_pair(a_path: str, b_path: str, *, targets=None, progress: bool = Tru
     else:  # two safetensors dirs: random access, so the model's order as its names give it
         order = sorted(names_a, key=lambda name: model_order_key(name, targets))
     entries = []
-    with _progress(len(order), f"svd {default_label(b_path)}", progress) as bar:
+    with Progress(len(order), f"svd {default_label(b_path)}", "weight", enabled=progress, leave=False) as bar:
         for name, wa, wb in lockstep(a.tensors(order), b.tensors(order), order):
             delta = torch.sub(wb, wa)
             del wa, wb
