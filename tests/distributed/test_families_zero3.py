@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relora_ds.model.families import FAMILIES
-from tests.helpers.runs import short_run_config, write_corpus, write_ds_config
+from tests.helpers.runs import ds_config, short_run_config, write_corpus, write_ds_config
 from tests.helpers.spawn import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,7 @@ def _scenario(rank, world_size, directory):
     from relora_ds.model.build import build_model
 
     out = {"partitioned": {}, "same_init": {}}
-    zero3 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-             "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+    zero3 = ds_config(3)
     for family in FAMILIES:
         plain = build_model("tiny", VOCAB, family=family, attn_implementation="sdpa", seed=3)
         sharded = build_model("tiny", VOCAB, family=family, attn_implementation="sdpa", seed=3, zero3_config=zero3)

@@ -14,6 +14,7 @@ import torch
 
 from relora_ds import cli
 from relora_ds.engine import checkpoint
+from tests.helpers.runs import ds_config
 from tests.helpers.spawn import run_on_ranks
 from tests.helpers.tiny import BYTE_VOCAB, fixed_batch
 
@@ -54,14 +55,12 @@ def _make_checkpoints(rank, world_size, directory):
 
     for name, (stage, bf16, wrapped, _, _) in LAYOUTS.items():
         cfg = _run_config(directory, name)
-        ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-                     "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "torch_adam": True}},
-                     "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+        config = ds_config(stage, bf16=bf16, adamw={"lr": 2e-2, "torch_adam": True})
         model = model_from_config(cfg.model, BYTE_VOCAB, seed=0, attn_implementation="sdpa",
-                                  zero3_config=ds_config if stage == 3 else None)
+                                  zero3_config=config if stage == 3 else None)
         if wrapped:
             wrap_from_config(model, cfg.relora, seed=0)
-        engine = runtime.make_engine(model, ds_config)
+        engine = runtime.make_engine(model, config)
         batches = token_batches(2, 16, seed=rank)
         for _ in range(3):
             ids = next(batches)

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
+
 PACKAGE = "relora_ds"
 
 ENTRY_POINTS = ("relora_ds.trainer", "relora_ds.cli", "relora_ds.train", "relora_ds.__main__")
@@ -124,13 +125,13 @@ def violations(modules: dict[str, tuple[str, bool]]) -> list[str]:
 
 def package_sources() -> dict[str, tuple[str, bool]]:
     sources = {}
-    root = os.path.join(REPO, PACKAGE)
+    root = os.path.join(ROOT, PACKAGE)
     for directory, _, files in os.walk(root):
         for filename in files:
             if not filename.endswith(".py"):
                 continue
             path = os.path.join(directory, filename)
-            parts = os.path.relpath(path, REPO)[:-3].split(os.sep)
+            parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
             is_package = parts[-1] == "__init__"
             if is_package:
                 parts = parts[:-1]
