@@ -92,56 +92,23 @@ def cmd_pretokenize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     out = export(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"exported a Hugging Face model ({args.dtype}) to {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
-def load_any_model(path: str):
-    """(model, tokenizer name) from a relora-ds checkpoint or an exported/HF model dir."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from relora_ds.model.build import load_pretrained
-
-        return load_pretrained(path, attn_implementation="sdpa"), path
-    from relora_ds.export import load_checkpoint_model
-
-    model, cfg, _ = load_checkpoint_model(path)
-    return model, cfg.data.tokenizer
-
-
-def evaluate_model(model, tokenizer_name, *, source, split, seq_len, batch_size, max_batches, fmt="auto",
-                   text_column="text") -> dict:
-    """Held-out loss and perplexity of a plain model on `source`/`split` (single process)."""
-    import torch
-
-    from relora_ds.data import loader
-    from relora_ds.data.tokenize import load_tokenizer
-    from relora_ds.engine.train_module import evaluate
-
-    tokenizer = load_tokenizer(tokenizer_name)
-    dataset = loader.build_dataset(source, tokenizer=tokenizer, seq_len=seq_len, format=fmt,
-                                   text_column=text_column, split=split)
-    batches = loader.eval_batches(dataset, micro_batch_size=batch_size, max_batches=max_batches, rank=0,
-                                  world_size=1)
-    with torch.no_grad():
-        return evaluate(model, batches)
-
-
 def cmd_eval(args) -> int:
-    model, tokenizer_name = load_any_model(args.model)
-    result = evaluate_model(model, args.tokenizer or tokenizer_name, source=args.source, split=args.split,
-                            seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
-                            fmt=args.format, text_column=args.text_column)
-    print(f"held-out loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-          f"({args.source}:{args.split}, {args.max_batches} batches of {args.batch_size}x{args.seq_len})")
-    return 0
+    """Held-out loss and perplexity of a checkpoint or a model dir (relora_ds/tools/eval.py)."""
+    from relora_ds.tools.eval import run_from_args
+
+    return run_from_args(args)
 
 
 def cmd_analyze(args) -> int:
-    """Singular-value spectra of ΔW (relora_ds/analyze.py): spectra.json and spectra.png in --out."""
-    from relora_ds.analyze import analyze, parse_targets, summarize
+    """Singular-value spectra of ΔW (relora_ds/tools/analyze.py): spectra.json and spectra.png in --out."""
+    from relora_ds.tools.analyze import analyze, parse_targets, summarize
 
     results, json_path, png_path = analyze(args.paths, args.out, compare=args.compare or (), labels=args.labels,
                                            targets=parse_targets(args.targets), progress=not args.no_progress)
@@ -168,7 +135,7 @@ def cmd_demo(args) -> int:
     started = time.time()
     summary = train(cfg)
     export_dir = os.path.join(out, "export")
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     export(summary["checkpoint"], export_dir)
     first, last = summary["evals"][0], summary["evals"][-1]
@@ -200,7 +167,7 @@ def cmd_bench(args) -> int:
 
 def cmd_compare(args) -> int:
     """The paper's Table 2 / Table 6 comparisons: one run per variant of a base config, and a report."""
-    from relora_ds.compare import run_from_args
+    from relora_ds.tools.compare import run_from_args
 
     return run_from_args(args)
 
@@ -288,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="singular values of ΔW of a run (final - reference) or of two models (B - A)",
                        description="ΔW = W_final - W_reference of RUN_DIR, or W_B - W_A; writes spectra.json and "
-                                   "spectra.png (one histogram per projection) to --out. See relora_ds/analyze.py.")
+                                   "spectra.png (one histogram per projection) to --out. See "
+                                   "relora_ds/tools/analyze.py.")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="a run dir (its reference checkpoint against its newest), or A and B: each a run dir, a "
                         "step_* checkpoint dir or an exported model dir")
@@ -300,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, metavar="NAMES",
                    help="comma-separated linear modules to analyse, e.g. q_proj,v_proj (default: the run config's "
                         "relora.target_modules, or its model family's projections; for exported models the family's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (default: a bar on a terminal, else a line every 30 s)")
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("demo", help="CPU demo: tiny LLaMA on the shipped SOTU corpus, warm start -> ReLoRA")
@@ -317,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(fn=cmd_bench)
 
-    from relora_ds.compare import __doc__ as compare_doc, add_arguments as add_compare_arguments
+    from relora_ds.tools.compare import __doc__ as compare_doc, add_arguments as add_compare_arguments
 
     p = sub.add_parser("compare", help="full / LoRA / LoRA+warm start / ReLoRA and ablations on one base config, "
                                        "with a report", description=compare_doc,

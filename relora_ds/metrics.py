@@ -10,9 +10,10 @@ TensorBoard are imported only when enabled. JSONL records: {"step", "time", ...v
 {"event", "step", "time", ...values} for events. A value the run cannot measure (mfu without a known peak,
 grad_norm where DeepSpeed computes none) is left out by the caller, so every sink lacks it alike.
 
-The progress bar (tqdm, on stderr) is drawn only when stderr is a terminal: redirected to a file (SLURM, nohup)
-its carriage-return redraws would garble the log, so each record is printed as one plain line on stdout instead,
-as with `progress=False`. With the bar on a terminal but stdout redirected, the plain lines go to stdout as well.
+The progress bar (tqdm, on stderr) is drawn only when stderr is a terminal (relora_ds/progress.py decides, and
+makes the bar): redirected to a file (SLURM, nohup) its carriage-return redraws would garble the log, so each record
+is printed as one plain line on stdout instead, as with `progress=False`. With the bar on a terminal but stdout
+redirected, the plain lines go to stdout as well.
 """
 
 import json
@@ -23,6 +24,7 @@ import sys
 import time
 
 from relora_ds.files import atomic_write
+from relora_ds.progress import clock, draws_bar, is_terminal, make_bar
 
 EVENTS = ("switch", "restart", "eval", "checkpoint", "resume", "memory", "data")
 METRICS_FILE = "metrics.jsonl"
@@ -71,18 +73,6 @@ def _fmt_step_value(key: str, value) -> str:
     return _fmt(value)
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
 def read_records(path: str) -> list[dict]:
     """All records of a metrics.jsonl file, in order. Raises ValueError naming the line on corruption."""
     records = []
@@ -125,8 +115,8 @@ class Metrics:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._file = open(self.path, "a")
-        self._progress = progress and _isatty(sys.stderr)
-        self._lines = not self._progress or not _isatty(sys.stdout)
+        self._progress = draws_bar(progress)
+        self._lines = not self._progress or not is_terminal(sys.stdout)
         name = run_name or os.path.basename(os.path.normpath(run_dir))
         try:
             if wandb:
@@ -194,10 +184,7 @@ class Metrics:
 
     def _update_bar(self, step: int, values: dict) -> None:
         if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=min(self._start_step, step), desc="train",
-                             unit="step", dynamic_ncols=True, file=sys.stderr)
+            self._bar = make_bar(self.total_steps, "train", "step", initial=min(self._start_step, step))
         self._bar.update(max(0, step - self._bar.n))
         postfix = {}
         for key, label, spec in _BAR_FIELDS:
@@ -222,7 +209,7 @@ class Metrics:
         elif step > self._first_record[0]:
             first_step, first_time = self._first_record
             eta = (now - first_time) / (step - first_step) * max(0, self.total_steps - step)
-            line += f" eta {_fmt_seconds(eta)}"
+            line += f" eta {clock(eta)}"
         return line
 
     def log_step(self, step: int, **values) -> None:

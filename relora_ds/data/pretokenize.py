@@ -28,18 +28,19 @@ import contextlib
 import json
 import os
 import re
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+import relora_ds.progress
 from relora_ds.files import parse_byte_size
 from relora_ds.data import DataError
 from relora_ds.data.sources import resolve_source
 from relora_ds.data.tokenize import Encoder, vocab_hash
 from relora_ds.files import atomic_write
+from relora_ds.progress import PLAIN_INTERVAL, si
 
 FORMAT = "relora-ds packed v2"
 FORMAT_V1 = "relora-ds packed v1"  # one tokens.bin; still read
@@ -336,72 +337,33 @@ def _hub_rows(src) -> int | None:
 
 
 class Progress:
-    """A tqdm bar on stderr (a terminal), else one plain line every 30 s: input read (the ETA comes from it),
-    tokens written and tokens/s. With max_tokens, the bar counts tokens up to it instead."""
+    """Pretokenize's progress (relora_ds/progress.py: a bar on a terminal, else one plain line every 30 s): the
+    input read (the ETA comes from it), tokens written and tokens/s. With max_tokens, tokens up to it instead."""
 
-    def __init__(self, meter: InputMeter | None, max_tokens: int | None = None, interval: float = 30.0):
-        self.meter, self.max_tokens, self.interval = meter, max_tokens, interval
-        self.started = self._printed = time.perf_counter()
+    def __init__(self, meter: InputMeter | None, max_tokens: int | None = None, interval: float = PLAIN_INTERVAL):
+        self.meter, self.max_tokens = meter, max_tokens
         self.tokens = 0
         if max_tokens is not None or meter is None:
             self.unit, self.total = "tok", max_tokens
         else:
             self.unit, self.total = meter.unit, meter.total
-        self._bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total, unit=self.unit, unit_scale=True, desc="pretokenize", file=sys.stderr,
-                             mininterval=0.5, dynamic_ncols=True)
+        self.report = relora_ds.progress.Progress(self.total, "pretokenize", self.unit, interval=interval,
+                                                  unit_scale=True)
 
     def _done(self) -> float:
         return float(self.tokens) if self.unit == "tok" else self.meter.done()
 
     def update(self, tokens: int) -> None:
+        """`tokens` written so far."""
         self.tokens = tokens
-        now = time.perf_counter()
-        rate = tokens / max(now - self.started, 1e-9)
-        if self._bar is not None:
-            if now - self._printed >= 0.5:
-                self._printed = now
-                self._bar.update(self._done() - self._bar.n)
-                self._bar.set_postfix_str(f"{_si(tokens)} tokens, {_si(rate)} tokens/s", refresh=False)
-        elif now - self._printed >= self.interval:
-            self._printed = now
-            print(self.line(), file=sys.stderr, flush=True)
+        rate = tokens / max(time.perf_counter() - self.report.started, 1e-9)
+        self.report.update(self._done() - self.report.n, postfix=f"{si(tokens)} tokens, {si(rate)} tokens/s")
 
     def line(self) -> str:
-        elapsed = time.perf_counter() - self.started
-        rate = self.tokens / max(elapsed, 1e-9)
-        done = self._done()
-        parts = [f"pretokenize: {_si(self.tokens)} tokens, {_si(rate)} tokens/s"]
-        if self.total:
-            fraction = min(done / self.total, 1.0)
-            parts.append(f"{100 * fraction:.1f}% of {_si(self.total)}{self.unit}")
-            if fraction > 0:
-                parts.append(f"eta {_clock(elapsed * (1 - fraction) / fraction)}")
-        parts.append(f"elapsed {_clock(elapsed)}")
-        return ", ".join(parts)
+        return self.report.line()
 
     def close(self) -> None:
-        if self._bar is not None:
-            if self.total:
-                self._bar.update(max(self.total - self._bar.n, 0))
-            self._bar.set_postfix_str(f"{_si(self.tokens)} tokens", refresh=True)
-            self._bar.close()
-            self._bar = None
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        self.report.finish(postfix=f"{si(self.tokens)} tokens")
 
 
 # --- reading -------------------------------------------------------------------------------------------------

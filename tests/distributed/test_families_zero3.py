@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relora_ds.model.families import FAMILIES
-from tests.helpers.runs import short_run_config, write_corpus, write_ds_config
+from tests.helpers.runs import ds_config, short_run_config, write_corpus, write_ds_config
 from tests.helpers.spawn import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,7 @@ def _scenario(rank, world_size, directory):
     from relora_ds.model.build import build_model
 
     out = {"partitioned": {}, "same_init": {}}
-    zero3 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-             "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+    zero3 = ds_config(3)
     for family in FAMILIES:
         plain = build_model("tiny", VOCAB, family=family, attn_implementation="sdpa", seed=3)
         sharded = build_model("tiny", VOCAB, family=family, attn_implementation="sdpa", seed=3, zero3_config=zero3)
@@ -55,7 +54,7 @@ def _scenario(rank, world_size, directory):
 def test_every_family_builds_partitioned_and_qwen2_trains_and_exports_on_zero3(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     write_corpus(tmp_path, n_train=4, n_val=2)
     write_ds_config(tmp_path, stage=3)

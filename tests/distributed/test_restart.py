@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from tests.helpers.runs import ds_config
 from tests.helpers.spawn import run_on_ranks
 from tests.helpers.tiny import fixed_batch
 
@@ -45,14 +46,7 @@ def make_engine(stage: int, bf16: bool, lr: float = 3e-3, scaling: bool = False,
     import deepspeed
 
     model = build_model(scaling)
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": stage, **zero_extra},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-    }
+    config = ds_config(stage, bf16=bf16, adamw={"lr": lr, "weight_decay": 0.0, "torch_adam": True}, zero=zero_extra)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     return engine

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.helpers.runs import ds_config
 from tests.helpers.tiny import fixed_batch
 
 pytestmark = pytest.mark.slow
@@ -17,12 +18,11 @@ pytestmark = pytest.mark.slow
 VOCAB = 256
 
 
-def ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-            # Buckets of DeepSpeed's default sizes (5e8 elements) would dwarf a small model in the byte count.
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**5, "allgather_bucket_size": 10**5,
-                                  **({"stage3_prefetch_bucket_size": 10**5} if stage == 3 else {})}, "bf16": {"enabled": False}, "steps_per_print": 10**9}
+def small_buckets_config(stage: int) -> dict:
+    # Buckets of DeepSpeed's default sizes (5e8 elements) would dwarf a small model in the byte count.
+    buckets = {"reduce_bucket_size": 10**5, "allgather_bucket_size": 10**5,
+               **({"stage3_prefetch_bucket_size": 10**5} if stage == 3 else {})}
+    return ds_config(stage, adamw={"lr": 1e-3, "torch_adam": True}, zero=buckets)
 
 
 class AllocatedBytes(TorchDispatchMode):
@@ -65,7 +65,7 @@ def scenario(rank, world_size, directory):
     out = {}
     # 1. Sharded construction: partitioned from the start, and the same weights as the unsharded build.
     plain = build_model("tiny", VOCAB, attn_implementation="sdpa", seed=3)
-    sharded = build_model("tiny", VOCAB, attn_implementation="sdpa", seed=3, zero3_config=ds_config(3))
+    sharded = build_model("tiny", VOCAB, attn_implementation="sdpa", seed=3, zero3_config=small_buckets_config(3))
     out["partitioned"] = all(p.numel() == 0 and hasattr(p, "ds_tensor") for p in sharded.parameters())
     full = gathered_state(sharded)
     out["same_init"] = {n: torch.equal(p, full[n]) for n, p in plain.named_parameters()}
@@ -75,7 +75,7 @@ def scenario(rank, world_size, directory):
         plain.save_pretrained(saved)
     torch.distributed.barrier()
     loaded = model_from_config(ModelConfig(init_from=saved, attn_implementation="sdpa"), VOCAB,
-                               zero3_config=ds_config(3))
+                               zero3_config=small_buckets_config(3))
     out["init_from_partitioned"] = all(p.numel() == 0 for p in loaded.parameters())
     loaded_full = gathered_state(loaded)
     out["init_from_same"] = all(torch.equal(p.float(), loaded_full[n].float()) for n, p in plain.named_parameters())
@@ -86,10 +86,10 @@ def scenario(rank, world_size, directory):
     ids = fixed_batch(2, 32, seed=rank)
     out["switch"] = {}
     for stage in (0, 1, 2, 3):
-        zero3 = ds_config(3) if stage == 3 else None
+        zero3 = small_buckets_config(3) if stage == 3 else None
         model = build_model("20m", VOCAB, attn_implementation="sdpa", seed=0, zero3_config=zero3)
         model_bytes = sum(4 * (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in model.parameters())
-        train_engine = TrainEngine(relora_with(relora_cfg), ds_config(stage))
+        train_engine = TrainEngine(relora_with(relora_cfg), small_buckets_config(stage))
         train_engine.build(model)  # full rank: nothing is wrapped yet
         engine = train_engine.ds
         for _ in range(2):

@@ -85,7 +85,7 @@ def test_zero3_trainer_matches_zero0_resumes_and_exports(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     export_dir = export(str(tmp_path / "zero3"), str(tmp_path / "export3"))
     hf = AutoModelForCausalLM.from_pretrained(export_dir)

@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 
-from relora_ds import analyze, cli, trainer
+from relora_ds import cli, trainer
 from relora_ds.engine import checkpoint
-from relora_ds.export import export, merged_tensors
+from relora_ds.tools import analyze
+from relora_ds.tools.export import export
+from relora_ds.tools.reader import merged_tensors
 from tests.helpers.live_bytes import LiveBytes
 from tests.helpers.runs import tiny_run_config, write_corpus, write_ds_config
 

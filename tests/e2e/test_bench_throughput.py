@@ -12,18 +12,19 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "benchmarks", "throughput.py")
+from tests.helpers import ROOT
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "throughput.py")
 TINY = ["--preset", "tiny", "--rank", "8", "--vocab-size", "512", "--seq-len", "64", "--micro-batch", "2",
         "--threads", "1"]
 
 
 def run_script(*args, timeout=120):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def repo_results() -> set[str]:
-    folder = os.path.join(REPO, "benchmarks", "results")
+    folder = os.path.join(ROOT, "benchmarks", "results")
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
 
@@ -202,8 +203,8 @@ def test_max_microbatch_on_cpu(tmp_path):
 
 def test_sweep_dry_run_lists_every_preset_and_rank():
     env = dict(os.environ, DRY_RUN="1", PRESETS="60m 1b", RANKS="64 128", SEQ="512", MICRO_BATCH="16")
-    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "sweep.sh"), "--repeats", "3"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "sweep.sh"), "--repeats", "3"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
     assert proc.returncode == 0, proc.stderr
     commands = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
     assert len(commands) == 4

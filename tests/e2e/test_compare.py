@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from relora_ds import cli, compare, trainer
+from relora_ds import cli, trainer
 from relora_ds.engine import train_module
 from relora_ds.methods.relora import restart_action
+from relora_ds.tools import compare
 from tests.helpers.runs import SOTU, tiny_run_config, write_corpus, write_ds_config
 
 HAS_ANALYZE = os.path.isfile(os.path.join(os.path.dirname(compare.__file__), "analyze.py"))
@@ -56,7 +57,7 @@ def test_compare_reports_the_variants_and_skips_finished_ones(tmp_path, monkeypa
         assert f"| `{name}` | finished | {rows[name]['eval_loss']:.4f} |" in md
     assert os.path.getsize(os.path.join(out, compare.REPORT_PNG)) > 10_000
     assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: compare")]
-    if HAS_ANALYZE:  # the spectra (relora_ds/analyze.py)
+    if HAS_ANALYZE:  # the spectra (relora_ds/tools/analyze.py)
         for row in rows.values():
             assert isinstance(row["num_above_0_1"], int), row
             assert set(row["num_above_0_1_by_projection"]) >= {"q_proj", "down_proj"}

@@ -49,7 +49,7 @@ def test_a_new_method_runs_through_the_trainer(tmp_path, monkeypatch):
 
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     hf = AutoModelForCausalLM.from_pretrained(export(cfg.train.output_dir, str(tmp_path / "export")))
     x = torch.randint(0, hf.config.vocab_size, (2, 16))

@@ -14,6 +14,7 @@ import torch
 
 from relora_ds import cli
 from relora_ds.engine import checkpoint
+from tests.helpers.runs import ds_config
 from tests.helpers.spawn import run_on_ranks
 from tests.helpers.tiny import BYTE_VOCAB, fixed_batch
 
@@ -54,14 +55,12 @@ def _make_checkpoints(rank, world_size, directory):
 
     for name, (stage, bf16, wrapped, _, _) in LAYOUTS.items():
         cfg = _run_config(directory, name)
-        ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-                     "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "torch_adam": True}},
-                     "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+        config = ds_config(stage, bf16=bf16, adamw={"lr": 2e-2, "torch_adam": True})
         model = model_from_config(cfg.model, BYTE_VOCAB, seed=0, attn_implementation="sdpa",
-                                  zero3_config=ds_config if stage == 3 else None)
+                                  zero3_config=config if stage == 3 else None)
         if wrapped:
             methods.from_config(cfg).wrap(model)
-        engine = runtime.make_engine(model, ds_config)
+        engine = runtime.make_engine(model, config)
         batches = token_batches(2, 16, seed=rank)
         for _ in range(3):
             ids = next(batches)
@@ -163,7 +162,7 @@ def test_sharded_export_loads_as_the_consolidated_merged_model(checkpoints, name
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import load_checkpoint_model
+    from relora_ds.tools.eval import load_checkpoint_model
 
     out = tmp_path / "hf"
     assert cli.main(["export", checkpoints[name], "--out", str(out), "--max-shard-size", "90KB"]) == 0
@@ -206,7 +205,7 @@ def test_bf16_export_is_the_fp32_export_cast(checkpoints, name, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     fp32 = export(checkpoints[name], str(tmp_path / "fp32"))
     bf16 = export(checkpoints[name], str(tmp_path / "bf16"), dtype="bf16", max_shard_size="2GiB")
@@ -232,7 +231,7 @@ def _error_line(capsys) -> str:
 
 
 def test_export_settings_and_out_dir_errors_are_one_line(checkpoints, tmp_path, capsys):
-    from relora_ds.export import parse_size
+    from relora_ds.tools.export import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 << 30
     assert parse_size("1.5kb") == 1500 and parse_size("4096") == 4096

@@ -29,9 +29,10 @@ def corpus(tmp_path_factory):
 def test_family_trains_restarts_exports_and_is_analysed(family, corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.analyze import analyze_run, projections
-    from relora_ds.export import export, load_checkpoint_model
     from relora_ds.model.counts import flops_per_token
+    from relora_ds.tools.analyze import analyze_run, projections
+    from relora_ds.tools.eval import load_checkpoint_model
+    from relora_ds.tools.export import export
 
     train_file, val_file = corpus
     cfg = short_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path), family,

@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
 
 
 def test_wheel_ships_ds_configs_configs_and_data(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(wheels), REPO], capture_output=True, text=True, timeout=300)
+                            "-w", str(wheels), ROOT], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.iterdir()
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

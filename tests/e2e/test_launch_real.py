@@ -9,16 +9,15 @@ import sys
 import pytest
 
 from relora_ds.dist import free_port
-from tests.helpers.runs import ROOT, read_metrics, tiny_run_config, write_corpus, write_ds_config
+from tests.helpers import ROOT
+from tests.helpers.runs import cpu_env, read_metrics, tiny_run_config, write_corpus, write_ds_config
 
 pytestmark = pytest.mark.slow
 
 
 def _env():
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    return cpu_env(PATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _config(tmp_path, name):

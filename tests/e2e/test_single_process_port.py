@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
+
 
 # Init, say so, and stay in the group until the other process has initialised too (so both hold their port).
 CHILD = """

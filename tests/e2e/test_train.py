@@ -8,7 +8,7 @@ import torch
 
 from relora_ds import trainer
 from relora_ds.engine import checkpoint
-from tests.helpers.runs import read_metrics, tiny_run_config, write_corpus, write_ds_config
+from tests.helpers.runs import ds_config, read_metrics, tiny_run_config, write_corpus, write_ds_config
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     # Export: a plain HF model with the trained model's logits; generate works.
     from transformers import AutoModelForCausalLM
 
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     export_dir = export(out, str(tmp_path / "export"))
     hf = AutoModelForCausalLM.from_pretrained(export_dir)
@@ -117,9 +117,8 @@ def test_step_with_grad_norm_on_every_stage(stage, bf16):
         ids = fixed_batch(4, 32, seed=seed)
         (model(input_ids=ids, labels=ids).loss / 2).backward()
     expected = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()])).item()
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-              "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+    config = ds_config(stage, micro_batch=4, bf16=bf16, adamw={"lr": 1e-3, "torch_adam": True},
+                       gradient_accumulation_steps=2)
     engine = runtime.make_engine(tiny_model(seed=0), config)
     try:
         for seed in (0, 1):

@@ -1,7 +1,24 @@
-"""Stand-ins for DeepSpeed objects in single-process unit tests.
+"""Stand-ins in single-process unit tests: DeepSpeed objects, and output streams that are or are not a terminal.
 
     engine = FakeEngine(optimizer, stage=2)        # what zero.layout_for and check_engine_settings read
+    monkeypatch.setattr(sys, "stderr", Terminal())  # progress draws a bar there; Redirected(): plain lines
 """
+
+import io
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (tqdm draws its bar there)."""
+
+    def isatty(self):
+        return True
+
+
+class Redirected(io.StringIO):
+    """A stream redirected to a file (SLURM, nohup): not a terminal."""
+
+    def isatty(self):
+        return False
 
 
 class FakeEngine:

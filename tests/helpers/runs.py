@@ -1,12 +1,13 @@
-"""Small real training runs for e2e tests: a slice of the shipped corpus and tiny run configs."""
+"""Small real training runs for tests: a slice of the shipped corpus, the DeepSpeed config of CPU runs, tiny run
+configs, and the environment of a child process on DeepSpeed's CPU accelerator."""
 
 import gzip
 import json
 import os
 
 from relora_ds.config import load_config
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOTU = os.path.join(ROOT, "relora_ds", "data", "sample", "sotu")
 
 
@@ -22,22 +23,36 @@ def write_corpus(directory, n_train: int = 12, n_val: int = 3) -> tuple[str, str
     return paths[0], paths[1]
 
 
-def write_ds_config(directory, stage: int = 0, micro_batch: int = 2, bf16: bool = False, **extra) -> str:
-    config = {
+def ds_config(stage: int = 0, micro_batch: int = 2, bf16: bool = False, *, adamw: dict | None = None,
+              zero: dict | None = None, **extra) -> dict:
+    """The DeepSpeed config of the tests' CPU runs: torch's AdamW (`adamw`: its params, default betas 0.9/0.95 and
+    no weight decay, the LR left to the trainer), ZeRO `stage` (plus the `zero` keys), gradients clipped at 1.0, no
+    step prints; `extra` adds or replaces top-level keys."""
+    params = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True} if adamw is None else adamw
+    return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                                                   "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": params},
+        "zero_optimization": {"stage": stage, **(zero or {})},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         **extra,
     }
+
+
+def write_ds_config(directory, stage: int = 0, micro_batch: int = 2, bf16: bool = False, **extra) -> str:
+    """`ds_config(stage, micro_batch, bf16, **extra)` written to DIR/ds_stage<stage>[_bf16].json; returns the path."""
     path = os.path.join(str(directory), f"ds_stage{stage}{'_bf16' if bf16 else ''}.json")
     with open(path, "w") as f:
-        json.dump(config, f)
+        json.dump(ds_config(stage, micro_batch, bf16, **extra), f)
     return path
+
+
+def cpu_env(**extra) -> dict:
+    """This process's environment for a child process that runs DeepSpeed on the CPU (DS_ACCELERATOR=cpu), plus
+    `extra`."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", **extra}
 
 
 def tiny_run_config(directory, train_file, val_file, ds_config, **fields):

@@ -16,9 +16,9 @@ import torch
 from relora_ds.kernels import fused_relora_linear, reference_relora_linear, triton_available
 from relora_ds.kernels.autograd import check_runnable
 from relora_ds.relora.layer import ReLoRALinear
+from tests.helpers import ROOT
 from tests.kernels.common import DEVICE, make_inputs, randn, rel_err, run
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not usable here")
 
@@ -147,7 +147,7 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
 def test_importing_the_package_does_not_import_triton():
     code = "import sys, relora_ds.kernels; assert 'triton' not in sys.modules, 'triton imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -220,8 +220,8 @@ def test_tiny_llama_training_steps_match_torch_path():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
 def test_benchmark_without_cuda_says_so_and_writes_nothing(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernels.py"), "--out", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "needs a CUDA GPU" in result.stdout
     assert list(tmp_path.iterdir()) == []

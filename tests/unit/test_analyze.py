@@ -1,4 +1,4 @@
-"""relora_ds/analyze.py on synthetic exported model dirs (safetensors): the numbers (singular values, σ > 0.1
+"""relora_ds/tools/analyze.py on synthetic exported model dirs (safetensors): the numbers (singular values, σ > 0.1
 counts, entropy effective rank) of ΔW of known rank, the lockstep checks, spectra.json / spectra.png, the command
 line's one-line errors, and the peak of live tensor bytes of an analysis of a model with many layers."""
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from relora_ds import analyze, cli
+from relora_ds import cli
+from relora_ds.tools import analyze
 from tests.helpers.live_bytes import LiveBytes
 
 HIDDEN, INTER = 32, 48

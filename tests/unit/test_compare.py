@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from relora_ds import cli, compare, methods
+from relora_ds import cli, methods
 from relora_ds.config import load_config
+from relora_ds.tools import compare
 
 BASE = {"method": "relora", "relora": {"rank": 4, "warm_start_steps": 20, "reset_every": 20},
         "schedule": {"warmup_steps": 10, "restart_warmup_steps": 5},

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.helpers.runs import ROOT, write_corpus
+from tests.helpers import ROOT
+from tests.helpers.runs import write_corpus
 
 # A trainer's process: a rank's stream with 2 workers; it takes two batches, then stops taking. Each batch is
 # 64 KiB of token ids and 4 more are prefetched, more than the workers' pipe holds: the workers block on it.

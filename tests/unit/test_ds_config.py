@@ -5,8 +5,8 @@ import os
 import pytest
 
 from relora_ds.engine import ds_config as dsc
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FILES = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
 
 
@@ -102,7 +102,6 @@ def test_shipped_configs_resolve_from_any_directory(tmp_path, monkeypatch):
                                                 r"shipped configs: .*ds_configs/zero3.json"):
         dsc.load_ds_config("ds_configs/nope.json")
     assert dsc.shipped_configs() == sorted(os.path.basename(f) for f in FILES)
-
 
 
 def test_fp16_without_cuda_is_refused_in_one_line():

@@ -200,7 +200,7 @@ def test_init_from_config_error_names_the_field(tmp_path):
 
 
 def test_analyze_finds_gpt_neox_projections_of_exported_dirs(tmp_path):
-    from relora_ds import analyze
+    from relora_ds.tools import analyze
 
     model = build_model("tiny", 64, family="gpt_neox", seed=0)
     model.save_pretrained(str(tmp_path / "a"))

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.helpers import ROOT
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 BUDGET_S = 540  # 9 minutes: the whole check must fit in a 15-minute GPU lease with room to spare
 STEP = re.compile(r"^step (\S+) \(timeout (\d+) s\): (.+)$")

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
+
 PACKAGE = "relora_ds"
 
 ENTRY_POINTS = ("relora_ds.trainer", "relora_ds.cli", "relora_ds.train", "relora_ds.__main__")
@@ -24,14 +25,15 @@ ONLY_IN = {
     "torch.utils.tensorboard": ("relora_ds.metrics",),
     "triton": ("relora_ds.kernels.*",),
     # lower modules never import the loop or the command line
-    "relora_ds.trainer": ("relora_ds.cli", "relora_ds.train", "relora_ds.__main__", "relora_ds.compare",
+    "relora_ds.trainer": ("relora_ds.cli", "relora_ds.train", "relora_ds.__main__", "relora_ds.tools.*",
                           "relora_ds.bench.*"),  # the benchmark times the trainer's own step
     "relora_ds.cli": ("relora_ds.train", "relora_ds.__main__"),
     "relora_ds.train": ("relora_ds.cli", "relora_ds.__main__"),
     # the shipped benchmark sits on top, like the trainer: only the command line reaches it
     "relora_ds.bench": ("relora_ds.bench.*", "relora_ds.cli"),
-    # `relora-ds compare` runs the trainer once per variant: on top too
-    "relora_ds.compare": ("relora_ds.cli",),
+    # the tools (export, eval, analyze, compare) sit on top too: they may import one another and the rest of the
+    # package, and only the command line imports them
+    "relora_ds.tools": ("relora_ds.tools.*", "relora_ds.cli", "relora_ds.train"),
 }
 
 # module pattern → imported names it must never import
@@ -42,7 +44,7 @@ NEVER = {
     "relora_ds.kernels.*": ("relora_ds",),  # nothing of relora_ds (its own package excepted, below)
     # a method says what happens to the model; the loop, data and logs are the trainer's
     "relora_ds.methods.*": ("relora_ds.trainer", "relora_ds.cli", "relora_ds.data", "relora_ds.metrics",
-                            "relora_ds.compare", "relora_ds.bench", "relora_ds.config", "relora_ds.callbacks"),
+                            "relora_ds.tools", "relora_ds.bench", "relora_ds.config", "relora_ds.callbacks"),
     # the loop and its callbacks see the TrainEngine, never DeepSpeed, a restart layout or the restart itself
     "relora_ds.trainer": ("deepspeed", "relora_ds.engine.zero", "relora_ds.engine.restart",
                           "relora_ds.engine.zero_checkpoint"),
@@ -133,13 +135,13 @@ def violations(modules: dict[str, tuple[str, bool]]) -> list[str]:
 
 def package_sources() -> dict[str, tuple[str, bool]]:
     sources = {}
-    root = os.path.join(REPO, PACKAGE)
+    root = os.path.join(ROOT, PACKAGE)
     for directory, _, files in os.walk(root):
         for filename in files:
             if not filename.endswith(".py"):
                 continue
             path = os.path.join(directory, filename)
-            parts = os.path.relpath(path, REPO)[:-3].split(os.sep)
+            parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
             is_package = parts[-1] == "__init__"
             if is_package:
                 parts = parts[:-1]
@@ -260,6 +262,10 @@ def test_imports_of_resolves_relative_and_nested_imports():
      "never imports relora_ds.callbacks"),
     ("relora_ds.relora.wrap", "from relora_ds.config import FAMILIES\n", False, "never imports relora_ds.config"),
     ("relora_ds.schedule", "from relora_ds import config\n", False, "never imports relora_ds.config"),
+    ("relora_ds.trainer", "def f():\n    from relora_ds.tools.export import export\n", False,
+     "relora_ds.tools only in"),
+    ("relora_ds.engine.checkpoint", "from relora_ds.tools import analyze\n", False, "relora_ds.tools only in"),
+    ("relora_ds.methods.relora", "import relora_ds.tools.compare\n", False, "never imports relora_ds.tools"),
 ])
 def test_checker_catches_planted_violations(module, source, is_package, expected):
     problems = violations({module: (source, is_package)})
@@ -281,5 +287,9 @@ def test_checker_accepts_allowed_imports():
         "relora_ds.kernels": ("from relora_ds.kernels import reference\ndef f():\n    import triton\n", True),
         "relora_ds.kernels.fused": ("import triton\nimport triton.language as tl\n", False),
         "relora_ds.relora.layer": ("from relora_ds.kernels import fused_relora_linear\n", False),
+        "relora_ds.tools.compare": ("from relora_ds import trainer\nfrom relora_ds.tools import analyze\n", False),
+        "relora_ds.tools.analyze": ("from relora_ds.engine import checkpoint\nfrom relora_ds.tools.export import x\n",
+                                    False),
+        "relora_ds.train": ("def f():\n    from relora_ds.tools import eval\n", False),
     }
     assert violations(allowed) == []

@@ -13,9 +13,8 @@ from relora_ds.relora import functional
 from relora_ds.relora.layer import ReLoRALinear
 from relora_ds.model.families import target_modules_of
 from relora_ds.relora.wrap import adapter_parameter_names, merge_and_reinit, relora_modules, wrap
+from tests.helpers import ROOT
 from tests.helpers.tiny import fixed_batch, lm_loss, logits, tiny_model, token_batches
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -221,7 +220,7 @@ def test_restart_generator_same_across_processes_and_distinct_per_name_and_index
             "print(f.kaiming_uniform_A(4, 8, f.restart_generator(7, 3, 'model.layers.1.self_attn.q_proj'))"
             ".flatten().tolist())")
     env = dict(os.environ, PYTHONHASHSEED="12345")  # Python's hash salt differs; the draw must not
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True).stdout
     other_process = torch.tensor(json.loads(out))
     here = draw(7, 3, "model.layers.1.self_attn.q_proj")

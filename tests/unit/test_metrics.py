@@ -1,6 +1,5 @@
 """Metrics sinks (JSONL, progress/console lines, wandb and TensorBoard through fakes) and loss.png."""
 
-import io
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ import torch
 
 from relora_ds.metrics import Metrics, read_records
 from relora_ds.plots import loss_figure, plot_loss, read_curves, smooth
+from tests.helpers.fakes import Redirected, Terminal
 
 
 def records(run_dir):
@@ -72,20 +72,6 @@ def test_nonzero_rank_is_a_no_op(tmp_path, capsys):
     assert not run_dir.exists()
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
-
-
-class Terminal(io.StringIO):
-    """A stream that says it is a terminal (tqdm draws its bar there)."""
-
-    def isatty(self):
-        return True
-
-
-class Redirected(io.StringIO):
-    """A stream redirected to a file (SLURM, nohup): not a terminal."""
-
-    def isatty(self):
-        return False
 
 
 def log_two_records(run_dir, **kwargs):

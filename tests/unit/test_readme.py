@@ -1,8 +1,7 @@
 import os
 
 from relora_ds.config import reference_markdown
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
 
 
 def test_readme_config_reference_is_current():

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from relora_ds.export import SafetensorsWriter
+from relora_ds.tools.export import SafetensorsWriter
 
 
 def test_round_trip_every_dtype(tmp_path):

@@ -13,8 +13,9 @@ import torch
 
 from relora_ds.config import load_config
 from relora_ds.engine import checkpoint
+from tests.helpers import ROOT
+from tests.helpers.runs import cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 SYSTEM = f"{os.system.__module__}.system"  # what a pickle of os.system names (posix.system on Linux)
@@ -66,7 +67,7 @@ def test_the_payload_runs_under_a_full_unpickle(tmp_path):
 
 @pytest.mark.parametrize("where", [MODEL_FILE, OPTIM_FILE])
 def test_export_refuses_a_pickled_call_in_one_line_and_runs_nothing(tmp_path, where):
-    from relora_ds.export import export
+    from relora_ds.tools.export import export
 
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker), where)
@@ -78,7 +79,7 @@ def test_export_refuses_a_pickled_call_in_one_line_and_runs_nothing(tmp_path, wh
 
 
 def test_analyze_refuses_it_too(tmp_path):
-    from relora_ds.analyze import open_side
+    from relora_ds.tools.analyze import open_side
 
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker))
@@ -95,9 +96,9 @@ def test_analyze_refuses_it_too(tmp_path):
 def test_cli_export_prints_one_line_and_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([sys.executable, "-m", "relora_ds", "export", str(tmp_path / "run"), "--out",
-                             str(tmp_path / "hf")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "hf")], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode != 0
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -6,8 +6,7 @@ import pytest
 
 from relora_ds.engine import runtime, versions
 from relora_ds.engine.versions import ALLOW_UNTESTED_ENV, TESTED_DEEPSPEED, UnsupportedVersionError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
 
 
 @pytest.fixture(autouse=True)

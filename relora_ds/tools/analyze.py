@@ -9,8 +9,8 @@ RUN_DIR's reference is its reference checkpoint (`engine.checkpoint.reference_ch
 saved at the warm-start switch by `checkpoint.at_switch`, or `checkpoint.reference_step` on full-rank runs), its
 final W its newest complete checkpoint. A and B are each a run dir (its newest checkpoint), a checkpoints/ or
 step_* dir (any ZeRO stage, fp32 or bf16), or an exported model dir (`relora-ds export`: `model.safetensors`, or
-shards + `model.safetensors.index.json`). A checkpoint's wrapped layers count merged, W + s·B·A
-(`export.merged_tensors`).
+shards + `model.safetensors.index.json`), each read by tools/reader.py, as export reads a checkpoint: a checkpoint's
+wrapped layers count merged, W + s·B·A.
 
 Analysed: every linear weight (a 2-D `<module>.weight`) whose module matches the targets as `relora.wrap` matches
 them (the module's last name, or a glob on its dotted name): `--targets`, else A's targets, else B's, else every
@@ -50,17 +50,17 @@ import json
 import math
 import os
 import re
-import struct
-import sys
 
 import torch
 
-from relora_ds.model.families import FAMILIES, default_target_modules
+from relora_ds.model.families import FAMILIES
 from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.files import atomic_write
 from relora_ds.memory import trim_heap
+from relora_ds.progress import Progress
 from relora_ds.relora.wrap import _matches
+from relora_ds.tools.reader import ReadError, open_model
 
 THRESHOLD = 0.1
 JSON_NAME = "spectra.json"
@@ -69,8 +69,6 @@ FORMAT = "relora-ds spectra v1"
 EFFECTIVE_RANK_DEFINITION = ("entropy effective rank (Roy & Vetterli 2007): exp(H(p)), p_i = sigma_i / sum_j sigma_j, "
                              "H(p) = -sum_i p_i ln p_i (0 ln 0 = 0); 0 for an all-zero delta")
 DELTA_DEFINITION = "delta W = W_b - W_a in fp32 (checkpoints: wrapped layers merged, W + s*B*A); torch.linalg.svdvals"
-SAFETENSORS_WEIGHTS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -127,126 +125,13 @@ def entry(name: str, shape, singular_values: torch.Tensor) -> dict:
 
 # --- the two sides -----------------------------------------------------------------------------------------------
 
-class _CheckpointSide:
-    """A relora-ds checkpoint: its merged tensors, streamed in the model's order."""
-
-    kind = "checkpoint"
-
-    def __init__(self, path: str):
-        from relora_ds.export import open_checkpoint
-
-        self.path = path
-        self.source = open_checkpoint(path)
-        self.resolved = self.source.tag_dir
-        self.step = self.source.state.get("step")
-        self.shapes = self.source.shapes
-        targets = self.source.cfg.relora.target_modules
-        self.targets = list(targets) if targets is not None else _family_targets(self.source.config)
-
-    def tensors(self, names):
-        """(name, fp32 tensor) of `names`, in the model's order (whatever order `names` has)."""
-        yield from self.source.tensors(set(names))
-
-
-def read_safetensors_header(path: str) -> dict:
-    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}} (and __metadata__)."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 1 << 30:
-                raise ValueError(f"header of {length} bytes")
-            return json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as e:
-        raise AnalyzeError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                           f"{' '.join(str(e).split())})") from None
-
-
-class _ExportSide:
-    """An exported (Hugging Face) model dir: safetensors read tensor by tensor, in the order asked for. `.shapes` is
-    in the files' own order (shard by shard, by offset): the model's for `relora-ds export`, by name for files that
-    safetensors' save_file wrote."""
-
-    kind = "export"
-    step = None
-
-    def __init__(self, path: str):
-        self.path = self.resolved = path
-        try:
-            with open(os.path.join(path, "config.json")) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            model_type = None
-        self.targets = _family_targets(model_type=model_type)
-        index = os.path.join(path, SAFETENSORS_INDEX)
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                files = {name: os.path.join(path, file) for name, file in weight_map.items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise AnalyzeError(f"{index}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
-        else:
-            files = None
-        self.files, self.shapes = {}, {}
-        for file in sorted(set(files.values())) if files else [os.path.join(path, SAFETENSORS_WEIGHTS)]:
-            if not os.path.isfile(file):
-                raise AnalyzeError(f"{file}: missing (named in {SAFETENSORS_INDEX})")
-            header = read_safetensors_header(file)
-            header.pop("__metadata__", None)
-            try:
-                ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-                for name, info in ordered:
-                    if files is None or files.get(name) == file:
-                        self.shapes[name] = tuple(int(d) for d in info["shape"])
-                        self.files[name] = file
-            except (KeyError, TypeError, IndexError, ValueError) as e:
-                raise AnalyzeError(f"{file}: not a safetensors header ({type(e).__name__}: {e})") from None
-        if files is not None:
-            absent = [name for name in files if name not in self.files]
-            if absent:
-                raise AnalyzeError(f"{index}: {absent[0]} is not in {os.path.basename(files[absent[0]])}"
-                                   f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}")
-
-    def tensors(self, names):
-        """(name, fp32 tensor) of `names` in that order, each read from its file on its own."""
-        from safetensors import safe_open
-
-        handles = {}
-        try:
-            for name in names:
-                file = self.files[name]
-                if file not in handles:
-                    handles[file] = safe_open(file, framework="pt", device="cpu")
-                tensor = handles[file].get_tensor(name)
-                yield name, tensor.to(torch.float32) if tensor.dtype != torch.float32 else tensor
-                del tensor
-        finally:
-            handles.clear()
-
-
-def _family_targets(config=None, model_type=None) -> list[str] | None:
-    """The default targets of a model's family (by its config's model_type); None for a model_type without."""
-    try:
-        return list(default_target_modules(model_type or getattr(config, "model_type", None)))
-    except ValueError:
-        return None
-
-
 def open_side(path: str, which: str = "A"):
-    """A path as one side of ΔW: an exported model dir (config.json + safetensors) or a relora-ds checkpoint."""
-    if not os.path.exists(path):
-        raise AnalyzeError(f"{which} {path}: no such file or directory")
-    if not os.path.isdir(path):
-        raise AnalyzeError(f"{which} {path}: not a directory (expected a run dir, a step_* checkpoint dir or an "
-                           f"exported model dir)")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if not (os.path.isfile(os.path.join(path, SAFETENSORS_WEIGHTS))
-                or os.path.isfile(os.path.join(path, SAFETENSORS_INDEX))):
-            raise AnalyzeError(f"{which} {path}: a model dir without safetensors weights ({SAFETENSORS_WEIGHTS} or "
-                               f"{SAFETENSORS_INDEX}); save it with safe_serialization or export it with "
-                               f"relora-ds export")
-        return _ExportSide(path)
-    return _CheckpointSide(path)
+    """A path as one side of ΔW (tools/reader.py): an exported model dir (config.json + safetensors) or a relora-ds
+    checkpoint; a path or model dir that cannot be read is an AnalyzeError naming the side."""
+    try:
+        return open_model(path)
+    except ReadError as e:
+        raise AnalyzeError(f"{which} {e}") from None
 
 
 def _describe(side) -> dict:
@@ -303,13 +188,6 @@ def _check_pair(names_a, names_b, a, b) -> None:
                                f"match (A {a.path}, B {b.path})")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="weight", file=sys.stderr, disable=not enabled, leave=False,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-
-
 def analyze_pair(a_path: str, b_path: str, *, targets=None, progress: bool = True) -> dict:
     """The singular values of ΔW = W_B − W_A for every target weight: {"a": {path, resolved, kind, step}, "b": ...,
     "targets": [...], "entries": [entry, ...]} (entries in model order; see the module docstring)."""
@@ -324,7 +202,7 @@ def analyze_pair(a_path: str, b_path: str, *, targets=None, progress: bool = Tru
     else:  # two safetensors dirs: random access, so the model's order as its names give it
         order = sorted(names_a, key=lambda name: model_order_key(name, targets))
     entries = []
-    with _progress(len(order), f"svd {default_label(b_path)}", progress) as bar:
+    with Progress(len(order), f"svd {default_label(b_path)}", "weight", enabled=progress, leave=False) as bar:
         for name, wa, wb in lockstep(a.tensors(order), b.tensors(order), order):
             delta = torch.sub(wb, wa)
             del wa, wb

@@ -2,11 +2,11 @@
 
     relora-ds export CHECKPOINT --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
 
-The checkpoint is read lazily (engine/zero_checkpoint.py: every file memory-mapped, one tensor made whole at a
-time) and never held as a whole fp32 model: `merged_tensors` yields the plain model's tensors one by one in the
-plain model's own order, each wrapped layer's W merged with its adapters (W + s·B·A in fp32, s = alpha / r, or
-tanh(g) with trainable scaling; the adapters themselves are not written), and `export` writes them in the export
-dtype to sharded safetensors, one shard held at a time. Memory: about one shard (at most --max-shard-size, or the
+The checkpoint is read by tools/reader.py (every file memory-mapped, one tensor made whole at a time) and never
+held as a whole fp32 model: it yields the plain model's tensors one by one in the plain model's own order, each
+wrapped layer's W merged with its adapters (W + s·B·A in fp32, s = alpha / r, or tanh(g) with trainable scaling;
+the adapters themselves are not written), and `export` writes them in the export dtype to sharded safetensors, one
+shard held at a time. Memory: about one shard (at most --max-shard-size, or the
 largest tensor when that is bigger) plus twice the largest tensor in fp32, so --max-shard-size bounds the export's
 memory. The files (shards, `model.safetensors.index.json` when there is more than one, config.json with the export
 dtype, generation_config.json, the tokenizer) are written into a temporary sibling directory that is renamed into
@@ -23,21 +23,14 @@ import struct
 
 import torch
 
-from relora_ds import methods
-from relora_ds.config import RunConfig
 from relora_ds.files import parse_byte_size
 from relora_ds.data.tokenize import load_tokenizer
-from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
-from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
 from relora_ds.memory import trim_heap
-from relora_ds.model.build import describe, input_embedding_name, meta_model, model_from_config
+from relora_ds.tools.reader import INDEX_NAME, WEIGHTS_NAME, open_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 
 
 class ExportError(CheckpointError):
@@ -59,120 +52,6 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ExportError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-# --- the checkpoint, as the plain model's tensors ------------------------------------------------------------
-
-class _Source:
-    """A checkpoint opened for export: run state and config, the lazy tensors, and the plain model's tensor names
-    (its own state dict order, tied aliases left out) with their shapes and which of them are wrapped."""
-
-    def __init__(self, path: str):
-        self.tag_dir = checkpoint.find_checkpoint(path)
-        self.state = checkpoint.read_state(self.tag_dir)
-        if not isinstance(self.state.get("config"), dict):
-            raise CheckpointError(f"{os.path.join(self.tag_dir, checkpoint.STATE_FILE)}: holds no run config")
-        self.cfg = RunConfig.from_dict(self.state["config"])
-        self.method = methods.from_config(self.cfg)
-        self.lazy = lazy_fp32_state_dict(self.tag_dir)
-        try:  # the vocabulary: the rows of the input embedding, named as the run's family names it
-            embedding_name = input_embedding_name(self.cfg.model)
-        except ValueError as e:
-            raise CheckpointError(f"{self.tag_dir}: cannot build the run's model ({e})") from None
-        embedding = self.lazy.get(embedding_name)
-        if embedding is None:
-            raise CheckpointError(f"{self.tag_dir}: no {embedding_name} in the checkpoint (not a model of its config, "
-                                  f"{describe(self.cfg.model)}?)")
-        self.vocab_size = embedding.shape[0]
-        try:
-            meta = meta_model(self.cfg.model, self.vocab_size)
-        except ValueError as e:
-            raise CheckpointError(f"{self.tag_dir}: cannot build the run's model ({e})") from None
-        self.config = meta.config
-        self.generation_config = getattr(meta, "generation_config", None)
-        self.architecture = type(meta).__name__
-        self.shapes, self.aliases, seen = {}, [], set()
-        for name, tensor in meta.state_dict(keep_vars=True).items():
-            if id(tensor) in seen:  # a tied alias (lm_head.weight of tied embeddings): not written
-                self.aliases.append(name)
-            else:
-                seen.add(id(tensor))
-                self.shapes[name] = tuple(tensor.shape)
-        self.wrapped = {name: name[:-len("weight")] for name in self.shapes
-                        if name.endswith(".weight") and f"{name[:-len('weight')]}lora_A" in self.lazy}
-        self._check()
-
-    def _check(self) -> None:
-        """The checkpoint's tensors are the plain model's (adapters of wrapped layers and tied aliases aside), of
-        the same shapes; the adapters have the run's rank. One CheckpointError line otherwise."""
-        allowed = {prefix + suffix for prefix in self.wrapped.values() for suffix in ADAPTER_SUFFIXES}
-        missing = [k for k in self.shapes if k not in self.lazy]
-        missing += [p + "lora_B" for p in self.wrapped.values() if p + "lora_B" not in self.lazy]
-        unexpected = [k for k in self.lazy if k not in self.shapes and k not in allowed and k not in self.aliases]
-        model = describe(self.cfg.model)
-        if missing or unexpected:
-            raise CheckpointError(f"{self.tag_dir}: checkpoint does not match its config ({model}): "
-                                  f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
-                                  f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        for name, shape in self.shapes.items():
-            if tuple(self.lazy[name].shape) != shape:
-                raise CheckpointError(f"{self.tag_dir}: {name} has shape {tuple(self.lazy[name].shape)} in the "
-                                      f"checkpoint, {shape} in its config's model ({model})")
-        if bool(self.state.get("wrapped", bool(self.wrapped))) != bool(self.wrapped):
-            raise CheckpointError(f"{self.tag_dir}: its run state says wrapped={self.state.get('wrapped')}, but it "
-                                  f"holds {len(self.wrapped)} wrapped layers (lora_A) of its config's model ({model})")
-        rank = self.cfg.relora.rank
-        for name, prefix in self.wrapped.items():
-            out_features, in_features = self.shapes[name]
-            a, b = tuple(self.lazy[prefix + "lora_A"].shape), tuple(self.lazy[prefix + "lora_B"].shape)
-            if a != (rank, in_features) or b != (out_features, rank):
-                raise CheckpointError(f"{self.tag_dir}: {prefix}lora_A {a} / lora_B {b} do not fit relora.rank "
-                                      f"{rank} and W {(out_features, in_features)}")
-
-    def tensors(self, names=None):
-        """(name, fp32 tensor) of the plain model, one at a time, wrapped layers merged; with `names` (a collection),
-        only those, still in the model's order (nothing else is read)."""
-        for name in self.shapes:
-            if names is not None and name not in names:
-                continue
-            tensor = self.lazy[name].load()
-            prefix = self.wrapped.get(name)
-            if prefix is not None:  # the run's method says what its wrapped layers export as (W + s·B·A)
-                adapters = {suffix: self.lazy[prefix + suffix].load() for suffix in ADAPTER_SUFFIXES
-                            if prefix + suffix in self.lazy}
-                tensor = self.method.exported_weight(tensor, adapters)
-                del adapters
-            yield name, tensor
-
-
-def merged_tensors(path: str):
-    """(Hugging Face name, fp32 tensor) of the checkpoint's plain model, one at a time, in the plain model's state
-    dict order: each wrapped layer's weight is W + s·B·A, adapters are left out, everything else passes through;
-    a tied lm_head.weight is left out (as save_pretrained does). `path`: a run dir, its checkpoints/ dir or one
-    step_* dir. A checkpoint whose tensors are not its config's model is a one-line CheckpointError."""
-    yield from _Source(path).tensors()
-
-
-def open_checkpoint(path: str) -> _Source:
-    """The checkpoint at `path` (a run dir, its checkpoints/ dir or one step_* dir) opened without reading any tensor:
-    `.tag_dir`, `.state` (the run state), `.cfg` (its RunConfig), `.shapes` (the plain model's tensor names in state
-    dict order, tied aliases left out, with their shapes), `.wrapped` (weight name -> adapter prefix) and
-    `.tensors(names=None)`, the merged tensors as `merged_tensors` yields them. One-line CheckpointError as there."""
-    return _Source(path)
-
-
-def load_checkpoint_model(path: str):
-    """(model, cfg, state): the checkpoint's plain model on the CPU, adapters merged, filled tensor by tensor."""
-    source = _Source(path)
-    model = model_from_config(source.cfg.model, source.vocab_size, attn_implementation="sdpa")
-    targets = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in source.tensors():
-            if name not in targets or tuple(targets[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{source.tag_dir}: {name} does not fit the model its config builds")
-            targets[name].copy_(tensor)
-    model.eval()
-    return model, source.cfg, source.state
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -214,7 +93,7 @@ def export(path: str, out_dir: str, *, dtype: str = "fp32", max_shard_size=DEFAU
     limit = parse_size(max_shard_size)
     out_dir = os.path.abspath(out_dir)
     _check_out_dir(out_dir)
-    source = _Source(path)
+    source = open_checkpoint(path)
     tag_dir = os.path.realpath(source.tag_dir)
     if os.path.commonpath([tag_dir, os.path.realpath(out_dir)]) == os.path.realpath(out_dir):
         raise ExportError(f"--out {out_dir}: holds the checkpoint {source.tag_dir} itself")

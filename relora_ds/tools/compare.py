@@ -39,7 +39,7 @@ DIR/<variant>/result.json to run a variant again.
 The report (rank 0): DIR/compare.json and DIR/compare.md — per variant its status, final held-out loss and
 perplexity, final train loss, trainable parameters, optimizer-state bytes, median tokens/s, restarts (merges), epochs of the training data
 seen (one line on stderr when a variant passes one epoch), and the number of singular values of ΔW above 0.1
-(relora_ds.analyze) — and DIR/compare.png, the held-out and train losses of all variants overlaid.
+(relora_ds.tools.analyze) — and DIR/compare.png, the held-out and train losses of all variants overlaid.
 """
 
 import argparse
@@ -309,14 +309,14 @@ def compare(base_path: str | None, names, out: str, overrides=(), *, only: str |
 
 
 def spectra_of(out: str, results: dict) -> dict:
-    """σ>0.1 counts of each finished variant's ΔW (relora_ds.analyze) and the spectra files: {"summaries":
+    """σ>0.1 counts of each finished variant's ΔW (relora_ds.tools.analyze) and the spectra files: {"summaries":
     {name: summarize(...)}, "json", "png", "notes": [...]}."""
     finished = [name for name, r in results.items() if r["status"] == "finished"]
     spectra = {"summaries": {}, "json": None, "png": None, "notes": []}
     try:
-        from relora_ds import analyze
+        from relora_ds.tools import analyze
     except ImportError as e:
-        spectra["notes"].append(f"no ΔW spectra: relora_ds.analyze is not available ({e})")
+        spectra["notes"].append(f"no ΔW spectra: relora_ds.tools.analyze is not available ({e})")
         return spectra
     analyses = {}
     for name in finished:
@@ -418,7 +418,7 @@ def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], n
               "MiB: one rank's optimizer-state tensors at the end (moments, projections); tokens/s: the "
               "median of the logged values; restarts: merges; epochs: training tokens seen / tokens in one epoch "
               "of the training data (⚠: data repeated); σ>0.1: singular values of ΔW = W_final − W_reference above "
-              "0.1, summed over the adapted layers (relora_ds.analyze)."]
+              "0.1, summed over the adapted layers (relora_ds.tools.analyze)."]
     if spectra.get("png"):
         lines.append(f"Spectra: `{os.path.basename(spectra['png'])}`, `{os.path.basename(spectra['json'])}`.")
     lines.append(f"Loss curves: `{REPORT_PNG}`.")
