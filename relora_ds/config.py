@@ -3,9 +3,10 @@
     cfg = load_config("relora_ds/configs/demo.yaml", ["relora.rank=64", "log.tags=[a,b]"])
     cfg.save("runs/x/config.yaml")            # resolved (derived defaults filled in)
 
-Sections: model, relora, schedule, data, train, log, checkpoint. Batch sizes, precision, ZeRO stage
-and the optimizer live in the DeepSpeed JSON (`train.deepspeed_config`), not here.
-Each field's vocabulary is its owner's (imported below); the method sections are checked by the methods themselves.
+`method` and the sections: model, each method's own (relora, ...), schedule, data, train, log, checkpoint.
+Batch sizes, precision, ZeRO stage and the optimizer live in the DeepSpeed JSON (`train.deepspeed_config`), not here.
+Each section's dataclass and each field's vocabulary is its owner's (imported below); the methods check their own
+settings (Method.validate).
 """
 
 import copy
@@ -14,130 +15,33 @@ import difflib
 import json
 import math
 import os
-import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import yaml
 
-from relora_ds.engine.restart import ZERO3_MERGES
-from relora_ds.fields import setting
-from relora_ds.model.build import ATTN_IMPLEMENTATIONS
-from relora_ds.model.families import FAMILIES, MODEL_PRESETS
-from relora_ds.relora.layer import KERNELS
-from relora_ds.relora.reset import PRUNE_METHODS as OPTIMIZER_RESETS
-from relora_ds.schedule import AT_SWITCH, SCHEDULE_KINDS
+from relora_ds.callbacks.checkpointing import CheckpointConfig
+from relora_ds.data import DataConfig
 from relora_ds.methods import METHODS
+from relora_ds.metrics import LogConfig
+from relora_ds.model.build import ModelConfig
+from relora_ds.schedule import ScheduleConfig
+from relora_ds.trainer import TrainConfig
 
-# The vocabularies of the fields are their owners' (imported above); config.py assembles the tree.
-MODEL_FAMILIES = tuple(FAMILIES)
-DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")
-RESUME_CHOICES = (False, True, "auto")
+# Each section's dataclass sits with its owner (imported above), each method's with the method (Method.section);
+# config.py assembles the tree, loads and validates it.
 
 
 class ConfigError(ValueError):
     """A bad run configuration; the message holds one line per problem."""
 
 
-@dataclass
-class ModelConfig:
-    preset: str = setting("tiny", "model size (paper Table 1 plus tiny/20m for tests and 7b)", MODEL_PRESETS)
-    family: str = setting("llama", "architecture of the preset, shaped as that family shapes it (relora_ds/model/"
-                                  "families.py): llama (paper), mistral and qwen2 (GQA; qwen2: q/k/v biases, tied "
-                                  "embeddings up to 1b), gpt_neox (Pythia)", MODEL_FAMILIES)
-    vocab_size: int | None = setting(None, "vocabulary size; null: taken from the tokenizer")
-    attn_implementation: str = setting(
-        "auto", "attention kernel; auto: flash_attention_2 with CUDA and flash-attn, else sdpa",
-        ATTN_IMPLEMENTATIONS)
-    init_from: str | None = setting(None, "HF model dir (or exported model) to start from instead of random init")
-    hf_config: str | None = setting(None, "a transformers config.json (or a dir holding one) to build, randomly "
-                                         "initialised, instead of model.family/model.preset (both then ignored; "
-                                         "its vocab_size must hold the tokenizer's)")
-
-
-@dataclass
-class ScheduleConfig:
-    lr: float = setting(1e-3, "peak learning rate")
-    warmup_steps: int = setting(100, "first linear warm-up W0")
-    restart_warmup_steps: int = setting(50, "linear re-warm-up Wr after each restart")
-    min_lr_ratio: float = setting(0.1, "cosine floor m as a fraction of the peak")
-    low_rank_lr_scale: float = setting(1.0, "peak LR while the adapters train (lora/relora after the switch) as a "
-                                           "multiple of schedule.lr (no effect in full mode); the paper's "
-                                           "Appendix A suggests 1.5-2")
-    kind: str = setting("jagged_cosine", "LR schedule", SCHEDULE_KINDS)
-    at_switch: str = setting(
-        "restart", "the LR at the warm-start switch (lora/relora): restart: a new schedule for the low-rank phase "
-                   "(warm-up, then the cosine from the peak over the remaining steps; ReLoRA's restarts on it), as "
-                   "the reference code does; continue: the full-rank run's cosine goes on", AT_SWITCH)
-    switch_warmup_steps: int | None = setting(
-        None, "the warm-up at the switch with at_switch restart; null: schedule.warmup_steps")
-
-
-@dataclass
-class DataConfig:
-    source: str = setting("sotu", "'sotu' (shipped corpus), local file/dir/glob, hub name or pretokenized dir")
-    format: str = setting("auto", "how to read the source", DATA_FORMATS)
-    text_column: str = setting("text", "column holding the text")
-    hub_config: str | None = setting(None, "datasets hub config name (e.g. 'en')")
-    split: str = setting("train", "split to train on")
-    streaming: bool = setting(False, "read the source lazily as a stream sharded across ranks (hub: without "
-                                    "downloading it) instead of packing it into a cached dataset first")
-    validation_source: str | None = setting(None, "held-out source; null: the source's validation split if any")
-    validation_split: str | None = setting(None, "held-out split name")
-    tokenizer: str | None = setting(None, "HF tokenizer dir or hub name; null: the shipped SOTU tokenizer")
-    seq_len: int = setting(256, "tokens per packed training sequence")
-    num_workers: int = setting(0, "background processes that read, tokenize and pack a stream (data.streaming), "
-                                 "each its own share; 0: in the training process")
-    prefetch_batches: int = setting(16, "micro-batches the data workers prepare ahead of the step (data.num_workers > 0)")
-    skip_bad_records: bool = setting(False, "count and log bad records instead of stopping")
-
-
-@dataclass
-class TrainConfig:
-    total_steps: int = setting(1000, "optimizer steps N, warm start included")
-    seed: int = setting(42, "seed for init, data order and adapter draws")
-    eval_every: int = setting(200, "steps between held-out evaluations; 0: never")
-    eval_batches: int = setting(20, "micro-batches per evaluation")
-    deepspeed_config: str = setting("ds_configs/cpu.json", "DeepSpeed JSON: batch sizes, precision, ZeRO, optimizer")
-    output_dir: str = setting("runs/default", "run directory")
-    resume: bool | str = setting(
-        False, "false: refuse an output_dir holding another run; true: continue from its newest complete checkpoint "
-               "(error if none); auto: continue if there is one, else start fresh (for requeued jobs)", RESUME_CHOICES)
-    max_grad_norm: float | None = setting(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
-
-
-@dataclass
-class LogConfig:
-    every: int = setting(10, "steps between log records")
-    wandb: bool = setting(False, "log to Weights & Biases (offline without a key)")
-    wandb_project: str = setting("relora-ds", "wandb project")
-    wandb_entity: str | None = setting(None, "wandb entity")
-    run_name: str | None = setting(None, "run name; null: the output dir's name")
-    tags: list[str] = setting([], "wandb tags")
-    tensorboard: bool = setting(False, "also write TensorBoard events")
-    progress: bool = setting(True, "progress bar on rank 0 (one plain line per record when stderr is not a terminal)")
-    peak_tflops: float | None = setting(
-        None, "peak TFLOP/s per device for the logged MFU; null: the GPU's dense bf16/fp16 peak by name "
-              "(relora_ds/hardware.py), no MFU on CPU, on fp32 runs or on an unlisted GPU")
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = setting(500, "steps between checkpoints; 0: only at the end")
-    keep_last: int = setting(3, "periodic checkpoints kept on disk; 0: keep all")
-    save_final: bool = setting(True, "save a checkpoint at the end of training")
-    at_switch: bool = setting(True, "save a checkpoint at the warm-start switch (step relora.warm_start_steps, before "
-                                   "wrapping; step 0 when wrapping at the start): the reference W of `relora-ds "
-                                   "analyze RUN_DIR`, kept whatever keep_last says")
-    reference_step: int | None = setting(
-        None, "a step whose checkpoint is saved and kept as that reference instead; set it on full-rank runs "
-              "compared with low-rank ones (relora-ds compare sets it); null: the switch, with at_switch")
-
+DEFAULT_METHOD = "relora"
 
 # The sections, in the order a config is written: the model, each method's own (methods/: Method.section), the rest.
 METHOD_SECTIONS = {}
-for _method in METHODS.values():
+for _method in sorted(METHODS.values(), key=lambda m: m.name != DEFAULT_METHOD):  # the default's section first
     if _method.section is not None:
         METHOD_SECTIONS.setdefault(_method.section, _method.Config)
 SECTIONS = {
@@ -232,7 +136,7 @@ class RunConfigMethods:
 
 RunConfig = dataclasses.make_dataclass(
     "RunConfig",
-    [("method", str, field(default="relora", metadata={"help": METHOD_HELP}))]
+    [("method", str, field(default=DEFAULT_METHOD, metadata={"help": METHOD_HELP}))]
     + [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()],
     bases=(RunConfigMethods,))
 RunConfig.__module__ = __name__
@@ -335,7 +239,6 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"relora.target_modules: names must not be empty, got {r.target_modules}")
     at_least("relora.warm_start_steps", r.warm_start_steps, 0)
     at_least("relora.reset_every", r.reset_every, 1)
-    merge_every = r.reset_every if r.merge_every is None else r.merge_every
     at_least("relora.merge_every", r.merge_every, 1)
     positive("schedule.lr", s.lr)
     at_least("schedule.warmup_steps", s.warmup_steps, 0)

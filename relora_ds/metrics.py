@@ -22,7 +22,9 @@ import os
 import uuid
 import sys
 import time
+from dataclasses import dataclass
 
+from relora_ds.fields import setting
 from relora_ds.files import atomic_write
 from relora_ds.progress import clock, draws_bar, is_terminal, make_bar
 
@@ -290,3 +292,18 @@ class Metrics:
 
 
 __all__ = ["Metrics", "EVENTS", "METRICS_FILE", "read_records"]
+
+
+@dataclass
+class LogConfig:
+    every: int = setting(10, "steps between log records")
+    wandb: bool = setting(False, "log to Weights & Biases (offline without a key)")
+    wandb_project: str = setting("relora-ds", "wandb project")
+    wandb_entity: str | None = setting(None, "wandb entity")
+    run_name: str | None = setting(None, "run name; null: the output dir's name")
+    tags: list[str] = setting([], "wandb tags")
+    tensorboard: bool = setting(False, "also write TensorBoard events")
+    progress: bool = setting(True, "progress bar on rank 0 (one plain line per record when stderr is not a terminal)")
+    peak_tflops: float | None = setting(
+        None, "peak TFLOP/s per device for the logged MFU; null: the GPU's dense bf16/fp16 peak by name "
+              "(relora_ds/hardware.py), no MFU on CPU, on fp32 runs or on an unlisted GPU")

@@ -16,10 +16,31 @@ training method's choice (relora_ds/methods/: `schedule_segments`). Pure python.
 """
 
 import math
+from dataclasses import dataclass
+
+from relora_ds.fields import setting
 
 SCHEDULE_KINDS = ("jagged_cosine", "cosine", "constant")
 AT_SWITCH = ("restart", "continue")  # schedule.at_switch: the LR at the warm-start switch (methods/lora.py)
 
+
+
+@dataclass
+class ScheduleConfig:
+    lr: float = setting(1e-3, "peak learning rate")
+    warmup_steps: int = setting(100, "first linear warm-up W0")
+    restart_warmup_steps: int = setting(50, "linear re-warm-up Wr after each restart")
+    min_lr_ratio: float = setting(0.1, "cosine floor m as a fraction of the peak")
+    low_rank_lr_scale: float = setting(1.0, "peak LR while the adapters train (lora/relora after the switch) as a "
+                                           "multiple of schedule.lr (no effect in full mode); the paper's "
+                                           "Appendix A suggests 1.5-2")
+    kind: str = setting("jagged_cosine", "LR schedule", SCHEDULE_KINDS)
+    at_switch: str = setting(
+        "restart", "the LR at the warm-start switch (lora/relora): restart: a new schedule for the low-rank phase "
+                   "(warm-up, then the cosine from the peak over the remaining steps; ReLoRA's restarts on it), as "
+                   "the reference code does; continue: the full-rank run's cosine goes on", AT_SWITCH)
+    switch_warmup_steps: int | None = setting(
+        None, "the warm-up at the switch with at_switch restart; null: schedule.warmup_steps")
 
 def check_schedule(*, total_steps: int, warmup_steps: int, restart_warmup_steps: int = 0,
                    cycle_length: int | None = None, min_lr_ratio: float = 0.1, restart_offset: int = 0,

@@ -60,7 +60,7 @@ def project_errors() -> tuple:
     from relora_ds.engine.checkpoint import CheckpointError
     from relora_ds.engine.ds_config import DSConfigError
     from relora_ds.engine.versions import UnsupportedVersionError
-    from relora_ds.trainer import RunError
+    from relora_ds.errors import RunError
 
     return ConfigError, DataError, CheckpointError, DSConfigError, UnsupportedVersionError, RunError
 

@@ -24,11 +24,29 @@ from relora_ds.data import loader as data_loader
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import checkpoint, ds_config as dsc, run_dir, runtime
 from relora_ds.engine.train_module import mean_over_ranks, optimizer_bytes, over_ranks, start_engine
-from relora_ds.errors import NonFiniteError, RunError  # noqa: F401  (the errors a run stops with, for callers)
+from relora_ds.errors import RunError
+from relora_ds.fields import setting
 from relora_ds.memory import PhaseMemory, fix_heap_threshold
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import describe, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
+
+
+RESUME_CHOICES = (False, True, "auto")  # train.resume
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = setting(1000, "optimizer steps N, warm start included")
+    seed: int = setting(42, "seed for init, data order and adapter draws")
+    eval_every: int = setting(200, "steps between held-out evaluations; 0: never")
+    eval_batches: int = setting(20, "micro-batches per evaluation")
+    deepspeed_config: str = setting("ds_configs/cpu.json", "DeepSpeed JSON: batch sizes, precision, ZeRO, optimizer")
+    output_dir: str = setting("runs/default", "run directory")
+    resume: bool | str = setting(
+        False, "false: refuse an output_dir holding another run; true: continue from its newest complete checkpoint "
+               "(error if none); auto: continue if there is one, else start fresh (for requeued jobs)", RESUME_CHOICES)
+    max_grad_norm: float | None = setting(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from relora_ds import hardware
 from relora_ds.dist import free_port
 from relora_ds.bench import report as rep
-from relora_ds.bench.worker import MODES, worker_main
+from relora_ds.bench.worker import MODES, TRITON_MODE, mode_method, worker_main
 from relora_ds.engine import ds_config as dsc
 
 DEFAULT_RESULTS_DIR = os.path.join("benchmarks", "results")
@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds-config", default=None,
                         help="DeepSpeed JSON (default: ds_configs/zero1.json with CUDA, ds_configs/cpu.json without)")
     parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
-                        help="default: full relora, and relora-triton when CUDA and triton are available")
+                        help="every training method (relora_ds/methods/) and relora-triton; default: full relora, and "
+                             "relora-triton when CUDA and triton are available")
     parser.add_argument("--rank", type=int, default=128, help="ReLoRA rank r")
     parser.add_argument("--alpha", type=float, default=32.0, help="ReLoRA alpha (scale = alpha / r)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout of the adapters (default 0)")
@@ -125,8 +126,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
         raise SystemExit(f"--tag may contain only letters, digits, '.', '_' and '-', got {args.tag!r}")
     modes = args.modes or []
-    if "relora-triton" in modes and not torch.cuda.is_available():
-        raise SystemExit("--modes relora-triton needs a CUDA GPU (the Triton kernels do not run compiled on CPU)")
+    if TRITON_MODE in modes and not torch.cuda.is_available():
+        raise SystemExit(f"--modes {TRITON_MODE} needs a CUDA GPU (the Triton kernels do not run compiled on CPU)")
 
 
 def default_modes() -> list[str]:
@@ -134,7 +135,7 @@ def default_modes() -> list[str]:
 
     modes = ["full", "relora"]
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-        modes.append("relora-triton")
+        modes.append(TRITON_MODE)
     return modes
 
 
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     from relora_ds.model.build import preset_meta_model
     from relora_ds.model.counts import flops_per_token
 
-    relora_modes = [m for m in args.modes if MODES[m] is not None]
+    relora_modes = [m for m in args.modes if mode_method(m, args)[1] is not None]
     flops = flops_per_token(preset_meta_model(args.preset, args.vocab_size), args.seq_len,
                             relora_rank=args.rank if relora_modes else None)
 

@@ -16,11 +16,29 @@ import torch
 
 from relora_ds.hardware import host
 
-# mode → the `kernels` argument of ReLoRALinear (None: full-rank, no adapters)
-MODES = {"full": None, "relora": "torch", "relora-triton": "triton"}
+from relora_ds.methods import METHODS
+
+# The modes: every training method of the registry (relora_ds/methods/; the adapter methods on the torch path), and
+# ReLoRA on the Triton kernels.
+TRITON_MODE = "relora-triton"
+MODES = (*METHODS, TRITON_MODE)
 
 OOM_EXIT_CODE = 3
 PHASES = ("forward", "backward", "optimizer step")
+
+
+def mode_method(mode: str, args):
+    """(the mode's training method, its adapters' `kernels` or None when it places none), from a run config holding
+    the benchmark's settings: adapters (if any) from step 0, with --rank, --alpha, --lora-dropout."""
+    from relora_ds.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.method, kernels = ("relora", "triton") if mode == TRITON_MODE else (mode, "torch")
+    r = cfg.relora
+    r.rank, r.alpha, r.dropout, r.kernels, r.warm_start_steps = args.rank, args.alpha, args.lora_dropout, kernels, 0
+    cfg.train.seed = args.seed
+    method = METHODS[cfg.method](cfg.resolved())
+    return method, kernels if method.switch_step is not None else None
 
 
 def synchronize() -> None:
@@ -120,11 +138,10 @@ def measure(args) -> dict:
     import torch.distributed
 
     from relora_ds.engine import ds_config as dsc, runtime
-    from relora_ds.engine.train_module import optimizer_bytes
+    from relora_ds.engine.train_module import TrainEngine, optimizer_bytes
     from relora_ds.model.build import build_model
     from relora_ds.model.counts import parameter_counts
-    from relora_ds.model.families import preset_shape, target_modules_of
-    from relora_ds.relora.wrap import wrap
+    from relora_ds.model.families import preset_shape
 
     mode = args.worker
     if args.threads is not None:
@@ -143,15 +160,21 @@ def measure(args) -> dict:
                         attn_implementation=args.attn, seed=args.seed)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    if MODES[mode] is not None:
-        if MODES[mode] == "triton":
-            from relora_ds.kernels import triton_available
+    method, kernels = mode_method(mode, args)
+    if kernels == "triton":
+        from relora_ds.kernels import triton_available
 
-            if not triton_available():
-                raise SystemExit("relora-triton: the Triton kernels are not available on this machine")
-        wrap(model, rank=args.rank, alpha=args.alpha, target_modules=target_modules_of(model), dropout=args.lora_dropout,
-             kernels=MODES[mode], seed=args.seed)
-    engine = runtime.make_engine(model, ds_config)
+        if not triton_available():
+            raise SystemExit(f"{TRITON_MODE}: the Triton kernels are not available on this machine")
+    try:
+        method.check_ds_config(ds_config)
+    except ValueError as e:
+        raise SystemExit(f"{mode}: {e}") from None
+    if kernels is not None:
+        method.wrap(model)  # adapters from step 0
+    train_engine = TrainEngine(method, ds_config)  # the method's parameters and optimizer, as `relora-ds train` has
+    train_engine.build(model)
+    engine = train_engine.ds
     if args.compile:
         engine.compile()
     batches = make_batches(args, engine.device, args.micro_batch, grad_accum)
@@ -169,7 +192,7 @@ def measure(args) -> dict:
         synchronize()
         step_seconds.append(time.perf_counter() - started)
         losses.append(loss.item())
-    result = {"mode": mode, "kernels": MODES[mode], "micro_batch": args.micro_batch, "grad_accum": grad_accum,
+    result = {"mode": mode, "kernels": kernels, "micro_batch": args.micro_batch, "grad_accum": grad_accum,
               "world_size": world_size, "seq_len": args.seq_len,
               "tokens_per_step_per_device": args.micro_batch * grad_accum * args.seq_len,
               "warmup_steps": args.warmup, "step_seconds": step_seconds,
@@ -182,12 +205,13 @@ def measure(args) -> dict:
     if args.profile:
         result["profile"] = profile_step(engine, batches)
         result["phases"] = phase_breakdown(engine, batches)
-    if MODES[mode] is not None and not args.no_restart:
+    if hasattr(method, "restart") and not args.no_restart:  # a method with restarts: one full one (merge, prune)
         from relora_ds.engine.restart import relora_restart
 
         synchronize()
         started = time.perf_counter()
-        record = relora_restart(engine, restart_index=1, step=engine.global_steps, seed=args.seed)
+        record = relora_restart(engine, restart_index=1, step=engine.global_steps, seed=args.seed,
+                                layout=train_engine.layout)
         synchronize()
         result["restart"] = {"seconds": time.perf_counter() - started, "record": record.to_dict()}
     engine.destroy()

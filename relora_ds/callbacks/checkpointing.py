@@ -3,8 +3,23 @@ checkpoint.every steps, and the final one (checkpoint.save_final). The engine wr
 trainer's state (step, data position, the method's and the callbacks' state)."""
 
 import os
+from dataclasses import dataclass
 
 from relora_ds.callbacks.base import Callback
+from relora_ds.fields import setting
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = setting(500, "steps between checkpoints; 0: only at the end")
+    keep_last: int = setting(3, "periodic checkpoints kept on disk; 0: keep all")
+    save_final: bool = setting(True, "save a checkpoint at the end of training")
+    at_switch: bool = setting(True, "save a checkpoint at the warm-start switch (step relora.warm_start_steps, before "
+                                   "wrapping; step 0 when wrapping at the start): the reference W of `relora-ds "
+                                   "analyze RUN_DIR`, kept whatever keep_last says")
+    reference_step: int | None = setting(
+        None, "a step whose checkpoint is saved and kept as that reference instead; set it on full-rank runs "
+              "compared with low-rank ones (relora-ds compare sets it); null: the switch, with at_switch")
 
 
 class Checkpointing(Callback):

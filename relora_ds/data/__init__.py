@@ -11,9 +11,32 @@
 """
 
 import os
+from dataclasses import dataclass
 
+from relora_ds.fields import setting
+
+DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")  # data.format
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 
 
 class DataError(ValueError):
     """Bad data input; the message is one line naming the file/field and what is expected."""
+
+
+@dataclass
+class DataConfig:
+    source: str = setting("sotu", "'sotu' (shipped corpus), local file/dir/glob, hub name or pretokenized dir")
+    format: str = setting("auto", "how to read the source", DATA_FORMATS)
+    text_column: str = setting("text", "column holding the text")
+    hub_config: str | None = setting(None, "datasets hub config name (e.g. 'en')")
+    split: str = setting("train", "split to train on")
+    streaming: bool = setting(False, "read the source lazily as a stream sharded across ranks (hub: without "
+                                    "downloading it) instead of packing it into a cached dataset first")
+    validation_source: str | None = setting(None, "held-out source; null: the source's validation split if any")
+    validation_split: str | None = setting(None, "held-out split name")
+    tokenizer: str | None = setting(None, "HF tokenizer dir or hub name; null: the shipped SOTU tokenizer")
+    seq_len: int = setting(256, "tokens per packed training sequence")
+    num_workers: int = setting(0, "background processes that read, tokenize and pack a stream (data.streaming), "
+                                 "each its own share; 0: in the training process")
+    prefetch_batches: int = setting(16, "micro-batches the data workers prepare ahead of the step (data.num_workers > 0)")
+    skip_bad_records: bool = setting(False, "count and log bad records instead of stopping")

@@ -55,7 +55,7 @@ class GaLore(Method):
 
     def check_ds_config(self, ds_config: dict) -> None:
         try:
-            import galore_torch  # noqa: F401
+            import galore_torch  # noqa: F401  (installed? galore-torch is an extra)
         except ImportError as e:
             raise ValueError(f"method galore: needs the galore-torch package (pip install 'relora-ds[galore]'): "
                              f"{e}") from None

@@ -7,12 +7,31 @@ classes.
 import contextlib
 import copy
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 
+from relora_ds.fields import setting
 from relora_ds.model import families, hf
+from relora_ds.model.families import FAMILIES, MODEL_PRESETS
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # model.attn_implementation
+
+
+@dataclass
+class ModelConfig:
+    preset: str = setting("tiny", "model size (paper Table 1 plus tiny/20m for tests and 7b)", MODEL_PRESETS)
+    family: str = setting("llama", "architecture of the preset, shaped as that family shapes it (relora_ds/model/"
+                                  "families.py): llama (paper), mistral and qwen2 (GQA; qwen2: q/k/v biases, tied "
+                                  "embeddings up to 1b), gpt_neox (Pythia)", tuple(FAMILIES))
+    vocab_size: int | None = setting(None, "vocabulary size; null: taken from the tokenizer")
+    attn_implementation: str = setting(
+        "auto", "attention kernel; auto: flash_attention_2 with CUDA and flash-attn, else sdpa",
+        ATTN_IMPLEMENTATIONS)
+    init_from: str | None = setting(None, "HF model dir (or exported model) to start from instead of random init")
+    hf_config: str | None = setting(None, "a transformers config.json (or a dir holding one) to build, randomly "
+                                         "initialised, instead of model.family/model.preset (both then ignored; "
+                                         "its vocab_size must hold the tokenizer's)")
 
 
 def resolve_attn_implementation(choice: str = "auto") -> str:

@@ -32,7 +32,7 @@ final weights) for every variant; a --set of one of those is refused.
 Variants run one after another in this process (under a launcher every rank runs the same sequence), each in
 DIR/<variant>. At its end DIR/<variant>/result.json is written (atomically): a later call skips that variant, and
 continues an unfinished one from its newest checkpoint (train.resume auto). A result made with another config is
-refused rather than reused. A variant whose loss goes non-finite (trainer.NonFiniteError) is recorded as diverged
+refused rather than reused. A variant whose loss goes non-finite (errors.NonFiniteError) is recorded as diverged
 at that step and the others still run; any other error stops the command with its one-line message. Delete
 DIR/<variant>/result.json to run a variant again.
 
@@ -55,6 +55,7 @@ from typing import Callable
 
 from relora_ds import dist
 from relora_ds.config import SECTIONS, ConfigError, RunConfig, load_config, validate
+from relora_ds.errors import NonFiniteError
 from relora_ds.files import atomic_write
 from relora_ds.methods import METHODS
 from relora_ds.metrics import METRICS_FILE, read_records
@@ -196,7 +197,7 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     counts, error, diverged_at = {}, None, None
     try:
         summary = trainer.train(cfg)
-    except trainer.NonFiniteError as e:
+    except NonFiniteError as e:
         error, diverged_at = str(e), e.step
     else:
         counts = {k: summary[k] for k in ("total_params", "trainable_params", "optimizer_state_bytes")}

@@ -57,7 +57,7 @@ def gathered_state(model) -> dict:
 
 
 def scenario(rank, world_size, directory):
-    from relora_ds.config import ReLoRAConfig
+    from relora_ds.methods.lora import ReLoRAConfig
     from relora_ds.model.build import build_model, model_from_config
     from relora_ds.config import ModelConfig
     from relora_ds.engine.train_module import TrainEngine
@@ -154,6 +154,7 @@ def nan_on_one_rank(rank, world_size, directory):
     """A loss that is NaN on rank 1 only, at step 3: both ranks must stop in that step with the same message."""
     from relora_ds import trainer
     from relora_ds.engine import checkpoint, train_module
+    from relora_ds.errors import NonFiniteError
     from tests.helpers.runs import tiny_run_config
 
     calls = {"n": 0}
@@ -172,7 +173,7 @@ def nan_on_one_rank(rank, world_size, directory):
                           **{"train.eval_every": 0, "checkpoint.every": 2, "train.total_steps": 8})
     try:
         trainer.train(cfg)
-    except trainer.NonFiniteError as e:
+    except NonFiniteError as e:
         return {"message": str(e), "tags": checkpoint.complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))}
     return {"message": None}
 

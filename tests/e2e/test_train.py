@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from relora_ds import trainer
+from relora_ds.errors import RunError
 from relora_ds.engine import checkpoint
 from tests.helpers.runs import ds_config, read_metrics, tiny_run_config, write_corpus, write_ds_config
 
@@ -255,7 +256,7 @@ def test_output_dir_holding_another_run_is_refused(corpus, tmp_path):
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path))
     os.makedirs(cfg.train.output_dir)
     open(os.path.join(cfg.train.output_dir, "config.yaml"), "w").write("x: 1\n")
-    with pytest.raises(trainer.RunError, match="holds another run"):
+    with pytest.raises(RunError, match="holds another run"):
         trainer.train(cfg)
 
 
@@ -272,7 +273,7 @@ def test_relora_from_a_saved_full_rank_checkpoint_and_keep_last(corpus, tmp_path
     ckpt_dir = os.path.join(full.train.output_dir, "checkpoints")
     assert checkpoint.complete_tags(ckpt_dir) == [checkpoint.tag_for(s) for s in (8, 12, 16)]
     # A checkpoint whose step disagrees with relora.warm_start_steps is refused.
-    with pytest.raises(trainer.RunError, match="relora.warm_start_steps 4 disagrees with the warm-start checkpoint's step 8"):
+    with pytest.raises(RunError, match="relora.warm_start_steps 4 disagrees with the warm-start checkpoint's step 8"):
         trainer.train(tiny_run_config(tmp_path, train_file, val_file, ds, **{
             "relora.warm_start_checkpoint": os.path.join(ckpt_dir, checkpoint.tag_for(8)), "train.output_dir": str(tmp_path / "bad")}))
 

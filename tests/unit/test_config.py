@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from relora_ds.config import (
-    MODEL_PRESETS,
     SECTIONS,
     ConfigError,
     RunConfig,
@@ -17,6 +16,7 @@ from relora_ds.config import (
     validate,
 )
 from relora_ds import methods
+from relora_ds.model.families import MODEL_PRESETS
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "relora_ds", "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -233,10 +233,12 @@ def test_shipped_configs_are_there_and_the_demo_restarts_at_least_three_times():
 
 
 def test_model_presets_and_families_match_the_model_module():
-    from relora_ds.config import MODEL_FAMILIES
+    from relora_ds.config import ModelConfig
     from relora_ds.model.families import FAMILIES
 
-    assert tuple(FAMILIES) == MODEL_FAMILIES and all(family.target_modules for family in FAMILIES.values())
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(ModelConfig)}
+    assert choices["family"] == tuple(FAMILIES) and choices["preset"] == MODEL_PRESETS
+    assert all(family.target_modules for family in FAMILIES.values())
     assert all(tuple(family.presets) == MODEL_PRESETS for family in FAMILIES.values())
 
 

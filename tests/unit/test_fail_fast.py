@@ -6,7 +6,8 @@ import pytest
 from relora_ds.config import load_config
 from relora_ds.engine import zero
 from relora_ds import methods
-from relora_ds.trainer import RunError, check_model_settings
+from relora_ds.errors import RunError
+from relora_ds.trainer import check_model_settings
 from tests.helpers.fakes import FakeEngine
 
 

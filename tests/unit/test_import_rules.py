@@ -13,7 +13,6 @@ from tests.helpers import ROOT
 
 PACKAGE = "relora_ds"
 
-ENTRY_POINTS = ("relora_ds.trainer", "relora_ds.cli", "relora_ds.train", "relora_ds.__main__")
 
 # imported name (and its submodules) → the only modules that may import it
 ONLY_IN = {
@@ -26,7 +25,7 @@ ONLY_IN = {
     "triton": ("relora_ds.kernels.*",),
     # lower modules never import the loop or the command line
     "relora_ds.trainer": ("relora_ds.cli", "relora_ds.train", "relora_ds.__main__", "relora_ds.tools.*",
-                          "relora_ds.bench.*"),  # the benchmark times the trainer's own step
+                          "relora_ds.config"),  # the config assembles the sections, the trainer's `train` among them
     "relora_ds.cli": ("relora_ds.train", "relora_ds.__main__"),
     "relora_ds.train": ("relora_ds.cli", "relora_ds.__main__"),
     # the shipped benchmark sits on top, like the trainer: only the command line reaches it
@@ -48,12 +47,14 @@ NEVER = {
     # the loop and its callbacks see the TrainEngine, never DeepSpeed, a restart layout or the restart itself
     "relora_ds.trainer": ("deepspeed", "relora_ds.engine.zero", "relora_ds.engine.restart",
                           "relora_ds.engine.zero_checkpoint"),
-    "relora_ds.callbacks.*": ("deepspeed", "relora_ds.engine", "relora_ds.methods", "relora_ds.trainer"),
+    "relora_ds.callbacks.*": ("deepspeed", "relora_ds.engine", "relora_ds.methods", "relora_ds.trainer",
+                              "relora_ds.config"),
     # below the config: the owners of its sections and vocabularies never import it back
     "relora_ds.model.*": ("relora_ds.config",),
     "relora_ds.engine.*": ("relora_ds.config",),
     "relora_ds.data.*": ("relora_ds.config",),
     "relora_ds.schedule": ("relora_ds.config",),
+    "relora_ds.metrics": ("relora_ds.config",),
 }
 # a method's hooks are callbacks: the base class is theirs to import
 NEVER_EXCEPT = {"relora_ds.kernels.*": ("relora_ds.kernels",), "relora_ds.methods.*": ("relora_ds.callbacks.base",)}

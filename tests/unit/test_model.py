@@ -1,6 +1,7 @@
 """LLaMA presets: they build, the parameter and FLOP counts (read from the model) are exact, the paper's table
 holds. The other families: tests/unit/test_families.py."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -24,8 +25,9 @@ PRESETS = FAMILIES["llama"].presets
 
 
 def test_presets_match_config_choices():
-    assert tuple(PRESETS) == MODEL_PRESETS
-    assert build.ATTN_IMPLEMENTATIONS == config.ATTN_IMPLEMENTATIONS
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(config.ModelConfig)}
+    assert tuple(PRESETS) == MODEL_PRESETS == choices["preset"]
+    assert build.ATTN_IMPLEMENTATIONS == choices["attn_implementation"]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "20m", "60m", "130m"])
