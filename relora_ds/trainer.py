@@ -22,7 +22,7 @@ from relora_ds.callbacks.memory import MemoryEvents
 from relora_ds.callbacks.plots import LossPlot
 from relora_ds.data import loader as data_loader
 from relora_ds.data.tokenize import load_tokenizer
-from relora_ds.engine import checkpoint, ds_config as dsc, run_dir, runtime
+from relora_ds.engine import ds_config as dsc, run_dir, runtime
 from relora_ds.engine.train_module import mean_over_ranks, optimizer_bytes, over_ranks, start_engine
 from relora_ds.errors import RunError
 from relora_ds.fields import setting
@@ -204,8 +204,7 @@ def finish(trainer: Trainer, keep_engine: bool) -> dict:
     """Close the data workers and the logs; the summary of the run (the engine destroyed unless keep_engine)."""
     trainer.batches.close()  # the data workers, if any
     trainer.metrics.close()
-    ckpt_dir = os.path.join(trainer.cfg.train.output_dir, "checkpoints")
-    newest = checkpoint.find_checkpoint(ckpt_dir, checksums=False) if checkpoint.complete_tags(ckpt_dir) else None
+    newest = run_dir.newest_checkpoint(trainer.cfg.train.output_dir)
     state, train_tokens = trainer.state, trainer.train_tokens
     summary = {**trainer.summary, "step": state.step, "output_dir": trainer.cfg.train.output_dir,
                "checkpoint": newest, "tokens_seen": state.tokens_seen,

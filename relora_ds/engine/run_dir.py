@@ -78,3 +78,9 @@ def find_start(cfg, resume_tag: str | None) -> Start:
         raise RunError(f"relora.warm_start_checkpoint {tag}: is already a ReLoRA checkpoint; "
                        f"use train.resume to continue it")
     return Start(tag, saved, resume=False)
+
+
+def newest_checkpoint(out: str) -> str | None:
+    """The newest complete checkpoint tag dir of the run in `out` (sizes checked, not checksums); None: none."""
+    directory = os.path.join(out, "checkpoints")
+    return checkpoint.find_checkpoint(directory, checksums=False) if checkpoint.complete_tags(directory) else None

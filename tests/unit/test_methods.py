@@ -189,3 +189,20 @@ def test_galore_is_one_file():
                     found += [f"{path}:{i}" for i, line in enumerate(f, 1) if "galore" in line.lower()]
     assert found == []
     assert "galore" in methods.METHODS
+
+
+def test_a_checkpoint_from_before_method_state_resumes_its_merge_count():
+    """Run states written before `method` held restart_index at the top level: the resume reads it from there."""
+    from relora_ds.trainer import Trainer
+
+    class Batches:
+        def load_state_dict(self, state):
+            self.state = state
+
+    method, batches = methods.from_config(_cfg("relora")), Batches()
+    trainer = Trainer(None, method, None, batches, None, [], tokens_per_step=1, train_tokens=None)
+    trainer.load_state_dict({"step": 600, "tokens_seen": 6000, "data": {"kind": "indexed"}, "restart_index": 2,
+                             "wrapped": True, "relora_start": 200})
+    assert (trainer.state.step, method.restart_index, batches.state) == (600, 2, {"kind": "indexed"})
+    trainer.load_state_dict({"step": 800, "tokens_seen": 8000, "data": {}, "method": {"restart_index": 3}}, resume=True)
+    assert method.restart_index == 3

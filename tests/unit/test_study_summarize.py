@@ -44,3 +44,25 @@ def test_tables_and_deltas(tmp_path):
 def test_no_main_report_is_one_line(tmp_path, capsys):
     assert _load().main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_galore_table_sits_beside_the_switch_study(tmp_path):
+    """summarize_galore.py: GaLore's seeds from its compare runs, the other rows from the committed switch study,
+    each with its optimizer-state bytes; an unfinished seed is left out of the mean."""
+    spec = importlib.util.spec_from_file_location("summarize_galore",
+                                                  os.path.join(ROOT, "benchmarks", "study", "summarize_galore.py"))
+    summarize_galore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize_galore)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _report(runs / "galore-seed1", [_variant("galore", 120.0, train_loss=4.9)])
+    _report(runs / "galore-seed2", [_variant("galore", 124.0, train_loss=5.1)])
+    _report(runs / "galore-seed3", [_variant("galore", 500.0, train_loss=9.0, status="unfinished")])
+    with open(runs / "optimizer_state.json", "w") as f:
+        json.dump({"full": 2 * 2**20, "lora_warm": 2**20, "relora": 2**20, "galore": 3 * 2**19}, f)
+    assert summarize_galore.main(["--runs", str(runs), "--out", str(out)]) == 0
+    rows = json.loads((out / "galore.json").read_text())["rows"]
+    assert rows["galore"]["perplexity"] == {"1": 120.0, "2": 124.0} and rows["galore"]["ppl_mean"] == 122.0
+    assert rows["full"]["ppl_n"] == 3 and rows["full"]["optimizer_state_bytes"] == 2 * 2**20
+    text = (out / "galore.md").read_text()
+    assert "| `galore` | 120.00 | 124.00 | — | 122.00 ± 2.83 (n=2) | 5.0000 | 1.5 MiB |" in text
+    assert (out / "galore-seed1-compare.json").is_file()
