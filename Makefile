@@ -24,8 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
-# The edit loop (~70 s on 2 cores): unit and kernel tests, no training runs or ranks (tests/e2e and
-# tests/distributed are marked slow by tests/conftest.py, test_modes_train.py by itself).
+# The edit loop (under 90 s on 2 cores): unit and kernel tests, no training runs, ranks or child processes
+# (tests/e2e and tests/distributed are marked slow by tests/conftest.py; the few unit tests that train or spawn, by hand).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not slow"
 

@@ -101,13 +101,15 @@ def test_cpu_run_of_both_torch_modes(tmp_path):
 
 
 def test_cli_bench_writes_under_the_current_directory(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "relora_ds", "bench", *TINY, "--modes", "relora", "--warmup", "1",
-                           "--steps", "2"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "relora_ds", "bench", *TINY, "--modes", "relora", "galore", "--warmup",
+                           "1", "--steps", "2"], capture_output=True, text=True, cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sorted(os.listdir(tmp_path / "benchmarks" / "results"))
     assert [os.path.splitext(name)[1] for name in written] == [".json", ".md", ".png"]
     report = json.loads((tmp_path / "benchmarks" / "results" / written[0]).read_text())
-    assert list(report["modes"]) == ["relora"] and report["ratios"] == {}  # no full-rank run: no ratios
+    assert list(report["modes"]) == ["relora", "galore"] and report["ratios"] == {}  # no full-rank run: no ratios
+    galore = report["modes"]["galore"]  # every method of the registry is a mode, built with its own optimizer
+    assert galore["kernels"] is None and galore["restart_seconds"] is None and galore["optimizer_state_bytes"] > 0
     assert report["args"]["ds_config"].endswith(os.path.join("ds_configs", "cpu.json"))  # the shipped default
     assert "fn" not in report["args"] and "ds_configs/cpu.json (ZeRO-0, fp32)" in proc.stdout
 

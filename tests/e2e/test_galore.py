@@ -26,6 +26,19 @@ def test_galore_resumes_exactly_on_zero0(corpus, tmp_path):
     assert results["reference"]["restarts"] == []  # GaLore changes no module: no switch, no merges
     assert_resumed_exactly(results, rel=0.0, restarts=())
 
+    # Its checkpoints hold tensors only (the projections too): export reads them weights-only into a plain model.
+    from transformers import AutoModelForCausalLM
+
+    from relora_ds.engine import checkpoint
+    from relora_ds.tools.export import export
+
+    run = str(tmp_path / "galore")
+    state = torch.load(f"{checkpoint.find_checkpoint(run)}/mp_rank_00_model_states.pt", weights_only=True)
+    projected = [s for s in state["optimizer"]["state"].values() if "galore_ortho" in s]
+    assert projected and all(s["galore_ortho"].shape[0] == 4 or s["galore_ortho"].shape[1] == 4 for s in projected)
+    hf = AutoModelForCausalLM.from_pretrained(export(run, str(tmp_path / "export")))
+    assert sum(p.numel() for p in hf.parameters()) > 0
+
 
 def test_galore_bf16_keeps_low_rank_moments(corpus, tmp_path):
     cfg = tiny_run_config(tmp_path, *corpus, write_ds_config(tmp_path, bf16=True), **GALORE,

@@ -193,6 +193,7 @@ def test_layer_triton_switch_matches_torch_and_keeps_state_dict(bias):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a training loop or a child process: `make test`, not the edit loop
 def test_tiny_llama_training_steps_match_torch_path():
     """The switch in training: a wrapped tiny LLaMA gives the same losses with kernels='triton'."""
     from relora_ds.model.families import target_modules_of

@@ -161,6 +161,7 @@ def test_layer_with_dropout_in_eval_takes_the_whole_fused_op(monkeypatch):
                                                                  layer.lora_B, layer.scale), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a training loop or a child process: `make test`, not the edit loop
 def test_tiny_llama_training_with_dropout_matches_torch_path():
     """The paper's recipes (dropout 0.1) on the fused path: the same losses as the torch path."""
     from relora_ds.model.families import target_modules_of

@@ -329,6 +329,7 @@ def test_worker_errors_reach_the_trainer_as_one_line(tmp_path, tok, monkeypatch)
     assert _children(before) == []
 
 
+@pytest.mark.slow  # a training loop or a child process: `make test`, not the edit loop
 def test_workers_shut_down_cleanly_and_never_hang_the_exit(tmp_path, tok):
     path = _write_files(tmp_path, _texts(30), 1)[0]
     before = _children()

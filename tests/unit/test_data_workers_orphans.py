@@ -52,6 +52,7 @@ def _alive(pid, start):
     return stat is not None and stat[2] == start and stat[0] != "Z"
 
 
+@pytest.mark.slow  # a training loop or a child process: `make test`, not the edit loop
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_workers_exit_when_the_trainer_is_killed(tmp_path):
     train_file, _ = write_corpus(tmp_path)

@@ -274,6 +274,7 @@ def test_tensorboard_scalars(tmp_path, monkeypatch):
     assert closed == [True]
 
 
+@pytest.mark.slow  # a training loop or a child process: `make test`, not the edit loop
 def test_wandb_offline_for_real(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -93,6 +93,7 @@ def test_analyze_refuses_it_too(tmp_path):
     assert not set(_deepspeed_globals()) & set(torch.serialization.get_safe_globals())
 
 
+@pytest.mark.slow  # a training loop or a child process: `make test`, not the edit loop
 def test_cli_export_prints_one_line_and_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     tag_dir = malicious_tag(tmp_path, str(marker))
