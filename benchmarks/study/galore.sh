@@ -19,4 +19,11 @@ for seed in $SEEDS; do
         --set "data.source=$OUT/data/train.jsonl" --set "data.validation_source=$OUT/data/heldout.jsonl" \
         --set "train.seed=$seed" --set train.eval_every=300 --set train.eval_batches=100
 done
+# Checks on seed 1: full-rank at the peak LR GaLore's projected matrices effectively get (2e-3 x scale 0.25), and
+# full-rank at the study's LR trained again with this code (against the switch study's full-seed1).
+for check in "full-lr5e-4:schedule.lr=5e-4" "full:schedule.lr=2e-3"; do
+    "$PY" -m relora_ds compare --config "$BASE" --variants full --out "$OUT/${check%%:*}-seed1" \
+        --set "data.source=$OUT/data/train.jsonl" --set "data.validation_source=$OUT/data/heldout.jsonl" \
+        --set train.seed=1 --set train.eval_every=300 --set train.eval_batches=100 --set "${check#*:}"
+done
 "$PY" benchmarks/study/optimizer_state.py --config "$BASE" --data "$OUT/data" --out "$OUT/optimizer_state.json"

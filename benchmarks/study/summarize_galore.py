@@ -61,7 +61,17 @@ def summarize(runs_dir: str) -> dict:
     galore = galore_seeds(runs_dir)
     rows["galore"] = row({s: r["eval_perplexity"] for s, r in galore.items()},
                          {s: r["train_loss"] for s, r in galore.items()}, state["galore"])
-    return {"rows": rows}
+    checks = {}
+    for name in ("full-lr5e-4-seed1", "full-seed1"):
+        path = os.path.join(runs_dir, name, "compare.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                report = json.load(f)
+            [record] = [r for r in report["variants"] if r["variant"] == "full"]
+            sets = [s for s in report["overrides"] if s.startswith("schedule.lr=")]  # compare's --set of the base
+            checks[name] = {"eval_perplexity": record["eval_perplexity"], "train_loss": record["train_loss"],
+                            "overrides": dict(s.split("=", 1) for s in sets)}
+    return {"rows": rows, "checks": checks}
 
 
 def fmt(value, spec=".2f"):
@@ -89,6 +99,12 @@ def markdown(summary: dict, runs_dir: str) -> str:
         lines.append(f"| `{name}` | " + " | ".join(fmt(r["perplexity"].get(s)) for s in seeds)
                      + f" | {fmt(r['ppl_mean'])}{sd} (n={r['ppl_n']}) | {fmt(r['train_loss_mean'], '.4f')} | "
                      f"{fmt(r['optimizer_state_bytes'] / 2**20, '.1f')} MiB |")
+    if summary["checks"]:
+        lines += ["", "Checks (seed 1, full-rank, galore.sh):", ""]
+        for name, r in summary["checks"].items():
+            lines.append(f"- `{name}`: held-out ppl {fmt(r['eval_perplexity'])}, final train loss "
+                         f"{fmt(r['train_loss'], '.4f')} "
+                         f"({', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'the base config'})")
     lines += ["", machine()]
     return "\n".join(lines) + "\n"
 
@@ -109,7 +125,7 @@ def main(argv=None) -> int:
     for name in sorted(os.listdir(args.runs)):
         for ext in ("json", "md", "png"):
             src = os.path.join(args.runs, name, f"compare.{ext}")
-            if re.fullmatch(r"galore-seed\d+", name) and os.path.isfile(src):
+            if re.fullmatch(r"(galore-seed\d+|full-lr5e-4-seed1|full-seed1)", name) and os.path.isfile(src):
                 shutil.copy(src, os.path.join(args.out, f"{name}-compare.{ext}"))
     print(open(os.path.join(args.out, "galore.md")).read())
     return 0
