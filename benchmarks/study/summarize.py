@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -48,6 +49,26 @@ def machine() -> str:
             f"python {platform.python_version()}, "
             + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
             + f". Summarized {datetime.datetime.now().isoformat(timespec='seconds')}.")
+
+
+def copy_compare_reports(runs_dir: str, out_dir: str, pattern: str) -> None:
+    """Copy <runs_dir>/<name>/compare.{json,md,png} of every <name> matching `pattern` (a regular expression) to
+    <out_dir>/<name>-compare.*."""
+    for name in sorted(os.listdir(runs_dir)):
+        for ext in ("json", "md", "png"):
+            src = os.path.join(runs_dir, name, f"compare.{ext}")
+            if re.fullmatch(pattern, name) and os.path.isfile(src):
+                shutil.copy(src, os.path.join(out_dir, f"{name}-compare.{ext}"))
+
+
+def write_summary(out_dir: str, stem: str, summary: dict, text: str) -> None:
+    """<out_dir>/<stem>.json (the numbers) and <stem>.md (the table), printed."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from summarize import machine  # noqa: E402
+from summarize import copy_compare_reports, machine, write_summary  # noqa: E402
 
 SWITCH = os.path.join(ROOT, "benchmarks", "results", "2026-12-07-switch-20m", "switch.json")
 ROWS = ("full", "lora_warm", "relora", "galore")
@@ -116,18 +116,9 @@ def main(argv=None) -> int:
                                                  f"{datetime.date.today().isoformat()}-galore-20m"))
     args = p.parse_args(argv)
     summary = summarize(args.runs)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "galore.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.out, "galore.md"), "w") as f:
-        f.write(markdown(summary, args.runs))
+    write_summary(args.out, "galore", summary, markdown(summary, args.runs))
     shutil.copy(os.path.join(args.runs, "optimizer_state.json"), os.path.join(args.out, "optimizer_state.json"))
-    for name in sorted(os.listdir(args.runs)):
-        for ext in ("json", "md", "png"):
-            src = os.path.join(args.runs, name, f"compare.{ext}")
-            if re.fullmatch(r"(galore-seed\d+|full-lr5e-4-seed1|full-seed1)", name) and os.path.isfile(src):
-                shutil.copy(src, os.path.join(args.out, f"{name}-compare.{ext}"))
-    print(open(os.path.join(args.out, "galore.md")).read())
+    copy_compare_reports(args.runs, args.out, r"galore-seed\d+|full-lr5e-4-seed1|full-seed1")
     return 0
 
 

@@ -15,14 +15,13 @@ import datetime
 import json
 import os
 import re
-import shutil
 import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from summarize import machine  # noqa: E402
+from summarize import copy_compare_reports, machine, write_summary  # noqa: E402
 
 ROWS = (("full", "restart"), ("lora_warm", "continue"), ("lora_warm", "restart"), ("relora", "continue"),
         ("relora", "restart"))  # full does not switch: it runs once (full-seed<k>), listed under the default
@@ -110,17 +109,8 @@ def main(argv=None) -> int:
                                                  f"{datetime.date.today().isoformat()}-switch-20m"))
     args = p.parse_args(argv)
     summary = summarize(read_runs(args.runs))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "switch.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.out, "switch.md"), "w") as f:
-        f.write(markdown(summary, args.runs))
-    for name in sorted(os.listdir(args.runs)):
-        for ext in ("json", "md", "png"):
-            src = os.path.join(args.runs, name, f"compare.{ext}")
-            if re.fullmatch(r"(restart|continue|full)-seed\d+", name) and os.path.isfile(src):
-                shutil.copy(src, os.path.join(args.out, f"{name}-compare.{ext}"))
-    print(open(os.path.join(args.out, "switch.md")).read())
+    write_summary(args.out, "switch", summary, markdown(summary, args.runs))
+    copy_compare_reports(args.runs, args.out, r"(restart|continue|full)-seed\d+")
     return 0
 
 

@@ -66,3 +66,21 @@ def test_galore_table_sits_beside_the_switch_study(tmp_path):
     text = (out / "galore.md").read_text()
     assert "| `galore` | 120.00 | 124.00 | — | 122.00 ± 2.83 (n=2) | 5.0000 | 1.5 MiB |" in text
     assert (out / "galore-seed1-compare.json").is_file()
+
+
+def test_switch_table_pairs_the_modes_by_seed(tmp_path):
+    """summarize_switch.py: each mode's seeds, restart minus continue per seed, the reports copied beside."""
+    spec = importlib.util.spec_from_file_location("summarize_switch",
+                                                  os.path.join(ROOT, "benchmarks", "study", "summarize_switch.py"))
+    summarize_switch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize_switch)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _report(runs / "full-seed1", [_variant("full", 119.0, train_loss=4.8)])
+    _report(runs / "restart-seed1", [_variant("lora_warm", 129.0, train_loss=4.9), _variant("relora", 134.0, train_loss=5.0)])
+    _report(runs / "continue-seed1", [_variant("lora_warm", 133.0, train_loss=4.9), _variant("relora", 139.0, train_loss=5.0)])
+    assert summarize_switch.main(["--runs", str(runs), "--out", str(out)]) == 0
+    paired = json.loads((out / "switch.json").read_text())["paired"]
+    assert paired["lora_warm"]["restart_minus_continue"] == {"1": -4.0} and paired["relora"]["mean"] == -5.0
+    assert "`lora_warm`: seed 1: -4.00" in (out / "switch.md").read_text()
+    assert sorted(p.name for p in out.glob("*-compare.md")) == ["continue-seed1-compare.md", "full-seed1-compare.md",
+                                                                "restart-seed1-compare.md"]
