@@ -7,9 +7,10 @@ import os
 from tests.helpers import ROOT
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("study_summarize",
-                                                  os.path.join(ROOT, "benchmarks", "study", "summarize.py"))
+def _load(script: str = "summarize"):
+    """benchmarks/study/<script>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"study_{script}",
+                                                  os.path.join(ROOT, "benchmarks", "study", f"{script}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,10 +50,7 @@ def test_no_main_report_is_one_line(tmp_path, capsys):
 def test_galore_table_sits_beside_the_switch_study(tmp_path):
     """summarize_galore.py: GaLore's seeds from its compare runs, the other rows from the committed switch study,
     each with its optimizer-state bytes; an unfinished seed is left out of the mean."""
-    spec = importlib.util.spec_from_file_location("summarize_galore",
-                                                  os.path.join(ROOT, "benchmarks", "study", "summarize_galore.py"))
-    summarize_galore = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize_galore)
+    summarize_galore = _load("summarize_galore")
     runs, out = tmp_path / "runs", tmp_path / "out"
     _report(runs / "galore-seed1", [_variant("galore", 120.0, train_loss=4.9)])
     _report(runs / "galore-seed2", [_variant("galore", 124.0, train_loss=5.1)])
@@ -70,10 +68,7 @@ def test_galore_table_sits_beside_the_switch_study(tmp_path):
 
 def test_switch_table_pairs_the_modes_by_seed(tmp_path):
     """summarize_switch.py: each mode's seeds, restart minus continue per seed, the reports copied beside."""
-    spec = importlib.util.spec_from_file_location("summarize_switch",
-                                                  os.path.join(ROOT, "benchmarks", "study", "summarize_switch.py"))
-    summarize_switch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize_switch)
+    summarize_switch = _load("summarize_switch")
     runs, out = tmp_path / "runs", tmp_path / "out"
     _report(runs / "full-seed1", [_variant("full", 119.0, train_loss=4.8)])
     _report(runs / "restart-seed1", [_variant("lora_warm", 129.0, train_loss=4.9), _variant("relora", 134.0, train_loss=5.0)])
