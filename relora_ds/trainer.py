@@ -28,7 +28,7 @@ from relora_ds.errors import RunError
 from relora_ds.fields import setting
 from relora_ds.memory import PhaseMemory, fix_heap_threshold
 from relora_ds.metrics import Metrics
-from relora_ds.model.build import describe, meta_model
+from relora_ds.model.build import CHECKPOINTING, describe, enable_activation_checkpointing, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
 
 
@@ -47,6 +47,9 @@ class TrainConfig:
         False, "false: refuse an output_dir holding another run; true: continue from its newest complete checkpoint "
                "(error if none); auto: continue if there is one, else start fresh (for requeued jobs)", RESUME_CHOICES)
     max_grad_norm: float | None = setting(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
+    activation_checkpointing: str = setting(
+        "none", "full: recompute each decoder layer's activations in the backward pass instead of keeping them "
+                "(less memory, about one more forward of compute); none: keep them", CHECKPOINTING)
 
 
 @dataclass
@@ -165,8 +168,12 @@ def setup(cfg) -> Trainer:
 
     device = runtime.device()
     phases = PhaseMemory(device)
+    def prepare_model(model) -> None:
+        check_seq_len(cfg, model.config.max_position_embeddings)
+        enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
+
     engine = start_engine(cfg.model, method, ds_config, vocab_size=vocab_size, seed=cfg.train.seed, start=start,
-                          check_model=lambda model: check_seq_len(cfg, model.config.max_position_embeddings))
+                          prepare_model=prepare_model)
     build_peak = phases.end("build")
 
     if rank == 0:
@@ -219,13 +226,14 @@ def finish(trainer: Trainer, keep_engine: bool) -> dict:
 
 def check_model_settings(cfg, method, vocab_size: int, ds_config: dict | None = None) -> None:
     """What would otherwise fail after start-up, checked on the meta-device model (no memory): model.init_from is a
-    model directory, data.seq_len fits, the method's settings fit its linears, and the DeepSpeed JSON suits the
-    method. One-line RunError."""
+    model directory, data.seq_len fits, the model can be checkpointed if asked, the method's settings fit its linears,
+    and the DeepSpeed JSON suits the method. One-line RunError."""
     try:
         if ds_config is not None:
             method.check_ds_config(ds_config)
         model = meta_model(cfg.model, vocab_size)
         check_seq_len(cfg, model.config.max_position_embeddings)
+        enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
         method.check(model)
     except RunError:
         raise

@@ -196,15 +196,16 @@ class Start:
 
 
 def start_engine(model_cfg, method, ds_config: dict, *, vocab_size: int, seed: int, start: Start,
-                 check_model=None) -> TrainEngine:
+                 prepare_model=None) -> TrainEngine:
     """A TrainEngine over a new model, or one restored from `start.tag`. The model is built partitioned on ZeRO-3
-    (never whole) and handed to `check_model` (a one-line error for what cannot run); the method places its
+    (never whole) and handed to `prepare_model` (a one-line error for what cannot run, and the model options it sets:
+    activation checkpointing); the method places its
     adapters before the engine is made when it holds them already (a resumed wrapped run: its state is loaded) or
     places them at step 0, so no full-rank engine is made in vain."""
     zero3_config = ds_config if dsc.zero_stage(ds_config) == 3 else None
     model = model_from_config(model_cfg, vocab_size, seed=seed, zero3_config=zero3_config)
-    if check_model is not None:
-        check_model(model)
+    if prepare_model is not None:
+        prepare_model(model)
     resumed_wrapped = start.resume and start.saved["wrapped"]
     if resumed_wrapped or (start.saved is None and method.switch_step == 0):
         method.wrap(model)

@@ -100,6 +100,25 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     return build_from_config(config, seed=seed, zero3_config=zero3_config)
 
 
+CHECKPOINTING = ("none", "full")  # train.activation_checkpointing
+
+
+def enable_activation_checkpointing(model, mode: str) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (mode "full";
+    "none": keep them). transformers' own per-layer checkpointing, non-reentrant (torch.utils.checkpoint with
+    use_reentrant=False: it works under ZeRO-3's parameter hooks and with frozen inputs, and restores the RNG for
+    dropout), so the losses and gradients are those of the plain model. A one-line ValueError for a model that
+    cannot be checkpointed (works on a meta-device model)."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    if mode == "none":
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.activation_checkpointing {mode}: {type(model).__name__} does not support "
+                         f"activation checkpointing (transformers' supports_gradient_checkpointing); set it to none")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: dict | None = None):
     """AutoModelForCausalLM.from_pretrained(path) in fp32 with the chosen attention kernel; on ZeRO-3
     (zero3_config) built partitioned and filled parameter by parameter (model.build.zero3_construction)."""
