@@ -139,7 +139,7 @@ def measure(args) -> dict:
 
     from relora_ds.engine import ds_config as dsc, runtime
     from relora_ds.engine.train_module import TrainEngine, optimizer_bytes
-    from relora_ds.model.build import build_model
+    from relora_ds.model.build import build_model, enable_activation_checkpointing
     from relora_ds.model.counts import parameter_counts
     from relora_ds.model.families import preset_shape
 
@@ -159,7 +159,7 @@ def measure(args) -> dict:
     model = build_model(args.preset, args.vocab_size, max_position_embeddings=max_positions,
                         attn_implementation=args.attn, seed=args.seed)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model, "full")  # as train.activation_checkpointing: full sets it
     method, kernels = mode_method(mode, args)
     if kernels == "triton":
         from relora_ds.kernels import triton_available
