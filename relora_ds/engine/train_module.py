@@ -25,8 +25,9 @@ class TrainEngine:
         self.method = method
         self.ds_config = ds_config
         self.grad_accum = dsc.grad_accum_steps(ds_config)
-        self.ds = None      # the DeepSpeed engine
-        self.layout = None  # zero.Layout of the adapters, for the restart (None without adapters)
+        self.ds = None       # the DeepSpeed engine
+        self.layout = None   # zero.Layout of the adapters, for the restart (None without adapters)
+        self.wrapped = False  # whether the module holds adapters (set with each engine; saved with every checkpoint)
 
     # --- the engine ------------------------------------------------------------------------------------------
     def build(self, model: torch.nn.Module) -> None:
@@ -35,6 +36,7 @@ class TrainEngine:
         params, optimizer = self.method.optimizer(model, self.ds_config)
         self.ds = runtime.make_engine(model, self.ds_config, params=params, optimizer=optimizer)
         adapters = self.adapters()
+        self.wrapped = bool(adapters)
         self.layout = zero.layout_for(self.ds, adapters) if adapters else None
 
     def remake(self, change) -> None:
@@ -53,11 +55,6 @@ class TrainEngine:
     @property
     def device(self) -> torch.device:
         return self.ds.device
-
-    @property
-    def wrapped(self) -> bool:
-        """Whether the module holds adapters (a fact of the module, saved with every checkpoint)."""
-        return any(n.endswith(".lora_A") for n, _ in self.module.named_parameters())
 
     def adapters(self) -> dict:
         return {n: p for n, p in self.ds.module.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
