@@ -1,5 +1,6 @@
 """Memory events: the peak of each phase of the run on every rank (build or resume, the steps between events, and
-each event: switch, restart, eval, checkpoint), logged as a "memory" record (relora_ds/memory.py measures)."""
+each event: switch, restart, eval, checkpoint), logged as a "memory" record (relora_ds/memory.py measures), with the
+bytes the wrapped layers' frozen W takes on rank 0 as stored (frozen_w_gib: relora.base_dtype's saving)."""
 
 from relora_ds.callbacks.base import Callback
 from relora_ds.memory import GIB
@@ -18,7 +19,8 @@ class MemoryEvents(Callback):
         peak = self.phases.end(phase) if peak is None else peak
         per_rank = self.over_ranks(float(peak or 0) / GIB)
         trainer.metrics.log_event("memory", trainer.state.step, phase=phase, peak_gib=round(max(per_rank), 3),
-                                  rank_peak_gib=[round(v, 3) for v in per_rank], kind=self.phases.kind)
+                                  rank_peak_gib=[round(v, 3) for v in per_rank], kind=self.phases.kind,
+                                  frozen_w_gib=round(trainer.engine.frozen_weight_bytes() / GIB, 4))
 
     def on_start(self, trainer) -> None:
         self.log(trainer, "resume" if self.resumed else "build", self.build_peak)

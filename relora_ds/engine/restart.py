@@ -2,8 +2,10 @@
 
 For every wrapped layer, in model order (so every rank runs the same collectives in the same order):
   1. gather A and B from their fp32 masters (the rank's fragments, summed into full tensors);
-  2. W += s*B*A, computed in fp32 and added once: the whole W on stages 0-2; on ZeRO-3 only the
-     elements of W's flat partition this rank holds ("shard", the default), or on the gathered W
+  2. W += s*B*A, computed in fp32 and added once, rounded to W's storage (relora.merge_rounding: nearest, or
+     stochastic with draws from rounding_generator(seed, restart_index, name), the same on every rank): the whole
+     W on stages 0-2 (a stored int8/fp8 W is dequantized, merged and re-quantized, new scales included); on ZeRO-3
+     only the elements of W's flat partition this rank holds ("shard", the default), or on the gathered W
      with modifier rank 0 ("gathered"); both give bitwise the same W;
   3. A <- Kaiming-uniform from restart_generator(seed, restart_index, name) (same on every rank),
      B <- 0, written into the module parameters *and* the fp32 masters (a module-only write is
@@ -22,7 +24,7 @@ import torch
 
 from relora_ds import dist
 from relora_ds.engine import zero
-from relora_ds.relora import functional
+from relora_ds.relora import functional, quant
 from relora_ds.relora.reset import (MOMENT_KEYS, PRUNE_METHODS, check_prune_ratio, magnitude_threshold, prune_,
                                    zero_unpaired_)
 from relora_ds.relora.wrap import relora_modules
@@ -83,8 +85,10 @@ def _check_ready(engine, layout: zero.Layout, modules: dict) -> None:
 
 @torch.no_grad()
 def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, name: str = "weight",
-                      zero3_merge: str = "shard") -> float:
-    """W += scale * B @ A (fp32 math, one rounding to W's dtype); returns this rank's share of ||delta||^2.
+                      zero3_merge: str = "shard", rounding: str = "nearest",
+                      generator: torch.Generator | None = None) -> float:
+    """W += scale * B @ A (fp32 math, one rounding to W's dtype: `rounding`, stochastic draws from `generator`, made
+    for the whole W and sliced on ZeRO-3 "shard"); returns this rank's share of ||delta||^2.
 
     Stages 0-2 (W whole on every rank): every rank adds the whole delta and returns the whole sum.
     ZeRO-3 "shard": each rank adds the delta elements of its own flat slice of W (computing only the
@@ -92,9 +96,10 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
     W is gathered, rank 0 adds the delta and DeepSpeed re-partitions it; rank 0 returns the sum.
     A and B are the full fp32 adapters, identical on every rank. Collective only for "gathered".
     """
+    fmt = quant.format_of(getattr(W, "ds_tensor", W).dtype)
     if not hasattr(W, "ds_tensor"):
         delta = functional.lora_delta(A, B, scale).to(W.device)
-        W.data.copy_((W.data.float() + delta).to(W.dtype))
+        W.data.copy_(quant.round_to(W.data.float() + delta, fmt, rounding, generator))
         return float(delta.double().square().sum())
     zero.check_zero3_weight(W, name)
     if zero3_merge == "gathered":
@@ -105,7 +110,7 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
         with deepspeed.zero.GatheredParameters([W], modifier_rank=0):
             if tdist.get_rank(group=W.ds_process_group) == 0:
                 delta = functional.lora_delta(A, B, scale).to(W.device)
-                W.data.copy_((W.data.float() + delta).to(W.dtype))
+                W.data.copy_(quant.round_to(W.data.float() + delta, fmt, rounding, generator))
                 share = float(delta.double().square().sum())
         return share
     start, end = zero.zero3_slice(W)
@@ -117,7 +122,10 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
         delta = rows[start - row_start * in_features:end - row_start * in_features]
         local = W.ds_tensor.data.view(-1)[: end - start]
         delta = delta.to(local.device)
-        local.copy_((local.float() + delta).to(local.dtype))
+        noise = None
+        if rounding == "stochastic" and fmt != "fp32":  # the whole W's draws, this rank's slice of them
+            noise = quant.uniform_noise((W.ds_numel,), generator, local.device)[start:end]
+        local.copy_(quant.round_to(local.float() + delta, fmt, rounding, noise=noise))
         share = float(delta.double().square().sum())
     zero.release_gathered(W)  # a gathered (persistent) copy would otherwise be used stale
     return share
@@ -125,7 +133,7 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
 
 @torch.no_grad()
 def _merge_and_reinit(layout: zero.Layout, name: str, module, *, seed: int, restart_index: int,
-                      zero3_merge: str) -> float:
+                      zero3_merge: str, rounding: str = "nearest") -> float:
     """Merge one layer and re-init its adapters in module and masters; returns the local ||delta||^2 share."""
     params = [module.lora_A, module.lora_B]
     if module.lora_scaling is not None:
@@ -135,7 +143,15 @@ def _merge_and_reinit(layout: zero.Layout, name: str, module, *, seed: int, rest
     A = full[0].view(module.rank, module.in_features)
     B = full[1].view(module.out_features, module.rank)
     scale = math.tanh(float(full[2])) if module.lora_scaling is not None else module.alpha / module.rank
-    share = merge_into_weight(module.weight, A, B, scale, name=f"{name}.weight", zero3_merge=zero3_merge)
+    generator = functional.rounding_generator(seed, restart_index, name) if rounding == "stochastic" else None
+    if module.stored:  # a stored W (relora.base_dtype) is whole on every rank (ZeRO-0/1/2)
+        delta = functional.lora_delta(A, B, scale)
+        module.merge_delta_(delta, rounding, generator)
+        share = float(delta.double().square().sum())
+        del delta
+    else:
+        share = merge_into_weight(module.weight, A, B, scale, name=f"{name}.weight", zero3_merge=zero3_merge,
+                                  rounding=rounding, generator=generator)
     new_A = functional.kaiming_uniform_A(module.rank, module.in_features,
                                          functional.restart_generator(seed, restart_index, name))
     new_B = torch.zeros(module.out_features, module.rank)
@@ -190,17 +206,19 @@ def _prune_layer(layout: zero.Layout, name: str, module, *, method: str, ratio: 
 
 def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: bool = True,
                    reset_optimizer: bool = True, method: str = "magnitude", ratio: float = 0.99,
-                   zero3_merge: str = "shard", pair_moments: bool = True,
+                   zero3_merge: str = "shard", pair_moments: bool = True, rounding: str = "nearest",
                    layout: zero.Layout | None = None) -> RestartRecord:
     """One ReLoRA restart of every wrapped layer of `engine.module`; all ranks call it and get the same record.
 
     merge: W += s*B*A and re-init A (from restart_generator(seed, restart_index, name)) and B = 0;
     reset_optimizer: prune the adapters' Adam moments (`method`: magnitude / random / full / none, at
-    `ratio`; pair_moments also zeroes first moments whose second moment was pruned). Online ReLoRA is
+    `ratio`; pair_moments also zeroes first moments whose second moment was pruned); rounding: of the merged W to its
+    storage (relora.merge_rounding). Online ReLoRA is
     merge=True, reset_optimizer=False. `layout`: the engine's `zero.layout_for(engine)`, made once with the
     engine (chosen now when None). Raises RestartError (on every rank) before the first optimizer step.
     """
     _check_arguments(restart_index, method, ratio, zero3_merge)
+    quant.check_rounding(rounding)
     started = time.perf_counter()
     if layout is None:
         layout = zero.layout_for(engine)
@@ -216,7 +234,7 @@ def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: b
     if merge:
         for name, module in modules.items():
             merged_sq += _merge_and_reinit(layout, name, module, seed=seed, restart_index=restart_index,
-                                           zero3_merge=zero3_merge)
+                                           zero3_merge=zero3_merge, rounding=rounding)
     merge_seconds = time.perf_counter() - merge_started
 
     prune_started = time.perf_counter()

@@ -59,6 +59,11 @@ class TrainEngine:
     def adapters(self) -> dict:
         return {n: p for n, p in self.ds.module.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
 
+    def frozen_weight_bytes(self) -> int:
+        """Bytes of the wrapped layers' frozen W on this rank, as stored (relora.base_dtype; scales included; ZeRO-3:
+        this rank's partitions); 0 before the adapters are placed."""
+        return sum(m.weight_bytes() for m in self.ds.module.modules() if hasattr(m, "weight_bytes"))
+
     def destroy(self) -> None:
         self.ds.destroy()
 

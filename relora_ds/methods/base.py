@@ -48,6 +48,9 @@ class Method:
                           f"got {r.warm_start_steps}")
         if r.warm_start_checkpoint is not None:
             errors.append(f"relora.warm_start_checkpoint: must be null with method {cls.name} (nothing to switch to)")
+        if r.base_dtype != "auto":
+            errors.append(f"relora.base_dtype: must be auto with method {cls.name} (it freezes no W to store in "
+                          f"{r.base_dtype})")
         return errors
 
     # --- the model -------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from relora_ds.engine.restart import ZERO3_MERGES
 from relora_ds.fields import setting
 from relora_ds.methods.base import Method
 from relora_ds.methods.hooks import WarmStartSwitch
-from relora_ds.relora import functional
+from relora_ds.engine.ds_config import precision, zero_stage
+from relora_ds.relora import functional, quant
 from relora_ds.relora.layer import KERNELS
 from relora_ds.relora.reset import PRUNE_METHODS
 from relora_ds.model.families import target_modules_of
@@ -36,6 +37,12 @@ class ReLoRAConfig:
     kernels: str = setting("auto", "adapter forward/backward: fused triton kernels or plain torch", KERNELS)
     zero3_merge: str = setting("shard", "ZeRO-3 merge: into each rank's shard, or on the gathered weight",
                               ZERO3_MERGES)
+    base_dtype: str = setting("auto", "storage of the frozen W of wrapped layers: auto = the run's precision; int8 and "
+                                      "fp8 (e4m3) with one scale per row, re-quantized at every merge (ZeRO-0/1/2)",
+                              quant.BASE_DTYPES)
+    merge_rounding: str = setting("nearest", "rounding of W + s·B·A to W's storage at a merge (bf16, int8, fp8 W); "
+                                             "stochastic: unbiased, drawn from the restart's generator",
+                                  quant.MERGE_ROUNDINGS)
 
 
 class LoRA(Method):
@@ -63,6 +70,9 @@ class LoRA(Method):
             errors.append(f"train.total_steps - relora.warm_start_steps ({t.total_steps - r.warm_start_steps}) must "
                           f"be > {cls.first_warmup(cfg)[0]} ({switch_warmup}): with schedule.at_switch restart the "
                           f"low-rank steps start with that warm-up")
+        if r.base_dtype != "auto" and r.kernels == "triton":
+            errors.append(f"relora.kernels triton: the fused kernels take W in the run's dtype; with relora.base_dtype "
+                          f"{r.base_dtype} use kernels auto or torch")
         return errors
 
     @staticmethod
@@ -100,6 +110,20 @@ class LoRA(Method):
         self._segments = self.schedule_segments()
         self.__dict__.pop("lr_lambda", None)
 
+    def check_ds_config(self, ds_config: dict) -> None:
+        """A stored W (relora.base_dtype other than auto) is replicated: ZeRO-0/1/2 in fp32 or bf16."""
+        base_dtype = self.cfg.relora.base_dtype
+        quant.check_base_dtype(base_dtype)
+        if base_dtype == "auto":
+            return
+        if zero_stage(ds_config) == 3:
+            raise ValueError(f"relora.base_dtype {base_dtype}: needs zero_optimization.stage 0, 1 or 2, got 3; a stored "
+                             f"W is replicated, while ZeRO-3 already shards W (2/N bytes per weight on N ranks in bf16, "
+                             f"no more than int8's 1 from N = 2); use base_dtype auto on ZeRO-3")
+        if precision(ds_config) == "fp16":
+            raise ValueError(f"relora.base_dtype {base_dtype}: runs in fp32 or bf16; fp16 is enabled in the DeepSpeed "
+                             f"JSON (a dequantized row may overflow fp16)")
+
     def check(self, model) -> None:
         r = self.cfg.relora
         wrap_targets(model, target_modules_of(model, r.target_modules), r.rank)
@@ -109,7 +133,8 @@ class LoRA(Method):
         model family's projections (model/families.py)."""
         r = self.cfg.relora
         wrap(model, rank=r.rank, alpha=r.alpha, target_modules=target_modules_of(model, r.target_modules),
-             dropout=r.dropout, trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=self.cfg.train.seed)
+             dropout=r.dropout, trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=self.cfg.train.seed,
+             base_dtype=r.base_dtype)
 
     def callbacks(self) -> list:
         return [WarmStartSwitch(self)]

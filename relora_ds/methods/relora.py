@@ -65,7 +65,8 @@ class ReLoRA(LoRA):
         self.restart_index += 1
         record = relora_restart(engine.ds, restart_index=self.restart_index, step=step, seed=self.cfg.train.seed,
                                 merge=True, reset_optimizer=reset, method=r.optimizer_reset, ratio=r.prune_ratio,
-                                zero3_merge=r.zero3_merge, pair_moments=r.pair_moments, layout=engine.layout)
+                                zero3_merge=r.zero3_merge, pair_moments=r.pair_moments, rounding=r.merge_rounding,
+                                layout=engine.layout)
         return {k: v for k, v in record.to_dict().items() if k != "step"}
 
     def callbacks(self) -> list:

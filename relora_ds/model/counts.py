@@ -69,12 +69,14 @@ def param_count(model, *, trainable_only: bool = False, relora_rank: int | None 
 
 def parameter_counts(module: nn.Module) -> dict:
     """Total and trainable (requires_grad) parameters of a built module: full sizes, also when ZeRO-3 has
-    partitioned them (`ds_numel`)."""
+    partitioned them (`ds_numel`); a frozen W stored in its own dtype (a ReLoRA layer's buffer, relora.base_dtype)
+    counts as the parameter it stands for."""
     total = trainable = 0
     for param in module.parameters():
         numel = _numel(param)
         total += numel
         trainable += numel if param.requires_grad else 0
+    total += sum(m.weight.numel() for m in module.modules() if getattr(m, "stored", False))
     return {"total_params": total, "trainable_params": trainable}
 
 

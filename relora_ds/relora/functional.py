@@ -8,6 +8,9 @@ import hashlib
 import math
 
 import torch
+import torch.nn.functional as F
+
+from relora_ds.relora import quant
 
 
 def restart_generator(seed: int, restart_index: int, name: str) -> torch.Generator:
@@ -21,6 +24,12 @@ def restart_generator(seed: int, restart_index: int, name: str) -> torch.Generat
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return generator
+
+
+def rounding_generator(seed: int, restart_index: int, name: str) -> torch.Generator:
+    """The generator of a merge's stochastic rounding of layer `name`'s W (relora.merge_rounding stochastic):
+    `restart_generator` of the weight's name, so apart from A's draws and the same on every rank."""
+    return restart_generator(seed, restart_index, f"{name}.weight")
 
 
 def kaiming_uniform_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,3 +55,27 @@ def lora_delta_rows(A: torch.Tensor, B: torch.Tensor, scale: float, row_start: i
     Used by the ZeRO-3 shard-local merge, where a rank only owns a slice of W's rows.
     """
     return (B[row_start:row_end].float() @ A.float()).mul_(float(scale))
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x·deq(W)ᵀ (+ b) for a stored W: W dequantized to x's dtype for the forward matmul and again for the
+    backward one, each copy dropped as soon as it is used. Only W's stored tensors are kept for the backward (no
+    copy), and no dW or db is formed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias):
+        ctx.save_for_backward(weight, weight_scale)
+        return F.linear(x, quant.dequantize(weight, weight_scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, weight_scale = ctx.saved_tensors
+        dx = dy @ quant.dequantize(weight, weight_scale, dy.dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ (+ bias) with W stored as `weight` (fp32, bf16, int8, fp8) and its per-row `weight_scale` (or None);
+    W and bias frozen: gradients flow to x only."""
+    return _FrozenLinear.apply(x, weight, weight_scale, bias)

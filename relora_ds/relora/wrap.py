@@ -41,18 +41,20 @@ def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
 
 
 def wrap(model: nn.Module, *, rank: int, alpha: float, target_modules, dropout: float = 0.0,
-         trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0) -> list[str]:
+         trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0, base_dtype: str = "auto") -> list[str]:
     """Replace every nn.Linear whose name matches `target_modules` (name patterns) with a ReLoRALinear.
 
     W (and bias) become frozen; A is drawn from `restart_generator(seed, 0, name)` so every rank
     wraps identically; B is zero, so the model's output is unchanged. All other parameters keep
-    their requires_grad. Returns the wrapped module names, in model order.
+    their requires_grad. base_dtype other than auto: W is stored in it (layer by layer, each Linear's W released
+    as soon as it is stored). Returns the wrapped module names, in model order.
     """
     targets = wrap_targets(model, target_modules, rank)
     for name in targets:
         linear = model.get_submodule(name)
         module = ReLoRALinear.from_linear(linear, rank, alpha, dropout, trainable_scaling, kernels,
-                                          generator=functional.restart_generator(seed, 0, name))
+                                          generator=functional.restart_generator(seed, 0, name),
+                                          base_dtype=base_dtype)
         _set_submodule(model, name, module)
     return targets
 
@@ -71,15 +73,16 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def merge_and_reinit(model: nn.Module, *, seed: int, restart_index: int) -> float:
+def merge_and_reinit(model: nn.Module, *, seed: int, restart_index: int, rounding: str = "nearest") -> float:
     """Single-process restart of every wrapped layer; returns the total norm of the merged updates.
 
     A is drawn from `restart_generator(seed, restart_index, name)`; restart_index starts at 1
-    (index 0 is the wrap-time draw).
+    (index 0 is the wrap-time draw). Stochastic rounding draws from `rounding_generator(seed, restart_index, name)`.
     """
     total = 0.0
     for name, module in relora_modules(model).items():
-        norm = module.merge_and_reinit(functional.restart_generator(seed, restart_index, name))
+        norm = module.merge_and_reinit(functional.restart_generator(seed, restart_index, name), rounding,
+                                       functional.rounding_generator(seed, restart_index, name))
         total += norm * norm
     return total ** 0.5
 

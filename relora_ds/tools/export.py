@@ -99,7 +99,7 @@ def export(path: str, out_dir: str, *, dtype: str = "fp32", max_shard_size=DEFAU
         raise ExportError(f"--out {out_dir}: holds the checkpoint {source.tag_dir} itself")
 
     def out_dtype(name):
-        return torch_dtype if source.lazy[name].dtype.is_floating_point else source.lazy[name].dtype
+        return torch_dtype if source.is_float(name) else source.lazy[name].dtype
 
     def out_size(name):
         return source.lazy[name].numel() * torch.empty((), dtype=out_dtype(name)).element_size()

@@ -13,7 +13,8 @@ resume resolves it, `engine.checkpoint.find_checkpoint`) is read by `engine.zero
 every file memory-mapped and unpickled with torch.load(weights_only=True), one tensor made whole at a time. Its
 tensors are the plain model's, in that model's own state dict order, tied aliases left out (as save_pretrained
 does): each wrapped layer's weight is what the run's method exports (W + s·B·A in fp32, s = alpha / r, or tanh(g)
-with trainable scaling), the adapters are not yielded, everything else passes through. The checkpoint must be its
+with trainable scaling; a W stored as int8 or fp8 is dequantized with its per-row `weight_scale` first), the adapters
+are not yielded, everything else passes through. The checkpoint must be its
 config's model (names, shapes, adapter rank), else a one-line CheckpointError.
 
 A model dir (config.json and model.safetensors, or shards and model.safetensors.index.json) is read with
@@ -39,11 +40,13 @@ from relora_ds.engine import checkpoint
 from relora_ds.engine.checkpoint import CheckpointError
 from relora_ds.engine.zero_checkpoint import lazy_fp32_state_dict
 from relora_ds.model.build import describe, input_embedding_name, meta_model
+from relora_ds.relora import quant
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
+SCALE_SUFFIX = "weight_scale"  # beside a W stored as int8 or fp8 (relora.base_dtype): its per-row scales
 
 
 class ReadError(CheckpointError):
@@ -111,7 +114,7 @@ class CheckpointReader:
     def _check(self) -> None:
         """The checkpoint's tensors are the plain model's (adapters of wrapped layers and tied aliases aside), of
         the same shapes; the adapters have the run's rank. One CheckpointError line otherwise."""
-        allowed = {prefix + suffix for prefix in self.wrapped.values() for suffix in ADAPTER_SUFFIXES}
+        allowed = {prefix + suffix for prefix in self.wrapped.values() for suffix in (*ADAPTER_SUFFIXES, SCALE_SUFFIX)}
         missing = [k for k in self.shapes if k not in self.lazy]
         missing += [p + "lora_B" for p in self.wrapped.values() if p + "lora_B" not in self.lazy]
         unexpected = [k for k in self.lazy if k not in self.shapes and k not in allowed and k not in self.aliases]
@@ -135,6 +138,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.tag_dir}: {prefix}lora_A {a} / lora_B {b} do not fit relora.rank "
                                       f"{rank} and W {(out_features, in_features)}")
 
+    def is_float(self, name: str) -> bool:
+        """Whether `tensors()` yields `name` as a float tensor (a wrapped layer's W always is, even stored as int8)."""
+        return name in self.wrapped or self.lazy[name].dtype.is_floating_point
+
     def tensors(self, names=None):
         """(name, fp32 tensor) of the plain model, one at a time, in the model's order, wrapped layers merged; with
         `names`, only those (still in the model's order, whatever order `names` has; nothing else is read)."""
@@ -144,6 +151,8 @@ class CheckpointReader:
                 continue
             tensor = self.lazy[name].load()
             prefix = self.wrapped.get(name)
+            if prefix is not None and prefix + SCALE_SUFFIX in self.lazy:  # a stored int8/fp8 W: dequantized
+                tensor = quant.dequantize(tensor, self.lazy[prefix + SCALE_SUFFIX].load())
             if prefix is not None:  # the run's method says what its wrapped layers export as (W + s·B·A)
                 adapters = {suffix: self.lazy[prefix + suffix].load() for suffix in ADAPTER_SUFFIXES
                             if prefix + suffix in self.lazy}

@@ -1,0 +1,91 @@
+"""relora.base_dtype int8 / fp8 / bf16 in training: the stored W survives DeepSpeed's casts, is re-quantized at every
+merge, resumes bitwise at every event boundary (CPU fp32 compute; bf16 runs bitwise on CPU too), exports as the
+dequantized merged weights that plain transformers loads, and is refused in one line where it cannot work."""
+
+import os
+
+import pytest
+import torch
+
+from relora_ds import trainer
+from relora_ds.errors import RunError
+from relora_ds.relora import functional
+from relora_ds.relora.wrap import relora_modules
+from relora_ds.tools.reader import open_checkpoint
+from tests.helpers.resume import assert_resumed_exactly, resume_matrix
+from tests.helpers.runs import read_metrics, short_run_config, write_corpus, write_ds_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize("stage,bf16,base_dtype,rounding", [(2, False, "int8", "stochastic"),
+                                                           (1, True, "fp8", "nearest")],
+                         ids=["zero2-fp32-int8-stochastic", "zero1-bf16-fp8-nearest"])
+def test_resume_matrix_with_a_stored_w(corpus, tmp_path, stage, bf16, base_dtype, rounding):
+    """From the switch (W quantized there), mid-cycle, the restart (a merge re-quantizes W, stochastic draws from the
+    restart's generator) and one step after it: every loss and gradient norm equal to the uninterrupted run's."""
+    ds = write_ds_config(tmp_path, stage=stage, bf16=bf16)
+    results = resume_matrix(str(tmp_path), ds, f"zero{stage}", *corpus, **{
+        "relora.base_dtype": base_dtype, "relora.merge_rounding": rounding})
+    assert_resumed_exactly(results)
+
+
+def test_stored_w_trains_exports_and_reads_back(corpus, tmp_path):
+    """ZeRO-2 bf16 with int8 W through the switch and a restart: W stays int8 with fp32 scales on the engine (DeepSpeed
+    casts parameters only), the memory records carry its bytes, and the checkpoint reads back (export, analyze) as the
+    module's own dequantized W + s·B·A, which plain transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from relora_ds.tools.export import export
+
+    ds = write_ds_config(tmp_path, stage=2, bf16=True)
+    cfg = short_run_config(tmp_path, *corpus, ds, **{"relora.base_dtype": "int8",
+                                                    "train.output_dir": str(tmp_path / "run")})
+    summary = trainer.train(cfg, keep_engine=True)
+    engine = summary["engine"]
+    layers = relora_modules(engine.module)
+    assert [r["step"] for r in summary["restarts"]] == [4]
+    assert layers and all(m.weight.dtype == torch.int8 and m.weight_scale.dtype == torch.float32
+                          for m in layers.values())
+    stored = sum(m.weight.numel() + 4 * m.weight_scale.numel() for m in layers.values())
+    memory = [r for r in read_metrics(str(tmp_path / "run")) if r.get("event") == "memory"]
+    assert memory[0]["frozen_w_gib"] == 0  # before the switch: nothing is wrapped
+    assert memory[-1]["frozen_w_gib"] == round(stored / 2**30, 4)
+    dequantized = {name: m.dequantized_weight() for name, m in layers.items()}
+    engine.destroy()
+
+    reader = open_checkpoint(str(tmp_path / "run"))  # W + s·B·A from the int8 W and the fp32 masters of A and B
+    expected = {f"{name}.weight": w + functional.lora_delta(reader.lazy[f"{name}.lora_A"].load(),
+                                                            reader.lazy[f"{name}.lora_B"].load(), 8 / 4)
+                for name, w in dequantized.items()}
+    read = dict(reader.tensors(list(expected)))
+    for name, weight in expected.items():
+        torch.testing.assert_close(read[name], weight, rtol=0, atol=1e-6)
+    out = export(str(tmp_path / "run"), str(tmp_path / "export"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    state = model.state_dict()
+    for name, weight in expected.items():
+        torch.testing.assert_close(state[name], weight, rtol=0, atol=1e-6)
+    assert not any(k.endswith(("weight_scale", "lora_A", "lora_B")) for k in state)
+    assert os.path.isfile(os.path.join(out, "config.json"))
+
+
+@pytest.mark.parametrize("fields,stage,ds_extra,message", [
+    ({"relora.base_dtype": "int8"}, 3, {},
+     "relora.base_dtype int8: needs zero_optimization.stage 0, 1 or 2, got 3; a stored W is replicated"),
+    ({"relora.base_dtype": "int8", "method": "full", "relora.warm_start_steps": 0}, 0, {},
+     "relora.base_dtype: must be auto with method full"),
+    ({"relora.base_dtype": "int8", "relora.kernels": "triton"}, 0, {},
+     "relora.kernels triton: the fused kernels take W in the run's dtype"),
+], ids=["zero3", "full", "triton"])
+def test_impossible_settings_are_refused_in_one_line_at_step_0(corpus, tmp_path, fields, stage, ds_extra, message):
+    ds = write_ds_config(tmp_path, stage=stage, **ds_extra)
+    cfg_fields = {"train.output_dir": str(tmp_path / "run"), **fields}
+    with pytest.raises((RunError, ValueError)) as raised:
+        trainer.train(short_run_config(tmp_path, *corpus, ds, **cfg_fields))
+    line = str(raised.value)
+    assert message in line and "\n" not in line
+    assert not os.path.isdir(tmp_path / "run" / "checkpoints")
