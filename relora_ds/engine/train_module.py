@@ -205,11 +205,12 @@ def start_engine(model_cfg, method, ds_config: dict, *, vocab_size: int, seed: i
     adapters before the engine is made when it holds them already (a resumed wrapped run: its state is loaded) or
     places them at step 0, so no full-rank engine is made in vain."""
     zero3_config = ds_config if dsc.zero_stage(ds_config) == 3 else None
-    model = model_from_config(model_cfg, vocab_size, seed=seed, zero3_config=zero3_config)
+    wrap_now = (start.resume and start.saved["wrapped"]) or (start.saved is None and method.switch_step == 0)
+    per_module = method.wrap_while_building() if wrap_now and zero3_config is None else None
+    model = model_from_config(model_cfg, vocab_size, seed=seed, zero3_config=zero3_config, per_module=per_module)
     if prepare_model is not None:
         prepare_model(model)
-    resumed_wrapped = start.resume and start.saved["wrapped"]
-    if resumed_wrapped or (start.saved is None and method.switch_step == 0):
+    if wrap_now and per_module is None:
         method.wrap(model)
     release_memory()  # what building freed (modules are built whole, then partitioned, on ZeRO-3)
     engine = TrainEngine(method, ds_config)

@@ -65,6 +65,11 @@ class Method:
     def wrap(self, model) -> None:
         raise NotImplementedError(f"method {self.name}: wraps nothing")
 
+    def wrap_while_building(self):
+        """None, or per_module(model, name, module): places the adapters module by module while the model is built
+        (model.build.build_from_config), when they are placed at step 0; `wrap` is then not called."""
+        return None
+
     def adopt_warm_start(self, step: int) -> None:
         """Start from a saved full-rank checkpoint of `step` (relora.warm_start_checkpoint): the switch is there."""
         raise ValueError(f"relora.warm_start_checkpoint: method {self.name} has no warm start")

@@ -7,6 +7,7 @@ import torch
 
 from relora_ds.engine.restart import ZERO3_MERGES
 from relora_ds.fields import setting
+from relora_ds.memory import trim_heap
 from relora_ds.methods.base import Method
 from relora_ds.methods.hooks import WarmStartSwitch
 from relora_ds.engine.ds_config import precision, zero_stage
@@ -14,7 +15,7 @@ from relora_ds.relora import functional, quant
 from relora_ds.relora.layer import KERNELS
 from relora_ds.relora.reset import PRUNE_METHODS
 from relora_ds.model.families import target_modules_of
-from relora_ds.relora.wrap import wrap, wrap_targets
+from relora_ds.relora.wrap import is_target, wrap, wrap_one, wrap_targets
 
 
 @dataclass
@@ -135,6 +136,22 @@ class LoRA(Method):
         wrap(model, rank=r.rank, alpha=r.alpha, target_modules=target_modules_of(model, r.target_modules),
              dropout=r.dropout, trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=self.cfg.train.seed,
              base_dtype=r.base_dtype)
+
+    def wrap_while_building(self):
+        """With a stored W (relora.base_dtype other than auto), each target is wrapped, its W stored, as soon as the
+        build has initialised it: a 7b int8 build never holds the bf16 or fp32 W of the whole model."""
+        r = self.cfg.relora
+        if r.base_dtype == "auto":
+            return None
+        settings = dict(rank=r.rank, alpha=r.alpha, dropout=r.dropout, trainable_scaling=r.trainable_scaling,
+                        kernels=r.kernels, seed=self.cfg.train.seed, base_dtype=r.base_dtype)
+
+        def per_module(model, name, module) -> None:
+            if is_target(name, module, target_modules_of(model, r.target_modules)):
+                wrap_one(model, name, **settings)
+                trim_heap()  # the Linear's W, freed: glibc keeps freed heap pages resident otherwise
+
+        return per_module
 
     def callbacks(self) -> list:
         return [WarmStartSwitch(self)]

@@ -85,9 +85,10 @@ def describe(model_cfg) -> str:
 
 
 def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
-                      attn_implementation: str | None = None, zero3_config: dict | None = None):
+                      attn_implementation: str | None = None, zero3_config: dict | None = None, per_module=None):
     """The run's model: loaded from `model.init_from` when set, else built from `model.hf_config` or the family
-    preset, randomly initialised (seeded when `seed` is given).
+    preset, randomly initialised (seeded when `seed` is given). per_module: see `build_from_config` (a random build
+    only: a model.init_from is loaded whole, then handed to it module by module).
 
     zero3_config: the run's DeepSpeed config on ZeRO-3; the model is then built partitioned (no rank ever
     holds it whole) with the same seeded weights as the unsharded build, and a checkpoint is loaded partition
@@ -95,9 +96,13 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     """
     attn = attn_implementation or model_cfg.attn_implementation
     if model_cfg.init_from:
-        return load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
+        model = load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
+        if per_module is not None:
+            for name, module in list(model.named_modules()):
+                per_module(model, name, module)
+        return model
     config = run_model_config(model_cfg, vocab_size, attn)
-    return build_from_config(config, seed=seed, zero3_config=zero3_config)
+    return build_from_config(config, seed=seed, zero3_config=zero3_config, per_module=per_module)
 
 
 CHECKPOINTING = ("none", "full")  # train.activation_checkpointing
@@ -194,12 +199,17 @@ def causal_lm_class(config):
 
 
 def build_from_config(config, *, dtype: torch.dtype | None = None, seed: int | None = None,
-                      zero3_config: dict | None = None):
+                      zero3_config: dict | None = None, per_module=None):
     """A randomly initialised causal LM of a transformers config (seeded when `seed` is given).
 
     The weights are transformers' own init (normal(0, initializer_range) for linears and embeddings, ones for
     norms), drawn once on full tensors: the construction-time draws of nn.Linear are skipped, which is what
     transformers does under ZeRO-3, so the partitioned build (zero3_config) gives the same weights for a seed.
+
+    per_module(model, name, module), unpartitioned builds only: called on each module as soon as it is initialised,
+    in transformers' own init order (children first), so it may replace the module (a ReLoRA layer storing W as
+    int8); the modules' tensors are allocated but untouched until initialised, so a module replaced there never
+    takes memory in full precision: the whole model never exists at once. The weights are those of the plain build.
     """
     from transformers.initialization import no_init_weights
 
@@ -212,11 +222,31 @@ def build_from_config(config, *, dtype: torch.dtype | None = None, seed: int | N
     else:
         with no_init_weights():
             model = model_class(config)
-        model.initialize_weights()
+        if per_module is None:
+            model.initialize_weights()
+        else:
+            _initialize_module_by_module(model, per_module)
         model.tie_weights()  # tied embeddings (qwen2 up to 1b): the head is the embedding, as _from_config ties it
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def _initialize_module_by_module(model, per_module) -> None:
+    """transformers' `initialize_weights` (each module initialised by its own PreTrainedModel's `_initialize_weights`,
+    children before parents: the same draws in the same order), calling `per_module` on each module once it is."""
+    from transformers import PreTrainedModel
+
+    is_custom_code = model.is_custom_code()
+
+    def visit(owner, name: str, module) -> None:
+        for child_name, child in list(module.named_children()):
+            visit(child if isinstance(child, PreTrainedModel) else owner, f"{name}.{child_name}" if name else child_name,
+                  child)
+        owner._initialize_weights(module, is_custom_code)
+        per_module(model, name, module)
+
+    visit(model, "", model)
 
 
 def build_model(preset: str, vocab_size: int, *, family: str = "llama", max_position_embeddings: int | None = None,

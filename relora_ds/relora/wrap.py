@@ -25,9 +25,7 @@ def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
     """The names of the nn.Linear modules `wrap` replaces, in model order (`target_modules`: name patterns, e.g. the
     model family's defaults, model.families.target_modules_of); a one-line ValueError when none match or when `rank`
     exceeds both dims of one. Reads only module types and sizes: works on a meta-device model."""
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear)
-               and _matches(name, target_modules)]
+    targets = [name for name, module in model.named_modules() if is_target(name, module, target_modules)]
     if not targets:
         linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"relora.target_modules {list(target_modules)} matched no nn.Linear in the model "
@@ -51,12 +49,22 @@ def wrap(model: nn.Module, *, rank: int, alpha: float, target_modules, dropout: 
     """
     targets = wrap_targets(model, target_modules, rank)
     for name in targets:
-        linear = model.get_submodule(name)
-        module = ReLoRALinear.from_linear(linear, rank, alpha, dropout, trainable_scaling, kernels,
-                                          generator=functional.restart_generator(seed, 0, name),
-                                          base_dtype=base_dtype)
-        _set_submodule(model, name, module)
+        wrap_one(model, name, rank=rank, alpha=alpha, dropout=dropout, trainable_scaling=trainable_scaling,
+                 kernels=kernels, seed=seed, base_dtype=base_dtype)
     return targets
+
+
+def wrap_one(model: nn.Module, name: str, *, rank: int, alpha: float, dropout: float = 0.0,
+             trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0, base_dtype: str = "auto") -> None:
+    """Replace the nn.Linear `name` of `model` with a ReLoRALinear, as `wrap` does each of its targets."""
+    module = ReLoRALinear.from_linear(model.get_submodule(name), rank, alpha, dropout, trainable_scaling, kernels,
+                                      generator=functional.restart_generator(seed, 0, name), base_dtype=base_dtype)
+    _set_submodule(model, name, module)
+
+
+def is_target(name: str, module: nn.Module, target_modules) -> bool:
+    """Whether `wrap` would replace this module (an nn.Linear matching a pattern of `target_modules`)."""
+    return isinstance(module, nn.Linear) and not isinstance(module, ReLoRALinear) and _matches(name, target_modules)
 
 
 def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:

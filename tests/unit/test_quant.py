@@ -200,3 +200,27 @@ def test_a_stored_w_refuses_fp16_and_zero3_in_the_deepspeed_json():
         method.check_ds_config(ds_config(3))
     for stage in (0, 1, 2):
         method.check_ds_config(ds_config(stage, bf16=True))
+
+
+def test_a_stored_w_is_wrapped_module_by_module_while_the_model_is_built():
+    """The build with the method's per_module hook: every other tensor bitwise the plain build's, each stored W the
+    plain build's W quantized (the same draws, in transformers' order); a no-op hook changes nothing."""
+    from relora_ds import methods
+    from relora_ds.config import RunConfig
+    from relora_ds.model.build import build_from_config, preset_config
+
+    config = preset_config("tiny", 512)
+    plain = build_from_config(config, seed=3).state_dict()
+    noop = build_from_config(config, seed=3, per_module=lambda model, name, module: None).state_dict()
+    assert noop.keys() == plain.keys() and all(torch.equal(noop[k], plain[k]) for k in plain)
+    method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4}}))
+    built = build_from_config(config, seed=3, per_module=method.wrap_while_building())
+    layers = relora_modules(built)
+    assert len(layers) == 7 * config.num_hidden_layers
+    for name, layer in layers.items():
+        q, scale = quant.quantize(plain[f"{name}.weight"], "int8")
+        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale), name
+    for key, value in built.state_dict().items():
+        if key.rsplit(".", 1)[0] not in layers:
+            assert torch.equal(value, plain[key]), key
+    assert methods.from_config(RunConfig.from_dict({})).wrap_while_building() is None  # auto: wrapped after the build
