@@ -33,7 +33,7 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
 bench: $(STAMP)
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

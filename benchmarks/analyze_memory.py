@@ -26,7 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CGROUP = f"/sys/fs/cgroup/memory/relora-ds-analyze-memory-{os.getpid()}"
-# The checkout first, and not benchmarks/ itself: its kernels.py would shadow the `kernels` package transformers imports.
+# The checkout first (relora_ds importable from any working directory).
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 

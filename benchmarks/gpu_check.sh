@@ -12,7 +12,7 @@
 #   env          15  env.json: GPU name, driver, memory (nvidia-smi), torch/CUDA/triton/transformers/
 #                    deepspeed/datasets versions, python, git commit, date, the planned steps
 #   pytest-gpu  120  python -m pytest -q -m gpu (the gpu-marked tests)
-#   kernels      45  benchmarks/kernels.py --models 1.3b --ranks 128 --tokens 8192 (3 projection shapes)
+#   kernels      45  benchmarks/kernel_bench.py --models 1.3b --ranks 128 --tokens 8192 (3 projection shapes)
 #   ds-build     75  JIT-builds DeepSpeed's FusedAdam once, so the benchmarks do not pay for it
 #   bench-zero0 110  relora-ds bench --preset 1b --seq-len 2048 --micro-batch 4 on ds_configs/zero0.json
 #   bench-zero3 120  the same on ds_configs/zero3.json
@@ -139,7 +139,7 @@ test ! -e .site/torch
 $py -c 'import torch, deepspeed, datasets; print(\"torch\", torch.__version__, torch.__file__); print(\"deepspeed\", deepspeed.__version__, \"datasets\", datasets.__version__)'"
 step env 15 "" "bash benchmarks/gpu_check.sh --env-json $res/env.json && test -s $res/env.json"
 step pytest-gpu 120 "install" "$py -m pytest -q -m gpu -rfEs"
-step kernels 45 "" "$py benchmarks/kernels.py --models 1.3b --ranks 128 --tokens 8192 --out $res && ls $res/kernels_*.json"
+step kernels 45 "" "$py benchmarks/kernel_bench.py --models 1.3b --ranks 128 --tokens 8192 --out $res && ls $res/kernels_*.json"
 step ds-build 75 "install" "$py -c 'from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(verbose=True); print(\"FusedAdam loaded\")'"
 for stage in 0 3; do
     step bench-zero$stage $((stage == 0 ? 110 : 120)) "install ds-build" \

@@ -6,6 +6,8 @@ per rank of the model states.
         --stage 3 --precision fp32 --warm-start 2 --tag 350m-zero3-fp32
     python benchmarks/scale.py --preset 7b --seq-len 64 --ranks 2 --stage 3 --precision bf16 \
         --rank 64 --warm-start 0 --export-dtype bf16 --tag 7b-zero3-bf16
+    python benchmarks/scale.py --preset 7b --ranks 1 --stage 2 --precision bf16 --rank 64 --warm-start 0 \
+        --base-dtype int8 --activation-checkpointing full --export-dtype bf16 --tag 7b-zero2-bf16-int8
 
 Every run goes through the real `deepspeed` launcher with gloo CPU ranks here (GPUs elsewhere). Peaks come
 from the run's "memory" events (relora_ds/memory.py: RSS high-water mark per rank on CPU, max_memory_allocated
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--warm-start", type=int, default=2, help="full-rank steps before the switch (0: ReLoRA at once)")
     p.add_argument("--steps-after", type=int, default=3,
                    help="steps after the switch in the first run (a restart after 2 of them)")
+    p.add_argument("--base-dtype", default="auto", help="relora.base_dtype: storage of the frozen W")
+    p.add_argument("--merge-rounding", default="nearest", help="relora.merge_rounding")
+    p.add_argument("--activation-checkpointing", default="none", help="train.activation_checkpointing")
     p.add_argument("--export-dtype", default=None, help="passed to `relora-ds export --dtype` when given")
     p.add_argument("--work-dir", default="/tmp/relora-scale")
     p.add_argument("--tag", default=None)
@@ -79,12 +84,15 @@ def write_corpus(directory: str, documents: int = 20) -> str:
 def run_config(args, directory: str, total_steps: int, ds_path: str, corpus: str) -> dict:
     return {
         "model": {"preset": args.preset, "vocab_size": args.vocab_size, "attn_implementation": "sdpa"},
-        "relora": {"mode": "relora", "rank": args.rank, "alpha": 32, "warm_start_steps": args.warm_start,
-                   "reset_every": 2, "kernels": "torch"},
+        "method": "relora",
+        "relora": {"rank": args.rank, "alpha": 32, "warm_start_steps": args.warm_start,
+                   "reset_every": 2, "kernels": "torch", "base_dtype": args.base_dtype,
+                   "merge_rounding": args.merge_rounding},
         "schedule": {"lr": 1e-4, "warmup_steps": 1,
                      "restart_warmup_steps": 1},
         "data": {"source": corpus, "seq_len": args.seq_len},
         "train": {"total_steps": total_steps, "eval_every": 0, "deepspeed_config": ds_path,
+                  "activation_checkpointing": args.activation_checkpointing,
                   "output_dir": os.path.join(directory, "run"), "seed": 0},
         "log": {"every": 1, "progress": False},
         "checkpoint": {"every": 0, "keep_last": 1},
@@ -146,7 +154,8 @@ def memory_phases(metrics_path: str, start_time: float) -> list[dict]:
             if record.get("event") != "memory" or record["time"] < start_time:
                 continue
             rows.append({"phase": record["phase"], "step": record["step"], "peak_gib": record["peak_gib"],
-                         "rank_peak_gib": record["rank_peak_gib"], "seconds": record["time"] - previous})
+                         "rank_peak_gib": record["rank_peak_gib"], "seconds": record["time"] - previous,
+                         "frozen_w_gib": record.get("frozen_w_gib")})
             previous = record["time"]
     return rows
 
@@ -163,7 +172,8 @@ def model_state_bytes(args, vocab_size: int, ranks: int) -> dict:
     """Analytic bytes per rank of parameters, gradients, fp32 masters and Adam moments (activations aside; 20 bytes
     per trainable parameter in fp32 and in bf16 on ZeRO-1/2/3),
     in the full-rank phase and the ReLoRA phase. ZeRO-3 divides everything by the rank count; ZeRO-1/2
-    divide optimizer states (and ZeRO-2 gradients); ZeRO-0 nothing."""
+    divide optimizer states (and ZeRO-2 gradients); ZeRO-0 nothing. The ReLoRA phase's frozen W takes
+    --base-dtype's bytes (int8/fp8: 1 per weight, its per-row scales aside)."""
     sys.path.insert(0, ROOT)
     from relora_ds.model.build import preset_meta_model
     from relora_ds.model.counts import param_count
@@ -177,8 +187,12 @@ def model_state_bytes(args, vocab_size: int, ranks: int) -> dict:
     # parameters themselves): DeepSpeed's ZeRO optimizers keep their own fp32 partition even in fp32 runs.
     master = 0 if args.stage == 0 and args.precision == "fp32" else 4
 
-    def per_rank(params, trainable_params):
-        param_b, grad_b, opt_b = params * p, trainable_params * p, trainable_params * (master + 8)
+    w_bytes = {"auto": p, "fp32": 4, "bf16": 2, "int8": 1, "fp8": 1}[args.base_dtype]
+
+    def per_rank(params, trainable_params, frozen_bytes=p):
+        frozen = params - trainable_params
+        param_b = trainable_params * p + frozen * frozen_bytes
+        grad_b, opt_b = trainable_params * p, trainable_params * (master + 8)
         if args.stage >= 3:
             param_b /= ranks
         if args.stage >= 2:
@@ -188,7 +202,8 @@ def model_state_bytes(args, vocab_size: int, ranks: int) -> dict:
         return param_b + grad_b + opt_b
 
     return {"params_full": total, "params_relora": with_adapters, "trainable_relora": trainable,
-            "full_rank_gib": per_rank(total, total) / GIB, "relora_gib": per_rank(with_adapters, trainable) / GIB,
+            "full_rank_gib": per_rank(total, total) / GIB,
+            "relora_gib": per_rank(with_adapters, trainable, w_bytes) / GIB,
             "model_states_16b_gib": total * 16 / GIB}
 
 
@@ -250,7 +265,8 @@ def summarize(args, worlds: list[dict], model: dict, bare_gib: float) -> dict:
 def markdown(record: dict) -> str:
     a = record["args"]
     lines = [f"# Scale rehearsal: {a['preset']}, ZeRO-{a['stage']} {a['precision']}, r={a['rank']}, "
-             f"seq {a['seq_len']}, micro batch {a['micro_batch']}, vocabulary {record['vocab_size']}",
+             f"seq {a['seq_len']}, micro batch {a['micro_batch']}, vocabulary {record['vocab_size']}, "
+             f"base_dtype {a.get('base_dtype', 'auto')}, activation checkpointing {a.get('activation_checkpointing', 'none')}",
              "", f"{record['date']} · {record['host']['cpu']} · {record['host']['cores']} cores · "
              f"{record['host']['mem_gib']:.0f} GiB · commit {record['commit']} · torch {record['versions']['torch']}"
              f" · deepspeed {record['versions']['deepspeed']} · transformers {record['versions']['transformers']}",
@@ -258,20 +274,23 @@ def markdown(record: dict) -> str:
              f"Model states: {record['model']['params_full'] / 1e6:.1f}M parameters "
              f"({record['model']['model_states_16b_gib']:.2f} GiB at 16 bytes each); a bare process "
              f"(torch + deepspeed + transformers imported) holds {record['bare_process_gib']:.2f} GiB.", "",
-             "Peak memory per rank (GiB; max over ranks) and wall time (s) of each phase:", ""]
+             "Peak memory per rank (GiB; max over ranks) and wall time (s) of each phase; the frozen W as stored on "
+             "rank 0 (GiB) beside it:", ""]
     worlds = record["worlds"]
-    header = "| phase | step | " + " | ".join(f"{w['ranks']} rank{'s' * (w['ranks'] > 1)}: peak GiB | s"
+    header = "| phase | step | " + " | ".join(f"{w['ranks']} rank{'s' * (w['ranks'] > 1)}: peak GiB | s | W GiB"
                                              for w in worlds) + " |"
-    lines += [header, "|" + "---|" * (2 + 2 * len(worlds))]
+    lines += [header, "|" + "---|" * (2 + 3 * len(worlds))]
     for i, row in enumerate(worlds[0]["phases"]):
         cells = [row["phase"], str(row["step"])]
         for w in worlds:
             other = w["phases"][i] if i < len(w["phases"]) else None
-            cells += [f"{other['peak_gib']:.2f}", f"{other['seconds']:.0f}"] if other else ["", ""]
+            w_gib = other.get("frozen_w_gib") if other else None
+            cells += ([f"{other['peak_gib']:.2f}", f"{other['seconds']:.0f}", "" if w_gib is None else f"{w_gib:.2f}"]
+                      if other else ["", "", ""])
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["export (own process)", ""]
     for w in worlds:
-        cells += [f"{w['export']['peak_gib']:.2f}", f"{w['export']['seconds']:.0f}"]
+        cells += [f"{w['export']['peak_gib']:.2f}", f"{w['export']['seconds']:.0f}", ""]
     lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Analytic model states per rank (GiB; parameters, gradients, masters, moments; no activations):", "",
               "| ranks | full-rank phase | ReLoRA phase |", "|---|---|---|"]

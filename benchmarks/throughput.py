@@ -11,8 +11,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Not this script's own directory: its kernels.py would shadow the `kernels` package that transformers imports
-# (the FLOP count builds the model on the meta device in this process).
+# The checkout first (relora_ds importable from any working directory).
 sys.path[:] = [REPO] + [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.join(REPO, "benchmarks")]
 
 from relora_ds.bench import throughput  # noqa: E402

@@ -221,7 +221,7 @@ def test_tiny_llama_training_steps_match_torch_path():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
 def test_benchmark_without_cuda_says_so_and_writes_nothing(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_bench.py"), "--out", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "needs a CUDA GPU" in result.stdout

@@ -47,7 +47,7 @@ def test_dry_run_lists_gpu_tests_kernels_and_both_zero_benchmarks_within_the_bud
     steps = dry_run_steps(result)
     commands = {name: command for name, (_, command) in steps.items()}
     assert any("-m pytest" in c and "-m gpu" in c for c in commands.values())
-    kernels = [c for c in commands.values() if "benchmarks/kernels.py" in c]
+    kernels = [c for c in commands.values() if "benchmarks/kernel_bench.py" in c]
     assert kernels and all(flag in kernels[0] for flag in ("--models", "--ranks", "--tokens"))  # a subset
     for stage in (0, 3):
         bench = [c for c in commands.values() if "relora_ds bench" in c and f"ds_configs/zero{stage}.json" in c]
@@ -73,13 +73,13 @@ def test_without_cuda_it_refuses_with_one_line_and_writes_nothing(tmp_path):
 
 
 def test_runner_records_pass_fail_timeout_and_skips_under_the_deadline(tmp_path):
-    """A stub python that "has CUDA": pytest fails, kernels.py hangs until its timeout (cut to the deadline),
+    """A stub python that "has CUDA": pytest fails, kernel_bench.py hangs until its timeout (cut to the deadline),
     the rest is skipped; summary.tsv and the logs say so and the exit status is 1."""
     stub = tmp_path / "python"
     stub.write_text("#!/bin/sh\n"
                     'case "$*" in\n'
                     "  *\"-m pytest\"*) echo 'stub: 1 failed'; exit 1 ;;\n"
-                    "  *kernels.py*) sleep 60 ;;\n"
+                    "  *kernel_bench.py*) sleep 60 ;;\n"
                     "esac\n"
                     '[ "$1" = - ] && echo "{}" > "$2"\n'  # the env step: `python - env.json`
                     "exit 0\n")

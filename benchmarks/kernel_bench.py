@@ -1,7 +1,7 @@
 """Benchmark the fused ReLoRA linear against cuBLAS and the unfused torch reference (CUDA only).
 
-    python benchmarks/kernels.py                   # LLaMA-1.3B and 7B shapes, r ∈ {64,128,256}, bf16
-    python benchmarks/kernels.py --models 1.3b --ranks 128 --tokens 4096     # a quick subset
+    python benchmarks/kernel_bench.py                   # LLaMA-1.3B and 7B shapes, r ∈ {64,128,256}, bf16
+    python benchmarks/kernel_bench.py --models 1.3b --ranks 128 --tokens 4096     # a quick subset
 
 For each projection shape it measures the median time (triton.testing.do_bench) of the forward and
 of forward+backward (dX, dA, dB; W frozen) for
@@ -130,12 +130,12 @@ def main(argv=None) -> int:
                         help="folder for the .md and .json results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU; none found, nothing measured, nothing written.")
+        print("benchmarks/kernel_bench.py needs a CUDA GPU; none found, nothing measured, nothing written.")
         return 0
     from relora_ds.kernels import triton_available
 
     if not triton_available():
-        print("benchmarks/kernels.py needs triton on a GPU of compute capability >= 8.0; nothing written.")
+        print("benchmarks/kernel_bench.py needs triton on a GPU of compute capability >= 8.0; nothing written.")
         return 0
 
     env = environment()

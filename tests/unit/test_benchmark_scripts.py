@@ -1,0 +1,17 @@
+"""The benchmark scripts run as `python benchmarks/X.py`, which puts benchmarks/ first on sys.path: a script there
+named like a package that transformers imports (benchmarks/kernels.py shadowed the `kernels` package, so building a
+LLaMA config failed in benchmarks/scale.py) breaks every script that imports transformers."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+
+def test_no_benchmark_script_shadows_what_transformers_imports():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "import transformers.models.llama.configuration_llama, transformers.activations")
+    result = subprocess.run([sys.executable, "-c", code, BENCHMARKS], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-600:]
