@@ -121,6 +121,15 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Per-rank memory of each phase of a run, before it runs (relora_ds/tools/plan.py)."""
+    from relora_ds.tools.plan import run_plan
+
+    print(run_plan(args.config, args.overrides, args.deepspeed_config, args.ranks, args.device_memory,
+                   args.accelerator), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Train the tiny LLaMA on the shipped SOTU corpus with warm start → ReLoRA, evaluate, export."""
     import time
@@ -271,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress on stderr (default: a bar on a terminal, else a line every 30 s)")
     p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("plan", help="per-rank memory of each phase of a run before it runs; whether it fits, and if "
+                                    "not the cheapest change that makes it fit")
+    p.add_argument("--config", required=True, help="run config (YAML/JSON)")
+    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON (default: the config's "
+                   "train.deepspeed_config)")
+    p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks (default 1)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE", help="memory of one device, e.g. 24GiB, 80GB: "
+                   "say whether the run fits")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="what the ranks run on (default: cuda when this machine has it, else cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field of the run config (repeatable)")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("demo", help="CPU demo: tiny LLaMA on the shipped SOTU corpus, warm start -> ReLoRA")
     p.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")

@@ -146,8 +146,10 @@ def setup(cfg) -> Trainer:
                               world_size=world, max_grad_norm=cfg.train.max_grad_norm,
                               source=cfg.train.deepspeed_config)
     micro_bs, grad_accum = dsc.micro_batch_size(ds_config), dsc.grad_accum_steps(ds_config)
-    if dsc.zero_stage(ds_config) == 3 and not torch.cuda.is_available():
-        fix_heap_threshold()  # host RSS of the gather/free churn of ZeRO-3 CPU ranks (memory.py)
+    if (dsc.zero_stage(ds_config) == 3 or cfg.relora.base_dtype != "auto") and not torch.cuda.is_available():
+        # host RSS of the gather/free churn of ZeRO-3 CPU ranks, and of a stored W's per-matmul dequantized copies
+        # (memory.py): freed at once instead of kept on the heap
+        fix_heap_threshold()
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab_size = cfg.model.vocab_size or len(tokenizer)

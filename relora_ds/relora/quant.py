@@ -107,12 +107,22 @@ def quantize(w: torch.Tensor, fmt: str, *, rounding: str = "nearest",
     return round_to(w / scale[:, None], fmt, rounding, generator), scale
 
 
+DEQUANT_CHUNK_BYTES = 16 << 20  # fp32 bytes of the rows dequantized at once into a narrower dtype
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float W of a stored one: q * scale per row, computed in fp32, cast to `dtype`."""
+    """The float W of a stored one: q * scale per row, computed in fp32, cast to `dtype`. Into a narrower dtype the
+    rows go a chunk at a time, so no fp32 copy of the whole W is ever made: the only new tensor is the result."""
     if scale is None:
         return q.to(dtype)
-    w = q.float() * scale.float()[:, None]
-    return w if dtype == torch.float32 else w.to(dtype)
+    scale = scale.float()[:, None]
+    if dtype == torch.float32:
+        return q.float().mul_(scale)  # one fp32 tensor, scaled in place
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    rows = max(1, DEQUANT_CHUNK_BYTES // (4 * max(1, q.shape[1])))
+    for start in range(0, q.shape[0], rows):
+        out[start:start + rows].copy_(q[start:start + rows].float().mul_(scale[start:start + rows]))
+    return out
 
 
 def nbytes(q: torch.Tensor, scale: torch.Tensor | None) -> int:

@@ -1,0 +1,354 @@
+"""`relora-ds plan`: the memory one rank needs in each phase of a run, before it runs, from the model built on the meta
+device, the method, the DeepSpeed JSON and the rank count; whether it fits a device, and if not, the cheapest change
+that makes it fit.
+
+    plan = make_plan(cfg, ds_config, ranks=2)            # Plan: .phases {phase: Components}, .peak
+    print(render(plan, device_bytes=24 * 2**30))
+
+The terms, per rank, in bytes (N ranks, p = 2 in bf16 and 4 in fp32, T the trainable parameters of the phase):
+- parameters: T·p, and the frozen W of the wrapped layers as stored (relora.base_dtype: auto = p, int8/fp8 = 1 plus
+  4 per row); ZeRO-3 divides both by N.
+- gradients: T·p (ZeRO-2/3: / N), and an fp32 gradient of the rank's partition while the optimizer steps.
+- masters: an fp32 copy of T (all but ZeRO-0 fp32, where torch's AdamW steps the parameters themselves); ZeRO-1+: / N.
+- moments: Adam's two, 8 bytes per trainable parameter; ZeRO-1+: / N; and the optimizer step's fp32 temporaries
+  (torch's foreach AdamW: one more of the partition).
+- activations: what the backward keeps per token and decoder layer (see `activation_bytes`), with
+  train.activation_checkpointing full only each layer's input plus one layer recomputed; the logits in fp32.
+- runtime: what the process holds besides (torch, DeepSpeed, transformers, the communication backend, the
+  allocator), measured: RUNTIME_BASELINE, from the rehearsals named there.
+Phases: the build (whole in fp32, partitioned on ZeRO-3, or module by module with a stored W), the full-rank warm
+start (when the method has one), the low-rank steps, the restart (one layer's merge in fp32 on top), the checkpoint,
+the resume (the build again, then the rank's optimizer file read in before it is copied in) and the export (its own
+process, one tensor at a time).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from relora_ds.engine import ds_config as dsc
+from relora_ds.errors import RunError
+from relora_ds.memory import GIB
+
+# The runtime a rank holds beyond the terms above, measured on this project's CPU rehearsals (benchmarks/results/
+# *-scale-*.md: the peak of the steps minus the terms): the imported libraries (0.25-0.31 GiB bare), the engine, the
+# communication buffers and what the allocator keeps.
+RUNTIME_BASELINE = 0.6 * GIB
+# `relora-ds export`'s own process (transformers, the tokenizer, the lazy reader), measured beside the rehearsals:
+# 0.57-0.60 GiB exporting 350m and 1b.
+EXPORT_BASELINE = 0.55 * GIB
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "fp8": 1}
+
+
+class PlanError(RunError):
+    """Sizes that cannot be planned (one line, printed by the command line as an error)."""
+
+
+@dataclass
+class Counts:
+    """What the plan needs of the model: parameters (tied once), the wrapped layers' weights and rows, the adapters'
+    parameters at the run's rank, the largest wrapped weight, and the shapes activations scale with."""
+
+    total: int
+    wrapped: int
+    wrapped_rows: int
+    adapters: int
+    largest: int
+    largest_trainable_full: int
+    largest_trainable_low: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+@dataclass
+class Components:
+    parameters: float = 0.0
+    frozen_w: float = 0.0
+    gradients: float = 0.0
+    masters: float = 0.0
+    moments: float = 0.0
+    activations: float = 0.0
+    transient: float = 0.0
+    runtime: float = RUNTIME_BASELINE
+
+    @property
+    def total(self) -> float:
+        return (self.parameters + self.frozen_w + self.gradients + self.masters + self.moments + self.activations
+                + self.transient + self.runtime)
+
+
+@dataclass
+class Plan:
+    ranks: int
+    stage: int
+    precision: str
+    base_dtype: str
+    checkpointing: str
+    micro_batch: int
+    accelerator: str = "cpu"
+    phases: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> float:
+        return max(c.total for c in self.phases.values())
+
+
+def model_counts(cfg, vocab_size: int) -> Counts:
+    """The counts of the run's model, read from it on the meta device (no memory)."""
+    from relora_ds.model.build import meta_model
+    from relora_ds.model.counts import _wrapped, param_count
+
+    model = meta_model(cfg.model, vocab_size)
+    wrapped = _wrapped(model, cfg.relora.target_modules)
+    config = model.config
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    unwrapped = [n for name, n in sizes.items() if name.rsplit(".", 1)[0] not in wrapped]
+    return Counts(
+        total=param_count(model), wrapped=sum(o * i for o, i in wrapped.values()),
+        wrapped_rows=sum(o for o, _ in wrapped.values()),
+        adapters=sum(cfg.relora.rank * (o + i) for o, i in wrapped.values()),
+        largest=max((o * i for o, i in wrapped.values()), default=0),
+        largest_trainable_full=max(sizes.values()), largest_trainable_low=max(unwrapped, default=0),
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+        vocab=model.get_input_embeddings().weight.shape[0])
+
+
+def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointing: str) -> float:
+    """What the backward keeps of one micro-batch of `tokens` tokens. Per token and decoder layer: the inputs of the
+    attention and MLP matmuls, q, k, v and the attention output (6h), the MLP's gate, up, activation and product
+    (4i), in the run's dtype; the two norms' fp32 inputs (2·4h); the adapters' x·Aᵀ (7r). With checkpointing full:
+    each layer's input (h) plus one layer recomputed. The logits, their log-softmax and gradient in fp32 (3·4V)."""
+    h, i = counts.hidden, counts.intermediate
+    per_layer = p * (6 * h + 4 * i + 7 * rank) + 8 * h
+    layers = counts.layers * per_layer if checkpointing == "none" else counts.layers * p * h + per_layer
+    return tokens * (layers + 12 * counts.vocab)
+
+
+def _states(c: Components, trainable: int, largest: int, p: int, stage: int, precision: str, n: int,
+            foreach: bool) -> float:
+    """Parameters, gradients, masters, moments and the optimizer step's temporaries of `trainable` parameters (the
+    largest of them `largest`), as DeepSpeed 0.19 lays them out:
+    - gradients: ZeRO-0 the module's (bf16: BF16_Optimizer's fp32 accumulators too); ZeRO-1/2 the module's and the
+      reduction bucket they are copied into (whole while the reduce_bucket_size holds them), ZeRO-2 the rank's
+      reduced partition besides; ZeRO-3 the rank's partition (module gradients are freed as they are reduced);
+    - at the step, a bf16 run's fp32 gradient of the partition, and AdamW's temporaries: one partition's worth with
+      foreach (torch's default on CUDA), two of the largest tensor without (on CPU). Returns those step temporaries'
+      bytes (in c.transient)."""
+    shard = n if stage >= 1 else 1
+    c.parameters = trainable * p / (n if stage >= 3 else 1)
+    if stage == 0:
+        c.gradients = trainable * p + (trainable * 4 if precision == "bf16" else 0)
+    elif stage in (1, 2):
+        c.gradients = 2 * trainable * p + (trainable * p / n if stage == 2 else 0)
+    else:
+        c.gradients = trainable * p / n
+    if not (stage == 0 and precision == "fp32"):
+        c.masters = trainable * 4 / shard
+    c.moments = trainable * 8 / shard
+    step_grad = trainable * 4 / shard if precision == "bf16" and stage >= 1 else 0
+    c.transient = step_grad + (trainable * 4 / shard if foreach else 2 * 4 * largest)
+    return c.transient
+
+
+ZERO3_BUFFERS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9}
+
+
+def zero3_buffers(ds_config: dict, p: int, parameters: int) -> float:
+    """ZeRO-3's gathered and bucketed parameters and gradients: the reduce bucket, the prefetch bucket and the live
+    parameters, each at most `parameters` elements (DeepSpeed's defaults unless the JSON sets them); 0 below ZeRO-3."""
+    if dsc.zero_stage(ds_config) != 3:
+        return 0.0
+    zero = ds_config.get("zero_optimization", {})
+    return sum(min(float(zero.get(key, default)), parameters) * p for key, default in ZERO3_BUFFERS.items())
+
+
+def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts | None = None,
+              accelerator: str = "cpu") -> Plan:
+    """The per-rank memory of each phase of the run `cfg` under `ds_config` on `ranks` ranks of `accelerator`
+    (cpu or cuda)."""
+    from relora_ds import methods
+
+    if ranks < 1:
+        raise PlanError(f"--ranks must be >= 1, got {ranks}")
+    method = methods.from_config(cfg)
+    counts = counts or model_counts(cfg, vocab_size)
+    stage, precision = dsc.zero_stage(ds_config), dsc.precision(ds_config)
+    p = 4 if precision == "fp32" else 2
+    micro_batch = dsc.micro_batch_size(ds_config)
+    tokens = micro_batch * cfg.data.seq_len
+    checkpointing = cfg.train.activation_checkpointing
+    base_dtype = cfg.relora.base_dtype
+    plan = Plan(ranks, stage, precision, base_dtype, checkpointing, micro_batch, accelerator)
+    foreach = accelerator == "cuda"
+    heap_returns = accelerator == "cpu" and (stage == 3 or base_dtype != "auto")  # trainer: fix_heap_threshold
+    runtime = RUNTIME_BASELINE if accelerator == "cpu" else 0.0
+    wrapped = method.switch_step is not None
+    rank = cfg.relora.rank if wrapped else 0
+    shard = ranks if stage >= 3 else 1
+
+    build = Components(runtime=runtime)  # the model as built: whole in fp32, partitioned, or stored module by module
+    if stage >= 3:
+        build.parameters = counts.total * p / ranks
+        build.transient = 4 * counts.largest_trainable_full
+    elif wrapped and method.switch_step == 0 and base_dtype != "auto":  # wrap_while_building
+        build.parameters = (counts.total - counts.wrapped + counts.adapters) * 4
+        build.frozen_w = counts.wrapped * WEIGHT_BYTES[base_dtype]
+        build.transient = 4 * counts.largest
+    else:
+        build.parameters = counts.total * 4
+    plan.phases["build"] = build
+    if not wrapped or method.switch_step > 0:
+        full = Components(runtime=runtime)
+        step_temporaries = _states(full, counts.total, counts.largest_trainable_full, p, stage, precision, ranks,
+                                   foreach)
+        full.activations = activation_bytes(counts, tokens, p, 0, checkpointing)
+        full.transient += zero3_buffers(ds_config, p, counts.total)
+        plan.phases["full-rank steps"] = full
+    if wrapped:
+        w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]
+        frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
+        trainable = counts.total - counts.wrapped + counts.adapters
+        low = Components(frozen_w=frozen / shard, runtime=runtime)
+        step_temporaries = _states(low, trainable, counts.largest_trainable_low, p, stage, precision, ranks, foreach)
+        low.activations = activation_bytes(counts, tokens, p, rank, checkpointing)
+        low.transient += zero3_buffers(ds_config, p, trainable)
+        plan.phases["low-rank steps"] = low
+        restart = Components(**{**low.__dict__, "activations": 0.0})
+        restart.transient += 3 * 4 * counts.largest - (step_temporaries if heap_returns else 0)  # one layer's merge
+        plan.phases["restart"] = restart
+    first = plan.phases.get("full-rank steps") or plan.phases["low-rank steps"]
+    engine = Components(**{**first.__dict__, "moments": 0.0, "activations": 0.0, "transient": 0.0})
+    model_build = build
+    if engine.total > build.total:  # the engine made over it (Adam's moments come with the first step)
+        plan.phases["build"] = build = engine
+    steps = plan.phases.get("low-rank steps") or plan.phases["full-rank steps"]
+    # What the steps freed stays with the process where the allocator keeps it (the CUDA caching allocator; glibc's
+    # heap, except where the trainer has freed memory returned at once: CPU ranks on ZeRO-3 or with a stored W): the
+    # checkpoint's peak is then the steps' without their activations.
+    checkpoint = Components(**{**steps.__dict__, "activations": 0.0})
+    checkpoint.transient -= step_temporaries if heap_returns else 0
+    plan.phases["checkpoint"] = checkpoint
+    # A new process: the model is built again, then the rank's optimizer file is read in and copied.
+    resume = Components(**{**steps.__dict__, "activations": 0.0, "transient": 0.0})
+    if model_build.total > resume.total:
+        resume = Components(**model_build.__dict__)
+    resume.transient += steps.masters + steps.moments
+    plan.phases["resume"] = resume
+    plan.phases["export"] = Components(transient=1.5 * 4 * max(counts.largest, counts.vocab * counts.hidden),
+                                       runtime=EXPORT_BASELINE if accelerator == "cpu" else 0.0)
+    return plan
+
+
+CHANGES = ("activation checkpointing", "micro-batch", "base_dtype", "stage", "ranks")
+
+
+def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes: float, counts: Counts,
+                 accelerator: str = "cpu"):
+    """(what to change, its plan) for the first change that fits `device_bytes`, tried in order of what it costs:
+    activation checkpointing full (a recompute), a smaller micro-batch (utilisation), relora.base_dtype int8 (a
+    rounding of W, low-rank methods on ZeRO-0/1/2), the next ZeRO stage (communication), more ranks (hardware, up to
+    1024). None when nothing does."""
+    import copy
+
+    def fits(c, d, n):
+        plan = make_plan(c, d, n, vocab_size, counts, accelerator)
+        return plan if plan.peak <= device_bytes else None
+
+    stage = dsc.zero_stage(ds_config)
+    if cfg.train.activation_checkpointing == "none":
+        c = copy.deepcopy(cfg)
+        c.train.activation_checkpointing = "full"
+        if (plan := fits(c, ds_config, ranks)):
+            return "train.activation_checkpointing: full", plan
+    micro = dsc.micro_batch_size(ds_config)
+    while micro > 1:
+        micro //= 2
+        d = {**ds_config, "train_micro_batch_size_per_gpu": micro}
+        if (plan := fits(cfg, d, ranks)):
+            return f"train_micro_batch_size_per_gpu: {micro} (more gradient accumulation steps)", plan
+    if cfg.relora.base_dtype in ("auto", "fp32", "bf16") and stage <= 2 and cfg.method in ("lora", "relora"):
+        c = copy.deepcopy(cfg)
+        c.relora.base_dtype = "int8"
+        if (plan := fits(c, ds_config, ranks)):
+            return "relora.base_dtype: int8", plan
+    for next_stage in range(stage + 1, 4):
+        d = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}), "stage": next_stage}}
+        c = cfg
+        if next_stage == 3 and cfg.relora.base_dtype != "auto":
+            c = copy.deepcopy(cfg)
+            c.relora.base_dtype = "auto"
+        if (plan := fits(c, d, ranks)):
+            return f"zero_optimization.stage: {next_stage}" + (" (with relora.base_dtype auto)" if c is not cfg
+                                                                else ""), plan
+    n = ranks
+    while n < 1024:
+        n *= 2
+        if stage >= 1 and (plan := fits(cfg, ds_config, n)):
+            return f"{n} ranks", plan
+    return None
+
+
+def render(plan: Plan, device_bytes: float | None = None, fix=None) -> str:
+    """The plan as a table (GiB per rank), and the verdict against `device_bytes`."""
+    columns = ("parameters", "frozen_w", "gradients", "masters", "moments", "activations", "transient", "runtime")
+    lines = [f"per-rank memory, GiB: {plan.ranks} rank{'s' * (plan.ranks > 1)} of {plan.accelerator}, ZeRO-{plan.stage} "
+             f"{plan.precision}, base_dtype {plan.base_dtype}, activation checkpointing {plan.checkpointing}, "
+             f"micro-batch {plan.micro_batch}", "",
+             "| phase | " + " | ".join(c.replace("_", " ") for c in columns) + " | total |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for name, c in plan.phases.items():
+        lines.append(f"| {name} | " + " | ".join(f"{getattr(c, k) / GIB:.2f}" for k in columns)
+                     + f" | **{c.total / GIB:.2f}** |")
+    lines.append("")
+    if plan.accelerator == "cuda":
+        lines.append("runtime: the CUDA context and the caching allocator's slack are not counted (not measured yet)")
+    if device_bytes is not None:
+        if plan.peak <= device_bytes:
+            lines.append(f"fits: peak {plan.peak / GIB:.2f} GiB of {device_bytes / GIB:.2f} GiB")
+        elif fix is None:
+            lines.append(f"does not fit: peak {plan.peak / GIB:.2f} GiB of {device_bytes / GIB:.2f} GiB; no single "
+                         f"change tried makes it fit ({', '.join(CHANGES)})")
+        else:
+            change, fixed = fix
+            lines.append(f"does not fit: peak {plan.peak / GIB:.2f} GiB of {device_bytes / GIB:.2f} GiB; cheapest "
+                         f"change that fits: {change} (peak {fixed.peak / GIB:.2f} GiB)")
+    return "\n".join(lines) + "\n"
+
+
+def run_plan(config_path: str, overrides, ds_path: str | None, ranks: int, device_memory: str | None,
+             accelerator: str = "auto") -> str:
+    """What `relora-ds plan` prints (`ds_path` None: the run config's train.deepspeed_config). One-line errors
+    (PlanError, ConfigError, DSConfigError) for what cannot be planned."""
+    import torch
+
+    from relora_ds import methods
+    from relora_ds.config import load_config
+    from relora_ds.data.tokenize import load_tokenizer
+    from relora_ds.files import parse_byte_size
+
+    if ranks < 1:
+        raise PlanError(f"--ranks must be >= 1, got {ranks}")
+    device_bytes = None
+    if device_memory is not None:
+        device_bytes = parse_byte_size(device_memory)
+        if device_bytes <= 0:
+            raise PlanError(f"--device-memory {device_memory!r}: not a size (e.g. 24GiB, 80GB)")
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = load_config(config_path, overrides)
+    ds_path = ds_path or cfg.train.deepspeed_config
+    ds_config = dsc.load_ds_config(ds_path)
+    try:
+        methods.from_config(cfg).check_ds_config(ds_config)
+        vocab_size = cfg.model.vocab_size or len(load_tokenizer(cfg.data.tokenizer))
+        counts = model_counts(cfg, vocab_size)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    plan = make_plan(cfg, ds_config, ranks, vocab_size, counts, accelerator)
+    fix = None
+    if device_bytes is not None and plan.peak > device_bytes:
+        fix = cheapest_fit(cfg, ds_config, ranks, vocab_size, device_bytes, counts, accelerator)
+    return render(plan, device_bytes, fix)

@@ -1,0 +1,115 @@
+"""relora-ds plan: the per-rank terms follow the stage, precision, base_dtype and checkpointing as documented; the
+cheapest fix is the first that fits; bad sizes are one line. (How close it comes to measured peaks is a benchmark:
+benchmarks/plan_check.py.)"""
+
+import pytest
+
+from relora_ds import cli
+from relora_ds.config import RunConfig
+from relora_ds.memory import GIB
+from relora_ds.tools import plan as planner
+
+VOCAB = 8192
+
+
+def _cfg(**relora):
+    return RunConfig.from_dict({"method": "relora", "model": {"preset": "350m"},
+                                "relora": {"rank": 64, "warm_start_steps": 0, "reset_every": 2, **relora},
+                                "schedule": {"warmup_steps": 1, "restart_warmup_steps": 1},
+                                "data": {"seq_len": 512}, "train": {"total_steps": 10}})
+
+
+def _ds(stage=2, bf16=True, micro=8):
+    return {"train_micro_batch_size_per_gpu": micro, "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return planner.model_counts(_cfg(), VOCAB)
+
+
+def test_counts_are_the_models(counts):
+    from relora_ds.model.build import preset_meta_model
+    from relora_ds.model.counts import param_count
+
+    model = preset_meta_model("350m", VOCAB)
+    assert counts.total == param_count(model)
+    assert counts.total - counts.wrapped + counts.adapters == param_count(model, relora_rank=64, trainable_only=True)
+    assert counts.layers == 24 and counts.hidden == 1024 and counts.vocab == VOCAB
+
+
+def test_terms_follow_the_stage_and_precision(counts):
+    t = counts.total - counts.wrapped + counts.adapters
+    z0 = planner.make_plan(_cfg(), _ds(0, bf16=False), 1, VOCAB, counts).phases["low-rank steps"]
+    assert (z0.parameters, z0.frozen_w, z0.gradients, z0.masters, z0.moments) == (4 * t, 4 * counts.wrapped, 4 * t, 0,
+                                                                                 8 * t)
+    z2 = planner.make_plan(_cfg(), _ds(2), 2, VOCAB, counts).phases["low-rank steps"]
+    assert z2.parameters == 2 * t and z2.frozen_w == 2 * counts.wrapped  # replicated below ZeRO-3
+    assert z2.gradients == 2 * 2 * t + 2 * t / 2 and z2.masters == 4 * t / 2 and z2.moments == 8 * t / 2
+    z3 = planner.make_plan(_cfg(), _ds(3), 4, VOCAB, counts).phases["low-rank steps"]
+    assert z3.parameters == 2 * t / 4 and z3.frozen_w == 2 * counts.wrapped / 4 and z3.masters == 4 * t / 4
+
+
+def test_int8_stores_w_in_one_byte_and_its_scales(counts):
+    auto = planner.make_plan(_cfg(), _ds(2), 1, VOCAB, counts)
+    int8 = planner.make_plan(_cfg(base_dtype="int8"), _ds(2), 1, VOCAB, counts)
+    assert int8.phases["low-rank steps"].frozen_w == counts.wrapped + 4 * counts.wrapped_rows
+    assert auto.phases["low-rank steps"].frozen_w - int8.phases["low-rank steps"].frozen_w == \
+        counts.wrapped - 4 * counts.wrapped_rows
+    assert int8.phases["build"].total < auto.phases["build"].total  # no fp32 model built first
+
+
+def test_checkpointing_keeps_one_layer_and_the_layer_inputs(counts):
+    none = planner.activation_bytes(counts, 4096, 2, 64, "none")
+    full = planner.activation_bytes(counts, 4096, 2, 64, "full")
+    per_layer = 2 * (6 * 1024 + 4 * counts.intermediate + 7 * 64) + 8 * 1024
+    assert none == 4096 * (24 * per_layer + 12 * VOCAB)
+    assert full == 4096 * (24 * 2 * 1024 + per_layer + 12 * VOCAB)
+
+
+def test_the_cheapest_fix_is_the_first_that_fits(counts):
+    cfg, ds = _cfg(), _ds(2)
+    plain = planner.make_plan(cfg, ds, 1, VOCAB, counts).peak
+    cfg_ckpt = _cfg()
+    cfg_ckpt.train.activation_checkpointing = "full"
+    checkpointed = planner.make_plan(cfg_ckpt, ds, 1, VOCAB, counts).peak
+    assert checkpointed < plain
+    change, fixed = planner.cheapest_fit(cfg, ds, 1, VOCAB, (plain + checkpointed) / 2, counts)
+    assert change == "train.activation_checkpointing: full" and fixed.peak <= (plain + checkpointed) / 2
+    short, int8_short = _cfg(), _cfg(base_dtype="int8")  # short sequences: W, not activations, is what to shrink
+    short.data.seq_len = int8_short.data.seq_len = 64
+    plain = planner.make_plan(short, _ds(2, micro=1), 1, VOCAB, counts).peak
+    int8 = planner.make_plan(int8_short, _ds(2, micro=1), 1, VOCAB, counts).peak
+    change, fixed = planner.cheapest_fit(short, _ds(2, micro=1), 1, VOCAB, (int8 + plain) / 2, counts)
+    assert change == "relora.base_dtype: int8" and fixed.peak == int8
+    assert planner.cheapest_fit(cfg, ds, 1, VOCAB, 0.1 * GIB, counts) is None  # below the runtime: nothing fits
+
+
+def _run(tmp_path, capsys, *args):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: relora\nmodel: {preset: tiny}\nrelora: {rank: 4, warm_start_steps: 0, reset_every: 2}\n"
+                      "schedule: {warmup_steps: 1, restart_warmup_steps: 1}\ntrain: {total_steps: 4}\n")
+    code = cli.main(["plan", "--config", str(config), "--deepspeed_config", "ds_configs/cpu_zero2.json", *args])
+    return code, capsys.readouterr()
+
+
+def test_the_command_prints_every_phase_and_the_verdict(tmp_path, capsys):
+    code, out = _run(tmp_path, capsys, "--ranks", "2", "--device-memory", "24GiB", "--accelerator", "cpu")
+    assert code == 0
+    for phase in ("build", "low-rank steps", "restart", "checkpoint", "resume", "export"):
+        assert f"| {phase} |" in out.out
+    assert "fits: peak" in out.out and "2 ranks of cpu, ZeRO-2" in out.out
+    code, out = _run(tmp_path, capsys, "--device-memory", "100MB", "--accelerator", "cpu")
+    assert code == 0 and "does not fit: peak" in out.out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ranks", "0"], "error: --ranks must be >= 1, got 0"),
+    (["--device-memory", "lots"], "error: --device-memory 'lots': not a size (e.g. 24GiB, 80GB)"),
+    (["--set", "relora.base_dtype=int8", "--deepspeed_config", "ds_configs/cpu_zero3.json"],
+     "error: relora.base_dtype int8: needs zero_optimization.stage 0, 1 or 2, got 3"),
+])
+def test_impossible_sizes_are_one_line(tmp_path, capsys, args, message):
+    code, out = _run(tmp_path, capsys, *args)
+    assert code == 2
+    assert out.err.startswith(message) and out.err.count("\n") == 1
