@@ -53,47 +53,48 @@ def check_runnable(x: torch.Tensor) -> None:
 
 @torch.library.custom_op("relora_ds::relora_linear_fwd", mutates_args=())
 def relora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, in) → (y (M, out), S = x·Aᵀ (M, r))."""
+                      A: torch.Tensor, B: torch.Tensor, scale: float,
+                      weight_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, in) → (y (M, out), S = x·Aᵀ (M, r)); W int8/fp8 with its row scales when weight_scale is given."""
     check_runnable(x)
     from relora_ds.kernels import triton_fused
 
-    return triton_fused.relora_forward(x, weight, bias, A, B, scale)
+    return triton_fused.relora_forward(x, weight, bias, A, B, scale, weight_scale)
 
 
 @relora_linear_fwd.register_fake
-def _relora_linear_fwd_fake(x, weight, bias, A, B, scale):
+def _relora_linear_fwd_fake(x, weight, bias, A, B, scale, weight_scale=None):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0])
 
 
 @torch.library.custom_op("relora_ds::relora_linear_bwd", mutates_args=())
 def relora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
-                      B: torch.Tensor, S: torch.Tensor, scale: float, needs_dx: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      B: torch.Tensor, S: torch.Tensor, scale: float, needs_dx: bool,
+                      weight_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX (empty when not needed), dA, dB); W is frozen, so no dW."""
     check_runnable(dy)
     from relora_ds.kernels import triton_fused
 
-    return triton_fused.relora_backward(dy, x, weight, A, B, S, scale, needs_dx)
+    return triton_fused.relora_backward(dy, x, weight, A, B, S, scale, needs_dx, weight_scale)
 
 
 @relora_linear_bwd.register_fake
-def _relora_linear_bwd_fake(dy, x, weight, A, B, S, scale, needs_dx):
+def _relora_linear_bwd_fake(dy, x, weight, A, B, S, scale, needs_dx, weight_scale=None):
     dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
     return dx, A.new_empty(A.shape), B.new_empty(B.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, scale = inputs
-    ctx.save_for_backward(x, weight, A, B, output[1])
+    x, weight, bias, A, B, scale, weight_scale = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], weight_scale)
     ctx.scale = scale
 
 
 def _backward(ctx, dy, _dS_unused):
-    x, weight, A, B, S = ctx.saved_tensors
+    x, weight, A, B, S, weight_scale = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
-    dx, dA, dB = relora_linear_bwd(dy, x, weight, A, B, S, ctx.scale, needs_dx)
-    return (dx if needs_dx else None), None, None, dA, dB, None
+    dx, dA, dB = relora_linear_bwd(dy, x, weight, A, B, S, ctx.scale, needs_dx, weight_scale)
+    return (dx if needs_dx else None), None, None, dA, dB, None, None
 
 
 torch.library.register_autograd("relora_ds::relora_linear_fwd", _backward, setup_context=_setup_context)
@@ -101,46 +102,48 @@ torch.library.register_autograd("relora_ds::relora_linear_fwd", _backward, setup
 
 @torch.library.custom_op("relora_ds::relora_linear_from_s_fwd", mutates_args=())
 def relora_linear_from_s_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             S: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+                             S: torch.Tensor, B: torch.Tensor, scale: float,
+                             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, in), S (M, r) → y = x·Wᵀ (+ bias) + scale·S·Bᵀ (M, out)."""
     check_runnable(x)
     from relora_ds.kernels import triton_fused
 
-    return triton_fused.relora_forward_from_s(x, weight, bias, S, B, scale)
+    return triton_fused.relora_forward_from_s(x, weight, bias, S, B, scale, weight_scale)
 
 
 @relora_linear_from_s_fwd.register_fake
-def _relora_linear_from_s_fwd_fake(x, weight, bias, S, B, scale):
+def _relora_linear_from_s_fwd_fake(x, weight, bias, S, B, scale, weight_scale=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("relora_ds::relora_linear_from_s_bwd", mutates_args=())
 def relora_linear_from_s_bwd(dy: torch.Tensor, weight: torch.Tensor, B: torch.Tensor, S: torch.Tensor,
-                             scale: float, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             scale: float, needs_dx: bool, weight_scale: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX = dY·W (empty when not needed), dS, dB); no dW, and x is not needed."""
     check_runnable(dy)
     from relora_ds.kernels import triton_fused
 
-    return triton_fused.relora_backward_from_s(dy, weight, B, S, scale, needs_dx)
+    return triton_fused.relora_backward_from_s(dy, weight, B, S, scale, needs_dx, weight_scale)
 
 
 @relora_linear_from_s_bwd.register_fake
-def _relora_linear_from_s_bwd_fake(dy, weight, B, S, scale, needs_dx):
+def _relora_linear_from_s_bwd_fake(dy, weight, B, S, scale, needs_dx, weight_scale=None):
     dx = dy.new_empty(dy.shape[0], weight.shape[1]) if needs_dx else dy.new_empty(0)
     return dx, S.new_empty(S.shape), B.new_empty(B.shape)
 
 
 def _from_s_setup_context(ctx, inputs, output):
-    x, weight, bias, S, B, scale = inputs
-    ctx.save_for_backward(weight, S, B)
+    x, weight, bias, S, B, scale, weight_scale = inputs
+    ctx.save_for_backward(weight, S, B, weight_scale)
     ctx.scale = scale
 
 
 def _from_s_backward(ctx, dy):
-    weight, S, B = ctx.saved_tensors
+    weight, S, B, weight_scale = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
-    dx, dS, dB = relora_linear_from_s_bwd(dy, weight, B, S, ctx.scale, needs_dx)
-    return (dx if needs_dx else None), None, None, dS, dB, None
+    dx, dS, dB = relora_linear_from_s_bwd(dy, weight, B, S, ctx.scale, needs_dx, weight_scale)
+    return (dx if needs_dx else None), None, None, dS, dB, None, None
 
 
 torch.library.register_autograd("relora_ds::relora_linear_from_s_fwd", _from_s_backward,
@@ -177,20 +180,37 @@ def _check_frozen(where: str, weight: torch.Tensor, bias: torch.Tensor | None) -
                          "relora_ds.kernels.reference")
 
 
+STORED_DTYPES = (torch.int8,) + ((torch.float8_e4m3fn,) if hasattr(torch, "float8_e4m3fn") else ())
+
+
+def _check_stored(where: str, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> None:
+    """A W with row scales is int8 or fp8, its scales fp32 of shape (out,), on W's device."""
+    if weight_scale is None:
+        return
+    if weight.dtype not in STORED_DTYPES or weight_scale.dtype != torch.float32 or \
+            weight_scale.shape != (weight.shape[0],) or weight_scale.device != weight.device:
+        raise ValueError(f"{where}: a W with row scales must be {' or '.join(map(str, STORED_DTYPES))} with fp32 "
+                         f"scales of shape ({weight.shape[0]},) on its device; got W {weight.dtype}, scales "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)} on {weight_scale.device}")
+
+
 def _check_bias(where: str, bias: torch.Tensor | None, out_features: int) -> None:
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"{where}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
 def fused_relora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+                        A: torch.Tensor, B: torch.Tensor, scale: float,
+                        weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ with the fused Triton kernels; x is (..., in_features).
 
     W and bias must be frozen: the kernels never compute their gradients. Gradients flow to x, A, B.
-    All tensors share one dtype, except under torch.autocast (see the module docstring).
+    All tensors share one dtype, except under torch.autocast (see the module docstring), and a W stored as int8 or
+    fp8 with its fp32 row scales `weight_scale` (relora.base_dtype), dequantized tile by tile in the kernels.
     """
     where = "fused_relora_linear"
     _check_frozen(where, weight, bias)
+    _check_stored(where, weight, weight_scale)
     out_features, in_features = weight.shape
     rank = A.shape[0]
     if x.shape[-1] != in_features or A.shape != (rank, in_features) or B.shape != (out_features, rank):
@@ -198,15 +218,16 @@ def fused_relora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                          f"{tuple(weight.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} "
                          "(expected x (..., in), weight (out, in), A (r, in), B (out, r))")
     _check_bias(where, bias, out_features)
-    t = _one_dtype_and_device(where, {"x": x, "weight": weight, "A": A, "B": B}
+    t = _one_dtype_and_device(where, {"x": x, "A": A, "B": B} | ({} if weight_scale is not None else {"weight": weight})
                               | ({"bias": bias} if bias is not None else {}))
-    y, _ = relora_linear_fwd(t["x"].reshape(-1, in_features), t["weight"], t.get("bias"), t["A"], t["B"],
-                             float(scale))
+    y, _ = relora_linear_fwd(t["x"].reshape(-1, in_features), t.get("weight", weight), t.get("bias"), t["A"], t["B"],
+                             float(scale), weight_scale)
     return y.reshape(*x.shape[:-1], out_features)
 
 
 def fused_relora_linear_from_s(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                               S: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+                               S: torch.Tensor, B: torch.Tensor, scale: float,
+                               weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·Wᵀ (+ bias) + scale·S·Bᵀ for x (..., in) and S (..., r) with the fused Triton kernels.
 
     For LoRA dropout: the caller computes S = F.linear(dropout(x), A) with torch, so autograd owns dA
@@ -215,6 +236,7 @@ def fused_relora_linear_from_s(x: torch.Tensor, weight: torch.Tensor, bias: torc
     """
     where = "fused_relora_linear_from_s"
     _check_frozen(where, weight, bias)
+    _check_stored(where, weight, weight_scale)
     out_features, in_features = weight.shape
     rank = S.shape[-1]
     if x.shape[-1] != in_features or S.shape[:-1] != x.shape[:-1] or B.shape != (out_features, rank):
@@ -222,8 +244,8 @@ def fused_relora_linear_from_s(x: torch.Tensor, weight: torch.Tensor, bias: torc
                          f"{tuple(weight.shape)}, S {tuple(S.shape)}, B {tuple(B.shape)} "
                          "(expected x (..., in), weight (out, in), S (..., r), B (out, r))")
     _check_bias(where, bias, out_features)
-    t = _one_dtype_and_device(where, {"x": x, "weight": weight, "S": S, "B": B}
+    t = _one_dtype_and_device(where, {"x": x, "S": S, "B": B} | ({} if weight_scale is not None else {"weight": weight})
                               | ({"bias": bias} if bias is not None else {}))
-    y = relora_linear_from_s_fwd(t["x"].reshape(-1, in_features), t["weight"], t.get("bias"),
-                                 t["S"].reshape(-1, rank), t["B"], float(scale))
+    y = relora_linear_from_s_fwd(t["x"].reshape(-1, in_features), t.get("weight", weight), t.get("bias"),
+                                 t["S"].reshape(-1, rank), t["B"], float(scale), weight_scale)
     return y.reshape(*x.shape[:-1], out_features)

@@ -11,6 +11,11 @@ Backward:
     dS = s·dY·B                   rank-r GEMM (M × r)
     dB = s·dYᵀ·S                  reduction over tokens
     dA = dSᵀ·x                    reduction over tokens
+A W stored as int8 or fp8 with one scale per row (relora.base_dtype) is dequantized tile by tile: in the forward
+y = x·Wᵀ its row scales are W's output columns, so the int8/fp8 tile is cast to x's dtype (exactly: every int8
+and e4m3 value is a bf16 value) and the accumulator's columns are scaled in the epilogue; in dX = dY·W they scale
+W's rows, the reduction dimension, so each loaded tile is multiplied by its rows' scales in fp32 before the dot.
+No dequantized W is ever written to memory.
 The four rank-r products have small outputs and long reductions: on a GPU they split the reduction
 across programs (fp32 workspace, summed afterwards) when the output has too few tiles for the SMs.
     dX = dY·W + dS·A              one GEMM, low-rank term in the epilogue
@@ -49,16 +54,16 @@ else:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K_PER_SPLIT", "R", "HAS_LOWRANK", "IS_FP64"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K_PER_SPLIT", "R", "HAS_LOWRANK", "IS_FP64", "SCALE_AXIS"])
 @triton.jit
 def _gemm_lowrank_kernel(
-    X, Y, C, P, Q, BIAS,
+    X, Y, C, P, Q, BIAS, SCALE,
     M, N, K, R, K_PER_SPLIT,
     stride_xm, stride_xk, stride_yk, stride_yn,
     stride_cs, stride_cm, stride_cn,
     stride_pm, stride_pr, stride_qr, stride_qn,
     alpha, beta,
-    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IS_FP64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IS_FP64: tl.constexpr, SCALE_AXIS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -91,8 +96,14 @@ def _gemm_lowrank_kernel(
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         y = tl.load(Y + offs_k[:, None] * stride_yk + offs_n[None, :] * stride_yn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+        if SCALE_AXIS == 1:  # Y = q[k, n] * scale[k]: dequantize the tile (in fp32) before the dot
+            y = y.to(tl.float32) * tl.load(SCALE + offs_k, mask=mask_k, other=0.0)[:, None]
+        elif SCALE_AXIS == 2:  # int8/fp8 values are exact in fp32 and in x's dtype
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    if SCALE_AXIS == 2:  # Y = q[k, n] * scale[n]: scale the accumulator's columns
+        acc = acc * tl.load(SCALE + offs_n, mask=mask_n, other=0.0)[None, :]
     acc = acc * alpha
 
     # Epilogue: the low-rank term beta·P·Q, rank tiles padded to BLOCK_R (>= 16) and masked.
@@ -128,8 +139,10 @@ def _rank_block(R: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(R, 1))))
 
 
-def _launch(X, Y, C, *, M, N, K, alpha, split_k=1, k_per_split=None, bias=None, P=None, Q=None, beta=0.0):
-    """Run the kernel; C is (M, N), or (split_k, M, N) when split_k > 1."""
+def _launch(X, Y, C, *, M, N, K, alpha, split_k=1, k_per_split=None, bias=None, P=None, Q=None, beta=0.0,
+            y_scale=None, scale_axis=0):
+    """Run the kernel; C is (M, N), or (split_k, M, N) when split_k > 1. y_scale: Y's fp32 scales along its rows
+    (scale_axis 1, the reduction dimension) or its columns (scale_axis 2)."""
     has_lowrank = P is not None
     R = P.shape[1] if has_lowrank else 0
     if k_per_split is None:
@@ -143,7 +156,7 @@ def _launch(X, Y, C, *, M, N, K, alpha, split_k=1, k_per_split=None, bias=None, 
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
 
     _gemm_lowrank_kernel[grid](
-        X, Y, C, P_, Q_, bias if bias is not None else dummy,
+        X, Y, C, P_, Q_, bias if bias is not None else dummy, y_scale if y_scale is not None else dummy,
         M, N, K, R, k_per_split,
         X.stride(0), X.stride(1), Y.stride(0), Y.stride(1),
         stride_cs, stride_cm, stride_cn,
@@ -151,20 +164,24 @@ def _launch(X, Y, C, *, M, N, K, alpha, split_k=1, k_per_split=None, bias=None, 
         Q_.stride(0) if has_lowrank else 0, Q_.stride(1) if has_lowrank else 0,
         float(alpha), float(beta),
         HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, IS_FP64=X.dtype == torch.float64,
+        SCALE_AXIS=scale_axis if y_scale is not None else 0,
         DOT_PRECISION=_dot_precision(X.dtype), BLOCK_R=_rank_block(R),
     )
 
 
 def matmul(X: torch.Tensor, Y: torch.Tensor, *, alpha: float = 1.0, bias: torch.Tensor | None = None,
            P: torch.Tensor | None = None, Q: torch.Tensor | None = None, beta: float = 1.0,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """alpha·X·Y (+ bias) (+ beta·P·Q) in one kernel; 2-D operands of any strides."""
+           out_dtype: torch.dtype | None = None, y_scale: torch.Tensor | None = None,
+           scale_axis: int = 0) -> torch.Tensor:
+    """alpha·X·Y (+ bias) (+ beta·P·Q) in one kernel; 2-D operands of any strides. With `y_scale`, Y is int8/fp8
+    and dequantized in the kernel: Y[k, n]·y_scale[k] (scale_axis 1) or Y[k, n]·y_scale[n] (scale_axis 2)."""
     M, K = X.shape
     N = Y.shape[1]
     C = torch.empty(M, N, device=X.device, dtype=out_dtype or X.dtype)
     if M == 0 or N == 0:
         return C
-    _launch(X, Y, C, M=M, N=N, K=K, alpha=alpha, bias=bias, P=P, Q=Q, beta=beta)
+    _launch(X, Y, C, M=M, N=N, K=K, alpha=alpha, bias=bias, P=P, Q=Q, beta=beta, y_scale=y_scale,
+            scale_axis=scale_axis)
     return C
 
 
@@ -207,16 +224,19 @@ def matmul_splitk(X: torch.Tensor, Y: torch.Tensor, *, alpha: float = 1.0, split
 
 
 def relora_forward_from_s(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          S: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """y = x·Wᵀ (+ bias) + s·S·Bᵀ for x (M, in) and a given S (M, r): one GEMM, S·Bᵀ in the epilogue."""
-    return matmul(x, weight.t(), bias=bias, P=S, Q=B.t(), beta=scale)
+                          S: torch.Tensor, B: torch.Tensor, scale: float,
+                          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) + s·S·Bᵀ for x (M, in) and a given S (M, r): one GEMM, S·Bᵀ in the epilogue (W int8/fp8
+    with its row scales: W's rows are y's columns, scaled in the epilogue)."""
+    return matmul(x, weight.t(), bias=bias, P=S, Q=B.t(), beta=scale, y_scale=weight_scale, scale_axis=2)
 
 
 def relora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   A: torch.Tensor, B: torch.Tensor, scale: float,
+                   weight_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, in) → (y (M, out), S = x·Aᵀ (M, r)); S is what the backward needs besides the inputs."""
     S = matmul_splitk(x, A.t(), out_dtype=x.dtype)
-    return relora_forward_from_s(x, weight, bias, S, B, scale), S
+    return relora_forward_from_s(x, weight, bias, S, B, scale, weight_scale), S
 
 
 def _lowrank_grads(dy: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: float
@@ -228,22 +248,23 @@ def _lowrank_grads(dy: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: fl
 
 
 def relora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
-                    B: torch.Tensor, S: torch.Tensor, scale: float, needs_dx: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    B: torch.Tensor, S: torch.Tensor, scale: float, needs_dx: bool,
+                    weight_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX or an empty tensor when not needed, dA, dB) for y = x·Wᵀ + b + s·S·Bᵀ, S = x·Aᵀ."""
     dS, dB = _lowrank_grads(dy, B, S, scale)                          # (M, r), (out, r)
     dA = matmul_splitk(dS.t(), x, out_dtype=A.dtype)                  # (r, in)
     if needs_dx:
-        dx = matmul(dy, weight, P=dS, Q=A, beta=1.0)                  # (M, in)
+        dx = matmul(dy, weight, P=dS, Q=A, beta=1.0, y_scale=weight_scale, scale_axis=1)  # (M, in)
     else:
         dx = x.new_empty(0)
     return dx, dA, dB
 
 
 def relora_backward_from_s(dy: torch.Tensor, weight: torch.Tensor, B: torch.Tensor, S: torch.Tensor,
-                           scale: float, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           scale: float, needs_dx: bool, weight_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX_base = dY·W or an empty tensor when not needed, dS, dB) for y = x·Wᵀ + b + s·S·Bᵀ with S
     an input: the caller's autograd turns dS into dA and the low-rank share of dX."""
     dS, dB = _lowrank_grads(dy, B, S, scale)
-    dx = matmul(dy, weight) if needs_dx else dy.new_empty(0)          # (M, in)
+    dx = matmul(dy, weight, y_scale=weight_scale, scale_axis=1) if needs_dx else dy.new_empty(0)  # (M, in)
     return dx, dS, dB

@@ -71,9 +71,9 @@ class LoRA(Method):
             errors.append(f"train.total_steps - relora.warm_start_steps ({t.total_steps - r.warm_start_steps}) must "
                           f"be > {cls.first_warmup(cfg)[0]} ({switch_warmup}): with schedule.at_switch restart the "
                           f"low-rank steps start with that warm-up")
-        if r.base_dtype != "auto" and r.kernels == "triton":
-            errors.append(f"relora.kernels triton: the fused kernels take W in the run's dtype; with relora.base_dtype "
-                          f"{r.base_dtype} use kernels auto or torch")
+        if r.base_dtype in ("fp32", "bf16") and r.kernels == "triton":
+            errors.append(f"relora.kernels triton: the fused kernels take W in the run's dtype or as int8/fp8; with "
+                          f"relora.base_dtype {r.base_dtype} use kernels auto or torch")
         return errors
 
     @staticmethod

@@ -166,8 +166,10 @@ class ReLoRALinear(nn.Module):
     def use_triton(self, x: torch.Tensor) -> bool:
         """Whether this forward takes a fused Triton path (the scale must be fixed). With dropout active
         (training) it is `fused_relora_linear_from_s`, S = dropout(x)·Aᵀ by torch; else `fused_relora_linear`."""
-        if self.kernels == "torch" or self.lora_scaling is not None or self.stored:
-            return False  # a stored W (relora.base_dtype) takes the torch path, dequantized per matmul
+        if self.kernels == "torch" or self.lora_scaling is not None:
+            return False
+        if self.stored and self.weight_scale is None:
+            return False  # a stored fp32/bf16 W takes the torch path; int8/fp8 are dequantized in the kernels
         if self.kernels == "triton":
             return True
         if not x.is_cuda:  # auto: Triton on CUDA when importable, torch otherwise
@@ -184,8 +186,10 @@ class ReLoRALinear(nn.Module):
             if dropout_active:
                 # The mask is drawn here exactly as on the torch path below (same call, same RNG order).
                 S = F.linear(self.dropout(x), self.lora_A)
-                return fused_relora_linear_from_s(x, self.weight, self.bias, S, self.lora_B, float(self.scale))
-            return fused_relora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, float(self.scale))
+                return fused_relora_linear_from_s(x, self.weight, self.bias, S, self.lora_B, float(self.scale),
+                                                  self.weight_scale)
+            return fused_relora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, float(self.scale),
+                                       self.weight_scale)
         if self.stored:
             base = functional.frozen_linear(x, self.weight, self.weight_scale, self.bias)
         else:
