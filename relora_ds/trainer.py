@@ -49,7 +49,8 @@ class TrainConfig:
     max_grad_norm: float | None = setting(None, "gradient clipping; null: the DeepSpeed JSON's gradient_clipping")
     activation_checkpointing: str = setting(
         "none", "full: recompute each decoder layer's activations in the backward pass instead of keeping them "
-                "(less memory, about one more forward of compute); none: keep them", CHECKPOINTING)
+                "(less memory, about one more forward of compute); selective: recompute only each layer's MLP; none: "
+                "keep them", CHECKPOINTING)
 
 
 @dataclass

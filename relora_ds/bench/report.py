@@ -15,6 +15,12 @@ from relora_ds.hardware import package_versions
 GIB = 2 ** 30
 
 
+def checkpointing_note(args: dict) -> str:
+    """", activation checkpointing MODE" (results written before the mode existed: their grad_checkpointing flag)."""
+    mode = args.get("activation_checkpointing") or ("full" if args.get("grad_checkpointing") else "none")
+    return "" if mode == "none" else f", activation checkpointing {mode}"
+
+
 def spread(values: list[float]) -> dict:
     ordered = sorted(values)
     q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
@@ -172,7 +178,7 @@ def markdown(report: dict) -> str:
               f"ReLoRA r={args['rank']} α={args['alpha']:g} dropout {args['lora_dropout']:g}; "
               f"DeepSpeed {config_label(args['ds_config'])} (ZeRO-{report['zero_stage']}, "
               f"{report['precision']}); data {args['data']}; attention {args['attn']}"
-              f"{', activation checkpointing' if args['grad_checkpointing'] else ''}"
+              f"{checkpointing_note(args)}"
               f"{', torch.compile' if args['compile'] else ''}; {args['warmup']} warm-up + {args['steps']} "
               f"measured steps × {args['repeats']} repeat(s), one process per mode, alternating order.", "",
               f"MFU peak: {report['peak_flops_source']}. FLOPs/token (model module): full-rank "

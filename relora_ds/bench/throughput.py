@@ -69,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (uniform random tokens) or a packed dataset dir (relora-ds pretokenize)")
     parser.add_argument("--attn", default="auto", help="attention implementation: auto, sdpa, eager, flash_attention_2")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in every layer")
+    parser.add_argument("--activation-checkpointing", default="none", choices=("none", "full", "selective"),
+                        help="as train.activation_checkpointing (default none)")
+    parser.add_argument("--grad-checkpointing", action="store_const", dest="activation_checkpointing",
+                        const="full", help="= --activation-checkpointing full")
     parser.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) before warm-up")
     parser.add_argument("--profile", action="store_true",
                         help="profile one extra step per mode with torch.profiler (top ops) and time 3 more by phase "
@@ -161,7 +164,8 @@ def worker_command(args, mode: str, micro_batch: int, *, warmup: int, steps: int
                "--data", args.data, "--attn", args.attn]
     if args.threads is not None:
         options += ["--threads", str(args.threads)]
-    for flag in ("grad_checkpointing", "compile", "profile"):
+    options += ["--activation-checkpointing", args.activation_checkpointing]
+    for flag in ("compile", "profile"):
         if getattr(args, flag):
             options.append("--" + flag.replace("_", "-"))
     if not restart:

@@ -158,8 +158,7 @@ def measure(args) -> dict:
     max_positions = max(args.seq_len, preset_shape("llama", args.preset)["max_position_embeddings"])
     model = build_model(args.preset, args.vocab_size, max_position_embeddings=max_positions,
                         attn_implementation=args.attn, seed=args.seed)
-    if args.grad_checkpointing:
-        enable_activation_checkpointing(model, "full")  # as train.activation_checkpointing: full sets it
+    enable_activation_checkpointing(model, args.activation_checkpointing)  # as train.activation_checkpointing
     method, kernels = mode_method(mode, args)
     if kernels == "triton":
         from relora_ds.kernels import triton_available

@@ -6,10 +6,12 @@ classes.
 
 import contextlib
 import copy
+import functools
 import importlib.util
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from relora_ds.fields import setting
 from relora_ds.model import families, hf
@@ -105,15 +107,17 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     return build_from_config(config, seed=seed, zero3_config=zero3_config, per_module=per_module)
 
 
-CHECKPOINTING = ("none", "full")  # train.activation_checkpointing
+CHECKPOINTING = ("none", "full", "selective")  # train.activation_checkpointing
 
 
 def enable_activation_checkpointing(model, mode: str) -> None:
-    """Recompute each decoder layer's activations in the backward pass instead of keeping them (mode "full";
-    "none": keep them). transformers' own per-layer checkpointing, non-reentrant (torch.utils.checkpoint with
-    use_reentrant=False: it works under ZeRO-3's parameter hooks and with frozen inputs, and restores the RNG for
-    dropout), so the losses and gradients are those of the plain model. A one-line ValueError for a model that
-    cannot be checkpointed (works on a meta-device model)."""
+    """Recompute activations in the backward pass instead of keeping them. "full": each decoder layer's (transformers'
+    own per-layer checkpointing); "selective": each decoder layer's MLP only, the larger half of a layer's activations
+    (gate, up, their product: 4 x intermediate per token against about 6 x hidden for attention), while attention
+    keeps its own (benchmarks/README.md, "Activation checkpointing", measures both); "none": keep them. Non-reentrant
+    torch.utils.checkpoint either way (it works under ZeRO-3's parameter hooks and with frozen inputs, and restores
+    the RNG for dropout), so the losses and gradients are those of the plain model. A one-line ValueError for a model
+    that cannot be checkpointed (works on a meta-device model)."""
     if mode not in CHECKPOINTING:
         raise ValueError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
     if mode == "none":
@@ -121,7 +125,17 @@ def enable_activation_checkpointing(model, mode: str) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"train.activation_checkpointing {mode}: {type(model).__name__} does not support "
                          f"activation checkpointing (transformers' supports_gradient_checkpointing); set it to none")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mlps = [getattr(layer, "mlp", None) for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)]
+    if not mlps or any(mlp is None for mlp in mlps):
+        raise ValueError(f"train.activation_checkpointing selective: {type(model).__name__}'s decoder layers have no "
+                         f"`mlp` module to recompute; use full or none")
+    for mlp in mlps:
+        mlp.forward = functools.partial(torch.utils.checkpoint.checkpoint, mlp.forward, use_reentrant=False)
 
 
 def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: dict | None = None):

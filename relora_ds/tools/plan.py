@@ -120,10 +120,17 @@ def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointi
     """What the backward keeps of one micro-batch of `tokens` tokens. Per token and decoder layer: the inputs of the
     attention and MLP matmuls, q, k, v and the attention output (6h), the MLP's gate, up, activation and product
     (4i), in the run's dtype; the two norms' fp32 inputs (2·4h); the adapters' x·Aᵀ (7r). With checkpointing full:
-    each layer's input (h) plus one layer recomputed. The logits, their log-softmax and gradient in fp32 (3·4V)."""
+    each layer's input (h) plus one layer recomputed; selective: the MLP's own (4i - h + 3r) recomputed, one layer's
+    at a time. The logits, their log-softmax and gradient in fp32 (3·4V)."""
     h, i = counts.hidden, counts.intermediate
     per_layer = p * (6 * h + 4 * i + 7 * rank) + 8 * h
-    layers = counts.layers * per_layer if checkpointing == "none" else counts.layers * p * h + per_layer
+    if checkpointing == "none":
+        layers = counts.layers * per_layer
+    elif checkpointing == "selective":  # the MLP's gate, up and product are recomputed; its input is kept
+        mlp = p * (4 * i - h + 3 * rank)
+        layers = counts.layers * (per_layer - mlp) + mlp
+    else:
+        layers = counts.layers * p * h + per_layer
     return tokens * (layers + 12 * counts.vocab)
 
 
@@ -248,7 +255,7 @@ CHANGES = ("activation checkpointing", "micro-batch", "base_dtype", "stage", "ra
 def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes: float, counts: Counts,
                  accelerator: str = "cpu"):
     """(what to change, its plan) for the first change that fits `device_bytes`, tried in order of what it costs:
-    activation checkpointing full (a recompute), a smaller micro-batch (utilisation), relora.base_dtype int8 (a
+    activation checkpointing selective, then full (a recompute), a smaller micro-batch (utilisation), relora.base_dtype int8 (a
     rounding of W, low-rank methods on ZeRO-0/1/2), the next ZeRO stage (communication), more ranks (hardware, up to
     1024). None when nothing does."""
     import copy
@@ -258,11 +265,12 @@ def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes
         return plan if plan.peak <= device_bytes else None
 
     stage = dsc.zero_stage(ds_config)
-    if cfg.train.activation_checkpointing == "none":
+    modes = {"none": ("selective", "full"), "selective": ("full",)}.get(cfg.train.activation_checkpointing, ())
+    for mode in modes:  # selective recomputes the MLPs only: cheaper than full
         c = copy.deepcopy(cfg)
-        c.train.activation_checkpointing = "full"
+        c.train.activation_checkpointing = mode
         if (plan := fits(c, ds_config, ranks)):
-            return "train.activation_checkpointing: full", plan
+            return f"train.activation_checkpointing: {mode}", plan
     micro = dsc.micro_batch_size(ds_config)
     while micro > 1:
         micro //= 2

@@ -1,6 +1,9 @@
-"""train.activation_checkpointing: full recomputes each decoder layer in the backward pass; the losses and gradient
-norms are those of the run that keeps its activations (CPU fp32), through the warm-start switch and a restart, on
-ZeRO-0 and ZeRO-3; a model that cannot be checkpointed is refused before anything is built."""
+"""train.activation_checkpointing: full recomputes each decoder layer in the backward pass, selective each layer's MLP;
+the losses and gradient norms are those of the run that keeps its activations (CPU fp32), through the warm-start
+switch and a restart, on ZeRO-0 and ZeRO-3; a model that cannot be checkpointed is refused before anything is
+built."""
+
+import functools
 
 import pytest
 
@@ -14,7 +17,7 @@ def test_checkpointed_run_equals_the_plain_one(tmp_path, stage):
     train_file, val_file = write_corpus(tmp_path)
     ds = write_ds_config(tmp_path, stage=stage)
     runs = {}
-    for mode in ("none", "full"):
+    for mode in ("none", "full", "selective"):
         cfg = short_run_config(tmp_path, train_file, val_file, ds, **{
             "train.activation_checkpointing": mode, "train.output_dir": str(tmp_path / mode)})
         summary = trainer.train(cfg, keep_engine=True)
@@ -22,10 +25,12 @@ def test_checkpointed_run_equals_the_plain_one(tmp_path, stage):
         layers = engine.module.model.layers
         runs[mode] = (summary["losses"], summary["grad_norms"], [r["step"] for r in summary["restarts"]])
         assert engine.module.is_gradient_checkpointing == (mode == "full") and len(layers) == 2
+        assert isinstance(layers[0].mlp.forward, functools.partial) == (mode == "selective")
         engine.destroy()
-    assert runs["full"][2] == runs["none"][2] == [4]  # the switch at 2, a restart at 4: the same events
-    assert runs["full"][0] == runs["none"][0]  # bitwise, every step
-    assert runs["full"][1] == pytest.approx(runs["none"][1], rel=1e-6)
+    for mode in ("full", "selective"):
+        assert runs[mode][2] == runs["none"][2] == [4]  # the switch at 2, a restart at 4: the same events
+        assert runs[mode][0] == runs["none"][0]  # bitwise, every step
+        assert runs[mode][1] == pytest.approx(runs["none"][1], rel=1e-6)
 
 
 def test_a_model_without_checkpointing_is_refused_at_step_0(tmp_path, monkeypatch):

@@ -74,8 +74,14 @@ def test_the_cheapest_fix_is_the_first_that_fits(counts):
     cfg_ckpt.train.activation_checkpointing = "full"
     checkpointed = planner.make_plan(cfg_ckpt, ds, 1, VOCAB, counts).peak
     assert checkpointed < plain
-    change, fixed = planner.cheapest_fit(cfg, ds, 1, VOCAB, (plain + checkpointed) / 2, counts)
-    assert change == "train.activation_checkpointing: full" and fixed.peak <= (plain + checkpointed) / 2
+    cfg_selective = _cfg()
+    cfg_selective.train.activation_checkpointing = "selective"
+    selective = planner.make_plan(cfg_selective, ds, 1, VOCAB, counts).peak
+    assert checkpointed < selective < plain
+    change, fixed = planner.cheapest_fit(cfg, ds, 1, VOCAB, (plain + selective) / 2, counts)
+    assert change == "train.activation_checkpointing: selective" and fixed.peak == selective
+    change, fixed = planner.cheapest_fit(cfg, ds, 1, VOCAB, (selective + checkpointed) / 2, counts)
+    assert change == "train.activation_checkpointing: full" and fixed.peak == checkpointed
     short, int8_short = _cfg(), _cfg(base_dtype="int8")  # short sequences: W, not activations, is what to shrink
     short.data.seq_len = int8_short.data.seq_len = 64
     plain = planner.make_plan(short, _ds(2, micro=1), 1, VOCAB, counts).peak
