@@ -89,8 +89,8 @@ def describe(model_cfg) -> str:
 def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
                       attn_implementation: str | None = None, zero3_config: dict | None = None, per_module=None):
     """The run's model: loaded from `model.init_from` when set, else built from `model.hf_config` or the family
-    preset, randomly initialised (seeded when `seed` is given). per_module: see `build_from_config` (a random build
-    only: a model.init_from is loaded whole, then handed to it module by module).
+    preset, randomly initialised (seeded when `seed` is given). per_module: see `build_from_config`; a model.init_from
+    in safetensors is then loaded module by module (`load_module_by_module`), one in *.bin whole.
 
     zero3_config: the run's DeepSpeed config on ZeRO-3; the model is then built partitioned (no rank ever
     holds it whole) with the same seeded weights as the unsharded build, and a checkpoint is loaded partition
@@ -98,8 +98,10 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     """
     attn = attn_implementation or model_cfg.attn_implementation
     if model_cfg.init_from:
+        if per_module is not None and hf.safetensors_index(model_cfg.init_from):
+            return load_module_by_module(model_cfg.init_from, per_module, attn_implementation=attn)
         model = load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
-        if per_module is not None:
+        if per_module is not None:  # *.bin weights: loaded whole
             for name, module in list(model.named_modules()):
                 per_module(model, name, module)
         return model
@@ -146,6 +148,47 @@ def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: 
     hf.check_model_dir(path)
     with zero3_construction(zero3_config):
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn_implementation(attn_implementation))
+
+
+def load_module_by_module(path: str, per_module, attn_implementation: str = "auto"):
+    """A saved model (safetensors) filled module by module, children first, each module's own tensors read from its
+    file on their own and the module then handed to `per_module(model, name, module)` (which may replace it: a ReLoRA
+    layer storing W as int8), so the whole model never exists in full precision. fp32, as load_pretrained loads. A
+    tensor the files do not hold (a tied lm_head) is tied afterwards; any other missing one is a one-line ValueError."""
+    from safetensors import safe_open
+    from transformers.initialization import no_init_weights
+
+    config = hf.pretrained_config(path)
+    config._attn_implementation = resolve_attn_implementation(attn_implementation)
+    files = hf.safetensors_index(path)
+    with no_init_weights():
+        model = causal_lm_class(config)(config)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    handles = {}
+    try:
+        def fill(name: str, module) -> None:
+            for child_name, child in list(module.named_children()):
+                fill(f"{name}.{child_name}" if name else child_name, child)
+            own = [*module.named_parameters(recurse=False),
+                   *((n, b) for n, b in module.named_buffers(recurse=False)
+                     if n not in module._non_persistent_buffers_set)]
+            for tensor_name, tensor in own:
+                key = f"{name}.{tensor_name}" if name else tensor_name
+                if key not in files:
+                    if key in tied:
+                        continue
+                    raise ValueError(f"model.init_from {path}: no tensor {key} in its safetensors files")
+                if files[key] not in handles:
+                    handles[files[key]] = safe_open(files[key], framework="pt")
+                with torch.no_grad():
+                    tensor.copy_(handles[files[key]].get_tensor(key))
+            per_module(model, name, module)
+
+        fill("", model)
+    finally:
+        handles.clear()
+    model.tie_weights()
+    return model
 
 
 def meta_model(model_cfg, vocab_size: int):

@@ -58,3 +58,22 @@ def load_hf_config(path: str, min_vocab_size: int = 1):
         raise ValueError(f"model.hf_config {path}: vocab_size {vocab} is smaller than the {min_vocab_size} tokens "
                          f"of the tokenizer (or model.vocab_size); raise vocab_size in it")
     return config
+
+
+def safetensors_index(path: str) -> dict:
+    """{tensor name: its safetensors file} of a saved model directory (one model.safetensors, or the shards named in
+    model.safetensors.index.json); {} for a directory with *.bin weights only. One-line ValueError for a broken index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: unreadable ({' '.join(str(e).split())[:160]})") from None
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}

@@ -224,3 +224,27 @@ def test_a_stored_w_is_wrapped_module_by_module_while_the_model_is_built():
         if key.rsplit(".", 1)[0] not in layers:
             assert torch.equal(value, plain[key]), key
     assert methods.from_config(RunConfig.from_dict({})).wrap_while_building() is None  # auto: wrapped after the build
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2's tiny preset ties its embeddings
+def test_a_saved_model_is_loaded_module_by_module_into_a_stored_w(tmp_path, family):
+    """model.init_from with a stored W: each module's tensors read from the safetensors on their own and each target
+    stored as it is filled; the same tensors as transformers' own load, each W quantized, tied weights tied."""
+    from relora_ds import methods
+    from relora_ds.config import RunConfig
+    from relora_ds.model.build import build_from_config, load_module_by_module, load_pretrained, preset_config
+
+    build_from_config(preset_config("tiny", 512, family), seed=1).save_pretrained(tmp_path)
+    plain = load_pretrained(str(tmp_path)).state_dict()
+    method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4},
+                                                      "model": {"family": family}}))
+    loaded = load_module_by_module(str(tmp_path), method.wrap_while_building())
+    layers = relora_modules(loaded)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        q, scale = quant.quantize(plain[f"{name}.weight"], "int8")
+        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale), name
+    for key, value in loaded.state_dict().items():
+        if key.rsplit(".", 1)[0] not in layers:
+            assert torch.equal(value, plain[key]), key
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (family == "qwen2")
