@@ -244,7 +244,9 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         resume = Components(**model_build.__dict__)
     resume.transient += steps.masters + steps.moments
     plan.phases["resume"] = resume
-    plan.phases["export"] = Components(transient=1.5 * 4 * max(counts.largest, counts.vocab * counts.hidden),
+    # The export: one tensor at a time in fp32 (and a stored W's dequantized copy beside the merged one).
+    copies = 1.5 + (1.0 if wrapped and base_dtype in ("int8", "fp8") else 0.0)
+    plan.phases["export"] = Components(transient=copies * 4 * max(counts.largest, counts.vocab * counts.hidden),
                                        runtime=EXPORT_BASELINE if accelerator == "cpu" else 0.0)
     return plan
 
