@@ -202,6 +202,19 @@ def test_a_stored_w_refuses_fp16_and_zero3_in_the_deepspeed_json():
         method.check_ds_config(ds_config(stage, bf16=True))
 
 
+def assert_stored_copy_of(model, plain: dict) -> dict:
+    """Every wrapped layer of `model` holds the int8 W of `plain` (a plain model's state dict), every other tensor is
+    bitwise plain's; returns the wrapped layers."""
+    layers = relora_modules(model)
+    for name, layer in layers.items():
+        q, scale = quant.quantize(plain[f"{name}.weight"], "int8")
+        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale), name
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[0] not in layers:
+            assert torch.equal(value, plain[key]), key
+    return layers
+
+
 def test_a_stored_w_is_wrapped_module_by_module_while_the_model_is_built():
     """The build with the method's per_module hook: every other tensor bitwise the plain build's, each stored W the
     plain build's W quantized (the same draws, in transformers' order); a no-op hook changes nothing."""
@@ -215,14 +228,7 @@ def test_a_stored_w_is_wrapped_module_by_module_while_the_model_is_built():
     assert noop.keys() == plain.keys() and all(torch.equal(noop[k], plain[k]) for k in plain)
     method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4}}))
     built = build_from_config(config, seed=3, per_module=method.wrap_while_building())
-    layers = relora_modules(built)
-    assert len(layers) == 7 * config.num_hidden_layers
-    for name, layer in layers.items():
-        q, scale = quant.quantize(plain[f"{name}.weight"], "int8")
-        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale), name
-    for key, value in built.state_dict().items():
-        if key.rsplit(".", 1)[0] not in layers:
-            assert torch.equal(value, plain[key]), key
+    assert len(assert_stored_copy_of(built, plain)) == 7 * config.num_hidden_layers
     assert methods.from_config(RunConfig.from_dict({})).wrap_while_building() is None  # auto: wrapped after the build
 
 
@@ -239,12 +245,5 @@ def test_a_saved_model_is_loaded_module_by_module_into_a_stored_w(tmp_path, fami
     method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4},
                                                       "model": {"family": family}}))
     loaded = load_module_by_module(str(tmp_path), method.wrap_while_building())
-    layers = relora_modules(loaded)
-    assert len(layers) == 14
-    for name, layer in layers.items():
-        q, scale = quant.quantize(plain[f"{name}.weight"], "int8")
-        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale), name
-    for key, value in loaded.state_dict().items():
-        if key.rsplit(".", 1)[0] not in layers:
-            assert torch.equal(value, plain[key]), key
+    assert len(assert_stored_copy_of(loaded, plain)) == 14
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (family == "qwen2")
