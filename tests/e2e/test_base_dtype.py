@@ -142,7 +142,8 @@ def test_a_resume_reads_each_stored_w_through_a_mapping_of_its_own(corpus, tmp_p
     config = tmp_path / "run.json"
     config.write_text(json.dumps(short_run_config(tmp_path, *corpus, ds, **fields).to_dict()))
     for extra in ([], ["--resume"]):
-        subprocess.run([sys.executable, "-m", "relora_ds", "train", "--config", str(config), *extra], check=True,
-                       env=cpu_env(), cwd=ROOT, capture_output=True)
+        run = subprocess.run([sys.executable, "-m", "relora_ds", "train", "--config", str(config), *extra],
+                             env=cpu_env(), cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
     memory = {r["phase"]: r["peak_gib"] for r in read_metrics(str(tmp_path / "run")) if r.get("event") == "memory"}
     assert memory["resume"] - memory["build"] < 302_383_104 / 2**30, memory

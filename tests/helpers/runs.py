@@ -49,10 +49,15 @@ def write_ds_config(directory, stage: int = 0, micro_batch: int = 2, bf16: bool 
     return path
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
 def cpu_env(**extra) -> dict:
     """This process's environment for a child process that runs DeepSpeed on the CPU (DS_ACCELERATOR=cpu), plus
-    `extra`."""
-    return {**os.environ, "DS_ACCELERATOR": "cpu", **extra}
+    `extra`; without this process's torch.distributed rendezvous (a training run in this process set MASTER_PORT to
+    the port its own store holds, and a child given it fails to bind it)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**env, "DS_ACCELERATOR": "cpu", **extra}
 
 
 def tiny_run_config(directory, train_file, val_file, ds_config, **fields):
