@@ -107,6 +107,13 @@ def trim_heap() -> None:
         pass
 
 
+def returns_freed_host_memory(zero_stage: int, stores_weight: bool, cuda: bool) -> bool:
+    """Whether a run calls `fix_heap_threshold` (its freed host tensors returned to the OS at once): CPU ranks on
+    ZeRO-3 (the gather/free churn) or with a stored W (each matmul's dequantized copy). The trainer acts on it and
+    `relora-ds plan` counts with it."""
+    return not cuda and (zero_stage == 3 or stores_weight)
+
+
 def fix_heap_threshold(nbytes: int = 1 << 20) -> bool:
     """Serve every host allocation of `nbytes` or more with its own mmap, returned to the OS when freed (glibc's
     M_MMAP_THRESHOLD through mallopt; False where that is unavailable).

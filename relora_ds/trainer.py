@@ -26,7 +26,7 @@ from relora_ds.engine import ds_config as dsc, run_dir, runtime
 from relora_ds.engine.train_module import mean_over_ranks, optimizer_bytes, over_ranks, start_engine
 from relora_ds.errors import RunError
 from relora_ds.fields import setting
-from relora_ds.memory import PhaseMemory, fix_heap_threshold
+from relora_ds.memory import PhaseMemory, fix_heap_threshold, returns_freed_host_memory
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import CHECKPOINTING, describe, enable_activation_checkpointing, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
@@ -147,10 +147,8 @@ def setup(cfg) -> Trainer:
                               world_size=world, max_grad_norm=cfg.train.max_grad_norm,
                               source=cfg.train.deepspeed_config)
     micro_bs, grad_accum = dsc.micro_batch_size(ds_config), dsc.grad_accum_steps(ds_config)
-    if (dsc.zero_stage(ds_config) == 3 or cfg.relora.base_dtype != "auto") and not torch.cuda.is_available():
-        # host RSS of the gather/free churn of ZeRO-3 CPU ranks, and of a stored W's per-matmul dequantized copies
-        # (memory.py): freed at once instead of kept on the heap
-        fix_heap_threshold()
+    if returns_freed_host_memory(dsc.zero_stage(ds_config), method.stores_weight, torch.cuda.is_available()):
+        fix_heap_threshold()  # host RSS of ZeRO-3's gather/free churn or a stored W's dequantized copies (memory.py)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab_size = cfg.model.vocab_size or len(tokenizer)

@@ -65,6 +65,11 @@ class Method:
     def wrap(self, model) -> None:
         raise NotImplementedError(f"method {self.name}: wraps nothing")
 
+    @property
+    def stores_weight(self) -> bool:
+        """Whether the wrapped layers store their frozen W in a dtype of its own (relora.base_dtype)."""
+        return False
+
     def wrap_while_building(self):
         """None, or per_module(model, name, module): places the adapters module by module while the model is built
         (model.build.build_from_config), when they are placed at step 0; `wrap` is then not called."""

@@ -137,11 +137,15 @@ class LoRA(Method):
              dropout=r.dropout, trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=self.cfg.train.seed,
              base_dtype=r.base_dtype)
 
+    @property
+    def stores_weight(self) -> bool:
+        return self.cfg.relora.base_dtype != "auto"
+
     def wrap_while_building(self):
         """With a stored W (relora.base_dtype other than auto), each target is wrapped, its W stored, as soon as the
         build has initialised it: a 7b int8 build never holds the bf16 or fp32 W of the whole model."""
         r = self.cfg.relora
-        if r.base_dtype == "auto":
+        if not self.stores_weight:
             return None
         settings = dict(rank=r.rank, alpha=r.alpha, dropout=r.dropout, trainable_scaling=r.trainable_scaling,
                         kernels=r.kernels, seed=self.cfg.train.seed, base_dtype=r.base_dtype)

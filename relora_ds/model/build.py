@@ -166,9 +166,7 @@ def load_module_by_module(path: str, per_module, attn_implementation: str = "aut
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     handles = {}
     try:
-        def fill(name: str, module) -> None:
-            for child_name, child in list(module.named_children()):
-                fill(f"{name}.{child_name}" if name else child_name, child)
+        def fill(_owner, name: str, module) -> None:
             own = [*module.named_parameters(recurse=False),
                    *((n, b) for n, b in module.named_buffers(recurse=False)
                      if n not in module._non_persistent_buffers_set)]
@@ -184,7 +182,7 @@ def load_module_by_module(path: str, per_module, attn_implementation: str = "aut
                     tensor.copy_(handles[files[key]].get_tensor(key))
             per_module(model, name, module)
 
-        fill("", model)
+        _children_first(model, fill)
     finally:
         handles.clear()
     model.tie_weights()
@@ -289,21 +287,30 @@ def build_from_config(config, *, dtype: torch.dtype | None = None, seed: int | N
     return model
 
 
-def _initialize_module_by_module(model, per_module) -> None:
-    """transformers' `initialize_weights` (each module initialised by its own PreTrainedModel's `_initialize_weights`,
-    children before parents: the same draws in the same order), calling `per_module` on each module once it is."""
+def _children_first(model, fn) -> None:
+    """fn(owner, name, module) on every module of `model`, children before their parent (transformers' own init
+    order), `owner` the nearest PreTrainedModel at or above the module; fn may replace the module in its parent."""
     from transformers import PreTrainedModel
-
-    is_custom_code = model.is_custom_code()
 
     def visit(owner, name: str, module) -> None:
         for child_name, child in list(module.named_children()):
             visit(child if isinstance(child, PreTrainedModel) else owner, f"{name}.{child_name}" if name else child_name,
                   child)
+        fn(owner, name, module)
+
+    visit(model, "", model)
+
+
+def _initialize_module_by_module(model, per_module) -> None:
+    """transformers' `initialize_weights` (each module initialised by its own PreTrainedModel's `_initialize_weights`,
+    children before parents: the same draws in the same order), calling `per_module` on each module once it is."""
+    is_custom_code = model.is_custom_code()
+
+    def initialize(owner, name: str, module) -> None:
         owner._initialize_weights(module, is_custom_code)
         per_module(model, name, module)
 
-    visit(model, "", model)
+    _children_first(model, initialize)
 
 
 def build_model(preset: str, vocab_size: int, *, family: str = "llama", max_position_embeddings: int | None = None,

@@ -116,16 +116,10 @@ class ReLoRALinear(nn.Module):
         return self.base_dtype != "auto"
 
     @torch.no_grad()
-    def store_weight(self, weight: torch.Tensor, rounding: str = "nearest",
-                     generator: torch.Generator | None = None) -> None:
-        """W ← `weight` (float, out x in) in this layer's storage: the Parameter's dtype for base_dtype auto (in
-        place), else quantized into the `weight` / `weight_scale` buffers (replaced: the shapes may be new)."""
-        if not self.stored:
-            if rounding == "stochastic" and self.weight.dtype != torch.float32:
-                weight = quant.round_to(weight.float(), quant.format_of(self.weight.dtype), rounding, generator)
-            self.weight.copy_(weight.to(self.weight.dtype))
-            return
-        q, scale = quant.quantize(weight, self.base_dtype, rounding=rounding, generator=generator)
+    def store_weight(self, weight: torch.Tensor) -> None:
+        """W ← `weight` (float, out x in) stored in base_dtype (rounded to nearest): the `weight` / `weight_scale`
+        buffers, replaced (W may have been the Parameter of the wrapped Linear)."""
+        q, scale = quant.quantize(weight, self.base_dtype)
         device = weight.device
         if "weight" in self._parameters:
             del self._parameters["weight"]
@@ -147,7 +141,8 @@ class ReLoRALinear(nn.Module):
         """W ← round(W + delta), the sum in fp32, one rounding to W's storage (`rounding`: nearest or stochastic,
         its draws from `generator`; a stored int8/fp8 W gets the new rows' scales)."""
         if not self.stored:
-            self.store_weight(self.weight.float() + delta.to(self.weight.device), rounding, generator)
+            merged = self.weight.float() + delta.to(self.weight.device)
+            self.weight.copy_(quant.round_to(merged, quant.format_of(self.weight.dtype), rounding, generator))
             return
         merged = self.dequantized_weight() + delta.to(self.weight.device)
         q, scale = quant.quantize(merged, self.base_dtype, rounding=rounding, generator=generator)

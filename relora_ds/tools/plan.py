@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from relora_ds.engine import ds_config as dsc
 from relora_ds.errors import RunError
-from relora_ds.memory import GIB
+from relora_ds.memory import GIB, returns_freed_host_memory
 
 # The runtime a rank holds beyond the terms above, measured on this project's CPU rehearsals (benchmarks/results/
 # *-scale-*.md: the peak of the steps minus the terms): the imported libraries (0.25-0.31 GiB bare), the engine, the
@@ -190,7 +190,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     base_dtype = cfg.relora.base_dtype
     plan = Plan(ranks, stage, precision, base_dtype, checkpointing, micro_batch, accelerator)
     foreach = accelerator == "cuda"
-    heap_returns = accelerator == "cpu" and (stage == 3 or base_dtype != "auto")  # trainer: fix_heap_threshold
+    heap_returns = returns_freed_host_memory(stage, method.stores_weight, accelerator == "cuda")
     runtime = RUNTIME_BASELINE if accelerator == "cpu" else 0.0
     wrapped = method.switch_step is not None
     rank = cfg.relora.rank if wrapped else 0
@@ -262,6 +262,8 @@ def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes
     1024). None when nothing does."""
     import copy
 
+    from relora_ds import methods
+
     def fits(c, d, n):
         plan = make_plan(c, d, n, vocab_size, counts, accelerator)
         return plan if plan.peak <= device_bytes else None
@@ -279,7 +281,8 @@ def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes
         d = {**ds_config, "train_micro_batch_size_per_gpu": micro}
         if (plan := fits(cfg, d, ranks)):
             return f"train_micro_batch_size_per_gpu: {micro} (more gradient accumulation steps)", plan
-    if cfg.relora.base_dtype in ("auto", "fp32", "bf16") and stage <= 2 and cfg.method in ("lora", "relora"):
+    wraps = methods.from_config(cfg).switch_step is not None
+    if cfg.relora.base_dtype in ("auto", "fp32", "bf16") and stage <= 2 and wraps:
         c = copy.deepcopy(cfg)
         c.relora.base_dtype = "int8"
         if (plan := fits(c, ds_config, ranks)):
@@ -339,8 +342,6 @@ def run_plan(config_path: str, overrides, ds_path: str | None, ranks: int, devic
     from relora_ds.data.tokenize import load_tokenizer
     from relora_ds.files import parse_byte_size
 
-    if ranks < 1:
-        raise PlanError(f"--ranks must be >= 1, got {ranks}")
     device_bytes = None
     if device_memory is not None:
         device_bytes = parse_byte_size(device_memory)
