@@ -44,6 +44,10 @@ class RestartRecord:
     index: int
     step: int
     merged_norm: float       # Frobenius norm of all merged s*B*A together (0 without a merge)
+    merge_error: float       # ||rounding error|| / ||s*B*A||: what W's storage did not take, relative (0: all taken)
+    merge_kept: float        # <update W took, s*B*A> / ||s*B*A||^2: the share taken along the update (1: all)
+    drift: float | None      # relora.track_drift: ||deq(W) - W_exact|| / ||W_exact|| over the wrapped layers, W_exact
+                             # the same merges without rounding since the process started (None: not tracked)
     fraction_zeroed: float   # of all adapter moment entries (0 without an optimizer reset)
     seconds: float
     merge_seconds: float
@@ -51,7 +55,17 @@ class RestartRecord:
     stage: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def merge_sums(delta: torch.Tensor, error: torch.Tensor) -> tuple[float, float, float]:
+    """(||delta||^2, ||error||^2, <error, delta>) in float64, a chunk of rows at a time (no float64 copy of W)."""
+    delta, error = delta.reshape(-1), error.reshape(-1)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, delta.numel(), 1 << 20):
+        d, e = delta[start:start + (1 << 20)].double(), error[start:start + (1 << 20)].double()
+        sums += torch.stack([d.dot(d), e.dot(e), e.dot(d)]).cpu()
+    return tuple(sums.tolist())
 
 
 def _check_arguments(restart_index, method, ratio, zero3_merge) -> None:
@@ -86,9 +100,9 @@ def _check_ready(engine, layout: zero.Layout, modules: dict) -> None:
 @torch.no_grad()
 def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, name: str = "weight",
                       zero3_merge: str = "shard", rounding: str = "nearest",
-                      generator: torch.Generator | None = None) -> float:
+                      generator: torch.Generator | None = None) -> tuple[float, float, float]:
     """W += scale * B @ A (fp32 math, one rounding to W's dtype: `rounding`, stochastic draws from `generator`, made
-    for the whole W and sliced on ZeRO-3 "shard"); returns this rank's share of ||delta||^2.
+    for the whole W and sliced on ZeRO-3 "shard"); returns this rank's share of merge_sums(delta, rounding error).
 
     Stages 0-2 (W whole on every rank): every rank adds the whole delta and returns the whole sum.
     ZeRO-3 "shard": each rank adds the delta elements of its own flat slice of W (computing only the
@@ -99,22 +113,24 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
     fmt = quant.format_of(getattr(W, "ds_tensor", W).dtype)
     if not hasattr(W, "ds_tensor"):
         delta = functional.lora_delta(A, B, scale).to(W.device)
-        W.data.copy_(quant.round_to(W.data.float() + delta, fmt, rounding, generator))
-        return float(delta.double().square().sum())
+        merged = W.data.float() + delta
+        W.data.copy_(quant.round_to(merged, fmt, rounding, generator))
+        return merge_sums(delta, torch.sub(W.data, merged, out=merged))
     zero.check_zero3_weight(W, name)
     if zero3_merge == "gathered":
         import deepspeed
         import torch.distributed as tdist
 
-        share = 0.0
+        share = (0.0, 0.0, 0.0)
         with deepspeed.zero.GatheredParameters([W], modifier_rank=0):
             if tdist.get_rank(group=W.ds_process_group) == 0:
                 delta = functional.lora_delta(A, B, scale).to(W.device)
-                W.data.copy_(quant.round_to(W.data.float() + delta, fmt, rounding, generator))
-                share = float(delta.double().square().sum())
+                merged = W.data.float() + delta
+                W.data.copy_(quant.round_to(merged, fmt, rounding, generator))
+                share = merge_sums(delta, torch.sub(W.data, merged, out=merged))
         return share
     start, end = zero.zero3_slice(W)
-    share = 0.0
+    share = (0.0, 0.0, 0.0)
     if end > start:
         in_features = zero.full_shape(W)[1]
         row_start, row_end = start // in_features, -(-end // in_features)
@@ -125,16 +141,31 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
         noise = None
         if rounding == "stochastic" and fmt != "fp32":  # the whole W's draws, this rank's slice of them
             noise = quant.uniform_noise((W.ds_numel,), generator, local.device)[start:end]
-        local.copy_(quant.round_to(local.float() + delta, fmt, rounding, noise=noise))
-        share = float(delta.double().square().sum())
+        merged = local.float() + delta
+        local.copy_(quant.round_to(merged, fmt, rounding, noise=noise))
+        share = merge_sums(delta, torch.sub(local, merged, out=merged))
     zero.release_gathered(W)  # a gathered (persistent) copy would otherwise be used stale
     return share
 
 
 @torch.no_grad()
+def _track_residual(module, error: torch.Tensor) -> tuple[float, float]:
+    """relora.track_drift: the layer's residual R = W_exact - deq(W) (the sum of its merges' rounding errors, an fp32
+    tensor beside W, from this process's first merge) updated by this merge's error; returns (||R||^2, ||W_exact||^2)."""
+    residual = getattr(module, "merge_residual", None)
+    if residual is None:
+        residual = module.merge_residual = torch.zeros_like(error)
+    residual.sub_(error)
+    exact = module.dequantized_weight().add(residual)
+    return merge_sums(residual, residual)[0], merge_sums(exact, exact)[0]
+
+
+@torch.no_grad()
 def _merge_and_reinit(layout: zero.Layout, name: str, module, *, seed: int, restart_index: int,
-                      zero3_merge: str, rounding: str = "nearest") -> float:
-    """Merge one layer and re-init its adapters in module and masters; returns the local ||delta||^2 share."""
+                      zero3_merge: str, rounding: str = "nearest",
+                      track_drift: bool = False) -> tuple[float, float, float, float, float]:
+    """Merge one layer and re-init its adapters in module and masters; returns the local shares of merge_sums and,
+    with track_drift (W whole on this rank), of (||R||^2, ||W_exact||^2) (else zeros)."""
     params = [module.lora_A, module.lora_B]
     if module.lora_scaling is not None:
         params.append(module.lora_scaling)
@@ -144,11 +175,14 @@ def _merge_and_reinit(layout: zero.Layout, name: str, module, *, seed: int, rest
     B = full[1].view(module.out_features, module.rank)
     scale = math.tanh(float(full[2])) if module.lora_scaling is not None else module.alpha / module.rank
     generator = functional.rounding_generator(seed, restart_index, name) if rounding == "stochastic" else None
-    if module.stored:  # a stored W (relora.base_dtype) is whole on every rank (ZeRO-0/1/2)
-        delta = functional.lora_delta(A, B, scale)
-        module.merge_delta_(delta, rounding, generator)
-        share = float(delta.double().square().sum())
-        del delta
+    drift = (0.0, 0.0)
+    if not hasattr(module.weight, "ds_tensor"):  # W whole on this rank (ZeRO-0/1/2; a stored W or the Parameter)
+        delta = functional.lora_delta(A, B, scale).to(module.weight.device)
+        error = module.merge_delta_(delta, rounding, generator)
+        share = merge_sums(delta, error)
+        if track_drift:
+            drift = _track_residual(module, error)
+        del delta, error
     else:
         share = merge_into_weight(module.weight, A, B, scale, name=f"{name}.weight", zero3_merge=zero3_merge,
                                   rounding=rounding, generator=generator)
@@ -160,7 +194,7 @@ def _merge_and_reinit(layout: zero.Layout, name: str, module, *, seed: int, rest
             frag.tensor.copy_(value.view(-1)[frag.start:frag.start + frag.tensor.numel()])
         layout.commit(param, frag)
         zero.write_module_param(param, value)
-    return share
+    return (*share, *drift)
 
 
 @torch.no_grad()
@@ -207,14 +241,14 @@ def _prune_layer(layout: zero.Layout, name: str, module, *, method: str, ratio: 
 def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: bool = True,
                    reset_optimizer: bool = True, method: str = "magnitude", ratio: float = 0.99,
                    zero3_merge: str = "shard", pair_moments: bool = True, rounding: str = "nearest",
-                   layout: zero.Layout | None = None) -> RestartRecord:
+                   track_drift: bool = False, layout: zero.Layout | None = None) -> RestartRecord:
     """One ReLoRA restart of every wrapped layer of `engine.module`; all ranks call it and get the same record.
 
     merge: W += s*B*A and re-init A (from restart_generator(seed, restart_index, name)) and B = 0;
     reset_optimizer: prune the adapters' Adam moments (`method`: magnitude / random / full / none, at
     `ratio`; pair_moments also zeroes first moments whose second moment was pruned); rounding: of the merged W to its
-    storage (relora.merge_rounding). Online ReLoRA is
-    merge=True, reset_optimizer=False. `layout`: the engine's `zero.layout_for(engine)`, made once with the
+    storage (relora.merge_rounding); track_drift: keep each W's residual and report the drift (ZeRO-0/1/2). Online
+    ReLoRA is merge=True, reset_optimizer=False. `layout`: the engine's `zero.layout_for(engine)`, made once with the
     engine (chosen now when None). Raises RestartError (on every rank) before the first optimizer step.
     """
     _check_arguments(restart_index, method, ratio, zero3_merge)
@@ -228,13 +262,17 @@ def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: b
     if not modules:
         raise ValueError("relora restart: the engine's model has no ReLoRALinear layers (was it wrapped?)")
     _check_ready(engine, layout, modules)
-    merged_sq = zeroed = total = 0.0
+    if track_drift and not layout.replicated_weight:
+        raise ValueError("relora.track_drift: W is ZeRO-3-partitioned; drift is tracked on ZeRO-0/1/2 only")
+    sums = torch.zeros(5, dtype=torch.float64)  # ||delta||^2, ||error||^2, <error, delta>, ||R||^2, ||W_exact||^2
+    zeroed = total = 0.0
 
     merge_started = time.perf_counter()
     if merge:
         for name, module in modules.items():
-            merged_sq += _merge_and_reinit(layout, name, module, seed=seed, restart_index=restart_index,
-                                           zero3_merge=zero3_merge, rounding=rounding)
+            sums += torch.tensor(_merge_and_reinit(layout, name, module, seed=seed, restart_index=restart_index,
+                                                   zero3_merge=zero3_merge, rounding=rounding,
+                                                   track_drift=track_drift), dtype=torch.float64)
     merge_seconds = time.perf_counter() - merge_started
 
     prune_started = time.perf_counter()
@@ -251,11 +289,15 @@ def relora_restart(engine, *, restart_index: int, step: int, seed: int, merge: b
     # norm; moments whole: full counts) and timings are taken from rank 0.
     is_rank0 = 1.0 if not dist.is_initialized() or dist.rank() == 0 else 0.0
     seconds = time.perf_counter() - started
-    stats = torch.tensor([merged_sq * is_rank0 if layout.replicated_weight else merged_sq,
-                          zeroed * is_rank0 if layout.replicated_state else zeroed,
-                          seconds * is_rank0, merge_seconds * is_rank0, prune_seconds * is_rank0],
-                         dtype=torch.float64)
-    merged_sq, zeroed, seconds, merge_seconds, prune_seconds = _all_reduce(stats).tolist()
+    stats = torch.cat([sums * is_rank0 if layout.replicated_weight else sums,
+                       torch.tensor([zeroed * is_rank0 if layout.replicated_state else zeroed,
+                                     seconds * is_rank0, merge_seconds * is_rank0, prune_seconds * is_rank0],
+                                    dtype=torch.float64)])
+    (merged_sq, error_sq, error_dot, residual_sq, exact_sq,
+     zeroed, seconds, merge_seconds, prune_seconds) = _all_reduce(stats).tolist()
     return RestartRecord(index=restart_index, step=step, merged_norm=math.sqrt(merged_sq),
+                         merge_error=math.sqrt(error_sq / merged_sq) if merged_sq else 0.0,
+                         merge_kept=1.0 + error_dot / merged_sq if merged_sq else 1.0,
+                         drift=math.sqrt(residual_sq / exact_sq) if track_drift and exact_sq else None,
                          fraction_zeroed=zeroed / total if total else 0.0, seconds=seconds,
                          merge_seconds=merge_seconds, prune_seconds=prune_seconds, stage=zero.stage(engine))

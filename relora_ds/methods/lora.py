@@ -44,6 +44,8 @@ class ReLoRAConfig:
     merge_rounding: str = setting("nearest", "rounding of W + s·B·A to W's storage at a merge (bf16, int8, fp8 W); "
                                              "stochastic: unbiased, drawn from the restart's generator",
                                   quant.MERGE_ROUNDINGS)
+    track_drift: bool = setting(False, "a diagnostic: keep each W's merge rounding errors (an fp32 tensor as large as "
+                                       "W) and log drift = ||deq(W) - W_exact|| / ||W_exact|| at every merge (ZeRO-0/1/2)")
 
 
 class LoRA(Method):
@@ -115,6 +117,9 @@ class LoRA(Method):
         """A stored W (relora.base_dtype other than auto) is replicated: ZeRO-0/1/2 in fp32 or bf16."""
         base_dtype = self.cfg.relora.base_dtype
         quant.check_base_dtype(base_dtype)
+        if self.cfg.relora.track_drift and zero_stage(ds_config) == 3:
+            raise ValueError("relora.track_drift: needs zero_optimization.stage 0, 1 or 2, got 3 (the residual is kept "
+                             "beside a whole W)")
         if base_dtype == "auto":
             return
         if zero_stage(ds_config) == 3:

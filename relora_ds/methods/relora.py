@@ -66,7 +66,7 @@ class ReLoRA(LoRA):
         record = relora_restart(engine.ds, restart_index=self.restart_index, step=step, seed=self.cfg.train.seed,
                                 merge=True, reset_optimizer=reset, method=r.optimizer_reset, ratio=r.prune_ratio,
                                 zero3_merge=r.zero3_merge, pair_moments=r.pair_moments, rounding=r.merge_rounding,
-                                layout=engine.layout)
+                                track_drift=r.track_drift, layout=engine.layout)
         return {k: v for k, v in record.to_dict().items() if k != "step"}
 
     def callbacks(self) -> list:

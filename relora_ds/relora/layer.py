@@ -137,19 +137,21 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_delta_(self, delta: torch.Tensor, rounding: str = "nearest",
-                     generator: torch.Generator | None = None) -> None:
+                     generator: torch.Generator | None = None) -> torch.Tensor:
         """W ← round(W + delta), the sum in fp32, one rounding to W's storage (`rounding`: nearest or stochastic,
-        its draws from `generator`; a stored int8/fp8 W gets the new rows' scales)."""
+        its draws from `generator`; a stored int8/fp8 W gets the new rows' scales). Returns the rounding's error,
+        deq(W') − (deq(W) + delta), in fp32 (the part of delta the stored W did not take)."""
         if not self.stored:
             merged = self.weight.float() + delta.to(self.weight.device)
             self.weight.copy_(quant.round_to(merged, quant.format_of(self.weight.dtype), rounding, generator))
-            return
+            return torch.sub(self.weight, merged, out=merged)
         merged = self.dequantized_weight() + delta.to(self.weight.device)
         q, scale = quant.quantize(merged, self.base_dtype, rounding=rounding, generator=generator)
-        del merged
         self.weight.copy_(q)
         if scale is not None:
             self.weight_scale.copy_(scale)
+        del q, scale
+        return torch.sub(self.dequantized_weight(), merged, out=merged)  # (a stored fp32 W dequantizes to itself)
 
     @property
     def scale(self) -> torch.Tensor | float:

@@ -3,6 +3,7 @@
     relora-ds compare --config BASE.yaml --out DIR [--variants full,lora,lora_warm,relora] [--set key=value ...]
     relora-ds compare --config BASE.yaml --out DIR --variant lora     # one variant (e.g. one SLURM job each)
     relora-ds compare --config BASE.yaml --out DIR --report           # only the report, from what has finished
+    relora-ds compare --config BASE.yaml --out DIR --seeds 1,2,3      # each variant once per train.seed
 
 BASE.yaml is a ReLoRA run (method relora) with a full-rank warm start W = relora.warm_start_steps > 0 and
 held-out evaluation (train.eval_every > 0). Each variant is that config with a few fields changed (VARIANTS below);
@@ -35,6 +36,10 @@ continues an unfinished one from its newest checkpoint (train.resume auto). A re
 refused rather than reused. A variant whose loss goes non-finite (errors.NonFiniteError) is recorded as diverged
 at that step and the others still run; any other error stops the command with its one-line message. Delete
 DIR/<variant>/result.json to run a variant again.
+
+`--seeds 1,2,3` runs every variant once per seed (train.seed; a --set of it is refused), each in
+DIR/seed<k>/<variant>, and the report gives each variant's mean ± sample standard deviation over its finished seeds
+above the table of the single runs.
 
 The report (rank 0): DIR/compare.json and DIR/compare.md — per variant its status, final held-out loss and
 perplexity, final train loss, trainable parameters, optimizer-state bytes, median tokens/s, restarts (merges), epochs of the training data
@@ -83,11 +88,25 @@ DEFAULT_VARIANTS = ("full", "lora", "lora_warm", "relora")  # the paper's Table 
 # What compare sets in every variant (so a --set of these is refused); train.output_dir is DIR/<variant>.
 COMPARE_SETS = {"train.resume": "auto", "checkpoint.at_switch": True, "checkpoint.save_final": True}
 COMPARE_KEYS = ("train.output_dir", *COMPARE_SETS)
+SEED_KEY = "train.seed"  # set per run by --seeds
 # Fields that do not change what a variant computes: a finished result is reused whatever they say.
 NOT_COMPARED = ("log.", "checkpoint.every", "checkpoint.keep_last", "train.output_dir", "train.resume")
 
 
 # --- configs ----------------------------------------------------------------------------------------------------
+
+def parse_seeds(text: str) -> list[int]:
+    """"1, 2,3" → [1, 2, 3] (in order, once each); anything but non-negative integers is a one-line error."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        raise CompareError(f"--seeds: a comma-separated list of non-negative integers (e.g. 1,2,3), got {text!r}")
+    return list(dict.fromkeys(int(item) for item in items))
+
+
+def run_key(name: str, seed: int | None) -> str:
+    """A run's directory under --out: <variant>, or seed<k>/<variant> with --seeds."""
+    return name if seed is None else f"seed{seed}/{name}"
+
 
 def parse_variants(text: str) -> list[str]:
     """"full, lora,relora" → ["full", "lora", "relora"] (in order, once each); an unknown name is a one-line error."""
@@ -277,22 +296,32 @@ def epoch_warning(result: dict) -> str | None:
 # --- the whole comparison ------------------------------------------------------------------------------------------
 
 def compare(base_path: str | None, names, out: str, overrides=(), *, only: str | None = None,
-            report_only: bool = False) -> dict:
-    """Run the variants `names` (or just `only`) of the base config into `out`/<variant>, then (not with `only`)
-    write the report. Every variant's config is built and checked before anything runs. Returns {name: result}."""
+            report_only: bool = False, seeds: list[int] | None = None) -> dict:
+    """Run the variants `names` (or just `only`) of the base config into `out`/<variant> (with `seeds`: once per
+    seed, into `out`/seed<k>/<variant>), then (not with `only`) write the report. Every run's config is built and
+    checked before anything runs. Returns {run_key: result}."""
     names = list(names)
     if only is not None and only not in names:
         raise CompareError(f"--variant {only!r}: not among --variants ({', '.join(names)})")
+    if seeds is not None and any(item.partition("=")[0].strip() == SEED_KEY for item in overrides):
+        raise CompareError(f"--set {SEED_KEY}: --seeds sets it for every run; give the seeds to --seeds only")
     base = base_config(base_path, overrides)
-    configs = {name: variant_config(base, name, os.path.join(out, name)) for name in names}
+    runs = {}  # run key → (variant, its config)
+    for seed in (seeds if seeds is not None else [None]):
+        seeded = copy.deepcopy(base)
+        if seed is not None:
+            seeded.train.seed = seed
+        for name in names:
+            runs[run_key(name, seed)] = (name, variant_config(seeded, name, os.path.join(out, run_key(name, seed))))
     own = {name: variant_overrides(base, name) for name in names}
     if report_only:
-        for name, cfg in configs.items():
+        for name, cfg in runs.values():
             check_same_config(name, cfg)
-        results = {name: read_result(cfg.train.output_dir) or not_run_result(name, cfg, own[name])
-                   for name, cfg in configs.items()}
+        results = {key: read_result(cfg.train.output_dir) or not_run_result(name, cfg, own[name])
+                   for key, (name, cfg) in runs.items()}
     else:
-        results = {name: run_variant(name, configs[name], own[name]) for name in ([only] if only else names)}
+        results = {key: run_variant(name, cfg, own[name]) for key, (name, cfg) in runs.items()
+                   if only is None or name == only}
     for result in results.values():
         warning = epoch_warning(result)
         if warning and dist.is_rank_zero():
@@ -303,7 +332,7 @@ def compare(base_path: str | None, names, out: str, overrides=(), *, only: str |
     if dist.is_rank_zero():
         spectra = spectra_of(out, results)
         plot_compare(out, results)
-        write_report(out, base_path, list(overrides), results, spectra)
+        write_report(out, base_path, list(overrides), results, spectra, seeds)
         _say(f"compare: report in {os.path.join(out, REPORT_MD)} ({REPORT_JSON}, {REPORT_PNG})")
     dist.barrier()
     return results
@@ -346,7 +375,7 @@ def plot_compare(out: str, results: dict) -> str:
         if not os.path.isfile(path):
             continue
         curves, color = read_curves(path), f"C{i % 10}"
-        label = name if result["status"] == "finished" else f"{name} ({status_text(result)})"
+        label = name if result["status"] == "finished" else f"{name} ({status_text(result)})"  # name: the run key
         if curves.eval_steps:
             ax_eval.plot(curves.eval_steps, curves.eval_losses, "o-", color=color, markersize=4, label=label)
         if curves.steps:
@@ -379,30 +408,81 @@ COLUMNS = ("variant", "status", "eval loss", "eval ppl", "train loss", "trainabl
 
 
 def report_rows(results: dict, spectra: dict) -> list[dict]:
-    """One dict per variant: the report's numbers (compare.json) with its σ>0.1 count."""
+    """One dict per run: the report's numbers (compare.json) with its σ>0.1 count (and its seed, under --seeds)."""
     rows = []
     for name, result in results.items():
         summary = spectra["summaries"].get(name) or {}
         row = {k: v for k, v in result.items() if k != "config"}
+        if result.get("config"):
+            row["seed"] = result["config"]["train"]["seed"]
         row["num_above_0_1"] = summary.get("num_above_0_1")
         row["num_above_0_1_by_projection"] = summary.get("by_projection")
         rows.append(row)
     return rows
 
 
+SEED_STATS = ("eval_loss", "eval_perplexity", "train_loss", "tokens_per_s", "num_above_0_1")  # mean ± sd per variant
+
+
+def seed_rows(rows: list[dict], seeds: list[int]) -> list[dict]:
+    """Per variant (in order), over its finished runs: {field: [mean, sample sd]} for SEED_STATS (sd None with one
+    run), the seeds finished and those not."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        done = [r for r in runs if r["status"] == "finished" and _finite(r.get("eval_loss"))]
+        row = {"variant": variant, "seeds": [r["seed"] for r in done],
+               "not_finished": [r.get("seed") for r in runs if r not in done],
+               "trainable_params": done[0]["trainable_params"] if done else None,
+               "optimizer_state_bytes": done[0].get("optimizer_state_bytes") if done else None,
+               "restarts": done[0]["restarts"] if done else None}
+        for field in SEED_STATS:
+            values = [r[field] for r in done if _finite(r.get(field))]
+            row[field] = [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None] \
+                if values else None
+        out.append(row)
+    return out
+
+
+def seed_markdown(rows: list[dict], seeds: list[int]) -> list[str]:
+    """The table of seed_rows: mean ± sd over the finished seeds."""
+    def stat(value, spec):
+        if value is None:
+            return "—"
+        mean, sd = value
+        return format(mean, spec) + ("" if sd is None else " ± " + format(sd, spec))
+
+    lines = [f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} (finished runs only):", "",
+             "| variant | seeds finished | eval loss | eval ppl | train loss | trainable params | optimizer state MiB "
+             "| tokens/s | restarts | σ>0.1 |", "|" + "---|" * 10]
+    for r in rows:
+        missing = f" (not: {', '.join(map(str, r['not_finished']))})" if r["not_finished"] else ""
+        state = r["optimizer_state_bytes"]
+        lines.append(f"| `{r['variant']}` | {len(r['seeds'])}{missing} | {stat(r['eval_loss'], '.4f')} | "
+                     f"{stat(r['eval_perplexity'], '.2f')} | {stat(r['train_loss'], '.4f')} | "
+                     f"{'—' if r['trainable_params'] is None else format(r['trainable_params'], ',')} | "
+                     f"{'—' if state is None else format(state / 2**20, ',.1f')} | "
+                     f"{stat(r['tokens_per_s'], ',.0f')} | {'—' if r['restarts'] is None else r['restarts']} | "
+                     f"{stat(r['num_above_0_1'], ',.0f')} |")
+    return lines + ["", "Each run:", ""]
+
+
 def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], notes: list[str],
-             spectra: dict) -> str:
+             spectra: dict, seeds: list[int] | None = None) -> str:
     def num(value, spec):
         return "—" if value is None else format(value, spec)
 
     total = rows[0]["total_steps"] if rows else None
     lines = ["# relora-ds compare", "",
              f"Base config `{base_path}`" + (f" with `--set {' '.join(overrides)}`" if overrides else "")
-             + f"; every variant: {total} steps on the same data, seed and batch.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             + f"; every variant: {total} steps on the same data, " + ("seeds" if seeds else "seed") + " and batch.",
+             ""]
+    if seeds:
+        lines += seed_markdown(seed_rows(rows, seeds), seeds)
+    lines += ["| " + " | ".join(("run" if seeds else "variant", *COLUMNS[1:])) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         early = r["eval_step"] is not None and r["eval_step"] != r["total_steps"]  # a diverged or unfinished run
-        cells = [f"`{r['variant']}`", status_text(r),
+        cells = [f"`{r['variant']}`" + (f" seed {r['seed']}" if seeds else ""), status_text(r),
                  num(r["eval_loss"], ".4f") + (f" (step {r['eval_step']})" if early else ""),
                  num(r["eval_perplexity"], ".2f"),
                  num(r["train_loss"], ".4f"), num(r["trainable_params"], ","),
@@ -412,7 +492,7 @@ def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], n
                  num(r["num_above_0_1"], ",")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Variants (changes to the base config):", ""]
-    for r in rows:
+    for r in {r["variant"]: r for r in rows}.values():
         changes = ", ".join(f"{k}={_yaml(v)}" for k, v in r["overrides"].items()) or "none"
         lines.append(f"- `{r['variant']}`: {r['description']} ({changes})")
     lines += ["", "eval loss / ppl: the last held-out evaluation; train loss: the last logged step; optimizer state "
@@ -428,15 +508,18 @@ def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], n
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: str, base_path: str | None, overrides: list[str], results: dict, spectra: dict) -> None:
+def write_report(out: str, base_path: str | None, overrides: list[str], results: dict, spectra: dict,
+                 seeds: list[int] | None = None) -> None:
     rows = report_rows(results, spectra)
     notes = [w.removeprefix("warning: compare: ") for w in map(epoch_warning, results.values()) if w]
     notes += [f"{r['variant']}: {r['error']}" for r in rows if r.get("error")] + spectra["notes"]
     report = {"base_config": base_path, "overrides": overrides, "variants": rows, "notes": notes,
               "spectra": {"json": spectra["json"], "png": spectra["png"]}, "plot": os.path.join(out, REPORT_PNG)}
+    if seeds:
+        report.update(seeds=seeds, by_variant=seed_rows(rows, seeds))
     atomic_write(os.path.join(out, REPORT_JSON), json.dumps(report, indent=2) + "\n")
     atomic_write(os.path.join(out, REPORT_MD), markdown(rows, base_path=base_path, overrides=overrides,
-                                                          notes=notes, spectra=spectra))
+                                                          notes=notes, spectra=spectra, seeds=seeds))
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -452,6 +535,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"paper's Table 2)")
     parser.add_argument("--variant", default=None, metavar="NAME",
                         help="run only this one of --variants and write no report (one launch per variant)")
+    parser.add_argument("--seeds", default=None, metavar="K,L,...",
+                        help="run every variant once per train.seed, in DIR/seed<k>/<variant>; the report gives "
+                             "each variant's mean ± sd over them")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write the report from the variants that have finished")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", metavar="DS.json", default=None,
@@ -474,7 +560,8 @@ def run_from_args(args) -> int:
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
-    compare(args.config, names, args.out, overrides, only=args.variant, report_only=args.report)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    compare(args.config, names, args.out, overrides, only=args.variant, report_only=args.report, seeds=seeds)
     return 0
 
 
@@ -494,4 +581,4 @@ def _yaml(value) -> str:
 
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "CompareError", "Variant", "base_config", "variant_config", "compare",
-           "run_variant", "parse_variants"]
+           "run_variant", "parse_variants", "parse_seeds", "seed_rows"]

@@ -176,12 +176,15 @@ def check_contract(rank: int, stage: int, bf16: bool, zero3_merge: str = "shard"
 
     loss_after = eval_loss(engine, eval_ids)
     assert abs(loss_after - loss_before) <= LOSS_RTOL[bf16] * abs(loss_before), (label, loss_before, loss_after)
-    merged_sq = 0.0
+    merged_sq = error_sq = error_dot = 0.0
     for name, module in modules.items():
         A, B = masters[f"{name}.lora_A"], masters[f"{name}.lora_B"]
         delta = functional.lora_delta(A, B, scale_of(module, masters, name))
         merged_sq += float(delta.double().square().sum())
         expected_W = (weights[name].float() + delta).to(dtype)
+        error = expected_W.double() - (weights[name].double() + delta.double())  # what W's dtype did not take
+        error_sq += float(error.square().sum())
+        error_dot += float((error * delta.double()).sum())
         assert torch.equal(gathered(module.weight), expected_W), (label, name)
         draw = functional.kaiming_uniform_A(module.rank, module.in_features,
                                             functional.restart_generator(SEED, 1, name))
@@ -216,6 +219,10 @@ def check_contract(rank: int, stage: int, bf16: bool, zero3_merge: str = "shard"
     assert record.fraction_zeroed == pytest.approx(zeroed / total, abs=1e-12), label
     assert record.merged_norm == pytest.approx(math.sqrt(merged_sq), rel=1e-6), label
     assert record.merged_norm > 0 and record.seconds >= record.merge_seconds > 0
+    # the rounding's share, whichever rank holds which part of W (fp32: nothing lost)
+    assert record.merge_error == pytest.approx(math.sqrt(error_sq / merged_sq), rel=1e-3, abs=1e-6), label
+    assert record.merge_kept == pytest.approx(1 + error_dot / merged_sq, rel=1e-3, abs=1e-6), label
+    assert (record.merge_error > 1e-3) if bf16 else (record.merge_error < 1e-6), (label, record.merge_error)
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record.to_dict())
     assert all(r == records[0] for r in records), records

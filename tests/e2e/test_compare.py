@@ -121,3 +121,27 @@ def test_one_variant_a_diverged_one_and_the_epoch_warning(tmp_path, monkeypatch,
     assert f"| `relora` | diverged at step 3 | {rows['relora']['eval_loss']:.4f} (step 0) |" in md and "⚠" in md
     assert compare.epoch_warning(lora) in capsys.readouterr().err
     assert os.path.isfile(os.path.join(out, compare.REPORT_PNG))
+
+
+def test_seeds_run_each_variant_per_seed_and_report_mean_and_sd(tmp_path):
+    train_file, val_file = write_corpus(tmp_path)
+    base, out = write_base(tmp_path, train_file, val_file), str(tmp_path / "cmp")
+    assert cli.main(["compare", "--config", base, "--variants", "lora", "--seeds", "3,4", "--out", out]) == 0
+    with open(os.path.join(out, compare.REPORT_JSON)) as f:
+        report = json.load(f)
+    runs = {(row["variant"], row["seed"]): row for row in report["variants"]}
+    assert list(runs) == [("lora", 3), ("lora", 4)]
+    assert runs["lora", 3]["eval_loss"] != runs["lora", 4]["eval_loss"]  # the seed reached the runs
+    for seed in (3, 4):
+        assert compare.read_result(os.path.join(out, f"seed{seed}", "lora"))["config"]["train"]["seed"] == seed
+    [by_variant] = report["by_variant"]
+    losses = [runs["lora", s]["eval_loss"] for s in (3, 4)]
+    assert by_variant["seeds"] == [3, 4] and by_variant["not_finished"] == []
+    assert by_variant["eval_loss"] == pytest.approx([sum(losses) / 2, abs(losses[0] - losses[1]) / math.sqrt(2)])
+    md = open(os.path.join(out, compare.REPORT_MD)).read()
+    mean, sd = by_variant["eval_loss"]
+    assert f"| `lora` | 2 | {mean:.4f} ± {sd:.4f} |" in md and "| `lora` seed 4 | finished |" in md
+    # a second call finds both runs finished; a --set of the seed beside --seeds is refused in one line
+    assert cli.main(["compare", "--config", base, "--variants", "lora", "--seeds", "3,4", "--out", out]) == 0
+    with pytest.raises(compare.CompareError, match=r"^--set train.seed: --seeds sets it for every run"):
+        compare.compare(base, ["lora"], out, ["train.seed=5"], seeds=[3])

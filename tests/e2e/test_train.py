@@ -35,6 +35,7 @@ def test_relora_run_switches_restarts_logs_and_exports(corpus, tmp_path):
     restarts = [r for r in records if r.get("event") == "restart"]
     assert all(abs(r["fraction_zeroed"] - 0.99) < 0.01 for r in restarts)
     assert all(r["merged_norm"] > 0 for r in restarts)
+    assert all(r["merge_error"] < 1e-6 and abs(r["merge_kept"] - 1) < 1e-6 and "drift" not in r for r in restarts)
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == list(range(1, 17))
     assert all({"loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s"} <= set(r) for r in steps)

@@ -132,3 +132,22 @@ def test_markdown_table_of_a_diverged_variant():
     assert "`--set schedule.lr=0.01`" in md and "- `no_jagged`: d (schedule.kind=cosine)" in md and "- n1" in md
     assert compare.epoch_warning(row).startswith("warning: compare: variant no_jagged passed one epoch")
     assert compare.epoch_warning({**row, "epochs": 0.9}) is None
+
+
+def test_seeds_parse_and_refuse_in_one_line():
+    assert compare.parse_seeds("1, 2,3,2") == [1, 2, 3]
+    for bad in ("", "1,x", "-1", "1.5"):
+        with pytest.raises(compare.CompareError, match=r"^--seeds: a comma-separated list of non-negative integers"):
+            compare.parse_seeds(bad)
+
+
+def test_seed_rows_take_mean_and_sd_of_finished_runs_only():
+    def run(seed, loss, status="finished"):
+        return dict(variant="relora", seed=seed, status=status, eval_loss=loss, eval_perplexity=None,
+                    train_loss=loss + 1, tokens_per_s=10.0, num_above_0_1=None, trainable_params=5,
+                    optimizer_state_bytes=40, restarts=2)
+
+    [row] = compare.seed_rows([run(1, 2.0), run(2, 4.0), run(3, 9.0, "diverged")], [1, 2, 3])
+    assert row["seeds"] == [1, 2] and row["not_finished"] == [3]
+    assert row["eval_loss"] == pytest.approx([3.0, 2 ** 0.5]) and row["eval_perplexity"] is None
+    assert compare.seed_rows([run(1, 2.0)], [1])[0]["train_loss"] == [3.0, None]
