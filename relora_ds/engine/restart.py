@@ -151,7 +151,8 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
 @torch.no_grad()
 def _track_residual(module, error: torch.Tensor) -> tuple[float, float]:
     """relora.track_drift: the layer's residual R = W_exact - deq(W) (the sum of its merges' rounding errors, an fp32
-    tensor beside W, from this process's first merge) updated by this merge's error; returns (||R||^2, ||W_exact||^2)."""
+    tensor beside W, from this process's first merge) updated by this merge's error; returns
+    (||R||^2, ||W_exact||^2)."""
     residual = getattr(module, "merge_residual", None)
     if residual is None:
         residual = module.merge_residual = torch.zeros_like(error)

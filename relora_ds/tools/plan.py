@@ -18,8 +18,8 @@ The terms, per rank, in bytes (N ranks, p = 2 in bf16 and 4 in fp32, T the train
   allocator), measured: RUNTIME_BASELINE, from the rehearsals named there.
 Phases: the build (whole in fp32, partitioned on ZeRO-3, or module by module with a stored W), the full-rank warm
 start (when the method has one), the low-rank steps, the restart (one layer's merge in fp32 on top), the checkpoint,
-the resume (the build again, then the rank's optimizer file read in before it is copied in) and the export (its own
-process, one tensor at a time).
+the resume (the build again, or the engine with the pages of the memory-mapped checkpoint it copies in) and the export
+(its own process, one tensor at a time).
 """
 
 import math
@@ -33,9 +33,9 @@ from relora_ds.memory import GIB, returns_freed_host_memory
 # *-scale-*.md: the peak of the steps minus the terms): the imported libraries (0.25-0.31 GiB bare), the engine, the
 # communication buffers and what the allocator keeps.
 RUNTIME_BASELINE = 0.6 * GIB
-# `relora-ds export`'s own process (transformers, the tokenizer, the lazy reader), measured beside the rehearsals:
-# 0.57-0.60 GiB exporting 350m and 1b.
-EXPORT_BASELINE = 0.55 * GIB
+# `relora-ds export`'s own process (transformers, the tokenizer, the lazy reader), measured beside the rehearsals: the
+# exports of 350m, 1b and 7b peak 0.47-0.55 GiB above the tensors they hold at once.
+EXPORT_BASELINE = 0.5 * GIB
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "fp8": 1}
 
 
@@ -160,6 +160,15 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
     return c.transient
 
 
+def engine_gradients(trainable: int, p: int, stage: int, precision: str, n: int) -> float:
+    """The gradient buffers a DeepSpeed engine holds before its first step: ZeRO-3 its gradient partition, ZeRO-0 bf16
+    BF16_Optimizer's fp32 accumulators; the module's gradients and ZeRO-1/2's buckets and partitions come with the
+    first backward."""
+    if stage == 3:
+        return trainable * p / n
+    return trainable * 4 if stage == 0 and precision == "bf16" else 0.0
+
+
 ZERO3_BUFFERS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9}
 
 
@@ -195,6 +204,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     wrapped = method.switch_step is not None
     rank = cfg.relora.rank if wrapped else 0
     shard = ranks if stage >= 3 else 1
+    low_rank_trainable = counts.total - counts.wrapped + counts.adapters  # embeddings, norms, head and the adapters
 
     build = Components(runtime=runtime)  # the model as built: whole in fp32, partitioned, or stored module by module
     if stage >= 3:
@@ -217,19 +227,22 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     if wrapped:
         w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]
         frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
-        trainable = counts.total - counts.wrapped + counts.adapters
         low = Components(frozen_w=frozen / shard, runtime=runtime)
-        step_temporaries = _states(low, trainable, counts.largest_trainable_low, p, stage, precision, ranks, foreach)
+        step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
+                                   foreach)
         low.activations = activation_bytes(counts, tokens, p, rank, checkpointing)
-        low.transient += zero3_buffers(ds_config, p, trainable)
+        low.transient += zero3_buffers(ds_config, p, low_rank_trainable)
         plan.phases["low-rank steps"] = low
         restart = Components(**{**low.__dict__, "activations": 0.0})
         restart.transient += 3 * 4 * counts.largest - (step_temporaries if heap_returns else 0)  # one layer's merge
         plan.phases["restart"] = restart
     first = plan.phases.get("full-rank steps") or plan.phases["low-rank steps"]
-    engine = Components(**{**first.__dict__, "moments": 0.0, "activations": 0.0, "transient": 0.0})
+    first_trainable = counts.total if "full-rank steps" in plan.phases else low_rank_trainable
+    steps_trainable = low_rank_trainable if wrapped else counts.total
+    engine = Components(**{**first.__dict__, "gradients": engine_gradients(first_trainable, p, stage, precision, ranks),
+                           "moments": 0.0, "activations": 0.0, "transient": 0.0})
     model_build = build
-    if engine.total > build.total:  # the engine made over it (Adam's moments come with the first step)
+    if engine.total > build.total:  # the engine made over it (gradients and Adam's moments come with the first step)
         plan.phases["build"] = build = engine
     steps = plan.phases.get("low-rank steps") or plan.phases["full-rank steps"]
     # What the steps freed stays with the process where the allocator keeps it (the CUDA caching allocator; glibc's
@@ -238,15 +251,24 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     checkpoint = Components(**{**steps.__dict__, "activations": 0.0})
     checkpoint.transient -= step_temporaries if heap_returns else 0
     plan.phases["checkpoint"] = checkpoint
-    # A new process: the model is built again, then the rank's optimizer file is read in and copied.
-    resume = Components(**{**steps.__dict__, "activations": 0.0, "transient": 0.0})
+    # A new process: the model is built again and the engine made, then the checkpoint is loaded from memory-mapped
+    # files (checkpoint.memory_mapped_loads). What is copied out of a mapping is resident twice while it is mapped: the
+    # parameters, a W held as a Parameter (ZeRO-3: the rank's shards) and the fp32 masters; a stored W goes through a
+    # mapping of its own, one W at a time (engine/checkpoint.copy_stored_weights). Adam's moments stay mapped,
+    # untouched, until the first step reads them.
+    resume = Components(**{**steps.__dict__, "gradients": engine_gradients(steps_trainable, p, stage, precision, ranks),
+                           "moments": 0.0, "activations": 0.0, "transient": 0.0})
+    stored_w = method.stores_weight and wrapped
+    resume.transient = (resume.parameters + resume.masters + (0.0 if stored_w else resume.frozen_w)
+                        + (WEIGHT_BYTES[base_dtype] * counts.largest if stored_w else 0.0))
     if model_build.total > resume.total:
         resume = Components(**model_build.__dict__)
-    resume.transient += steps.masters + steps.moments
     plan.phases["resume"] = resume
-    # The export: one tensor at a time in fp32 (and a stored W's dequantized copy beside the merged one).
-    copies = 1.5 + (1.0 if wrapped and base_dtype in ("int8", "fp8") else 0.0)
-    plan.phases["export"] = Components(transient=copies * 4 * max(counts.largest, counts.vocab * counts.hidden),
+    # The export: one tensor at a time in fp32; an int8/fp8 W is dequantized whole beside its stored form, then merged
+    # (s·B·A beside it) and cast for writing.
+    largest = max(counts.largest, counts.vocab * counts.hidden)
+    copies = 2.75 * 4 * counts.largest if wrapped and base_dtype in ("int8", "fp8") else 0.0
+    plan.phases["export"] = Components(transient=max(1.5 * 4 * largest, copies),
                                        runtime=EXPORT_BASELINE if accelerator == "cpu" else 0.0)
     return plan
 

@@ -59,6 +59,21 @@ def test_int8_stores_w_in_one_byte_and_its_scales(counts):
     assert int8.phases["build"].total < auto.phases["build"].total  # no fp32 model built first
 
 
+def test_a_resume_holds_the_engine_and_the_mapped_pages_it_copies(counts):
+    """The resume's engine has no moments yet (they stay mapped until the first step) and, below ZeRO-3, no gradients;
+    it holds the pages of what it copies out of the mapped checkpoint besides: parameters, masters, and a W held as a
+    Parameter (a stored W: one at a time)."""
+    t = counts.total - counts.wrapped + counts.adapters
+    auto = planner.make_plan(_cfg(), _ds(2), 2, VOCAB, counts).phases["resume"]
+    assert (auto.gradients, auto.moments, auto.activations) == (0, 0, 0)
+    assert auto.transient == 2 * t + 4 * t / 2 + 2 * counts.wrapped
+    int8 = planner.make_plan(_cfg(base_dtype="int8"), _ds(2), 2, VOCAB, counts).phases["resume"]
+    assert int8.transient == 2 * t + 4 * t / 2 + counts.largest
+    z3 = planner.make_plan(_cfg(), _ds(3), 4, VOCAB, counts).phases["resume"]
+    assert z3.gradients == 2 * t / 4 and z3.transient == (2 * t + 4 * t + 2 * counts.wrapped) / 4
+    assert planner.make_plan(_cfg(), _ds(0), 1, VOCAB, counts).phases["resume"].gradients == 4 * t  # BF16_Optimizer
+
+
 def test_checkpointing_keeps_one_layer_and_the_layer_inputs(counts):
     none = planner.activation_bytes(counts, 4096, 2, 64, "none")
     full = planner.activation_bytes(counts, 4096, 2, 64, "full")

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -79,3 +81,35 @@ def test_switch_table_pairs_the_modes_by_seed(tmp_path):
     assert "`lora_warm`: seed 1: -4.00" in (out / "switch.md").read_text()
     assert sorted(p.name for p in out.glob("*-compare.md")) == ["continue-seed1-compare.md", "full-seed1-compare.md",
                                                                 "restart-seed1-compare.md"]
+
+
+def test_base_dtype_table_pairs_seeds_with_the_fp32_twin(tmp_path, capsys):
+    """summarize_base_dtype.py: per W its seeds, mean ± sd, the paired difference from the fp32 twin and each merge's
+    rounding error, share kept and drift (means over seeds); an unfinished seed is left out."""
+    summarize = _load("summarize_base_dtype")
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    ppl = {"fp32": {1: 100.0, 2: 104.0}, "int8-stochastic": {1: 101.0, 2: 106.0}, "bf16-nearest": {1: 100.5}}
+    for w, seeds in ppl.items():
+        for seed, value in seeds.items():
+            run = runs / w / f"seed{seed}" / "relora"
+            os.makedirs(run)
+            (run / "result.json").write_text(json.dumps({"status": "finished", "eval_perplexity": value,
+                                                         "train_loss": 5.0, "tokens_per_s": 1000.0}))
+            records = [{"step": 300, "event": "restart", "merge_error": 0.1 * seed, "merge_kept": 1.0,
+                        "drift": 0.01 * seed}, {"step": 400, "event": "restart", "merge_error": 0.2, "merge_kept": 0.9}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    unfinished = runs / "int8-nearest" / "seed1" / "relora"
+    os.makedirs(unfinished)
+    (unfinished / "result.json").write_text(json.dumps({"status": "diverged"}))
+    assert summarize.main(["--runs", str(runs), "--out", str(out)]) == 0
+    rows = json.loads((out / "base_dtype.json").read_text())["rows"]
+    assert rows["int8-stochastic"]["ppl"] == [103.5, pytest.approx(3.5355, abs=1e-4)]
+    assert rows["int8-stochastic"]["vs_twin"] == [1.5, pytest.approx(0.7071, abs=1e-4)]  # +1 and +2, paired
+    assert rows["int8-nearest"]["perplexity"] == {}
+    assert rows["fp32"]["merges"][0] == {"merge_error": pytest.approx(0.15), "merge_kept": 1.0,
+                                         "drift": pytest.approx(0.015), "step": 300}
+    assert rows["fp32"]["merges"][1]["drift"] is None
+    text = (out / "base_dtype.md").read_text()
+    assert "| int8-stochastic | 101.00 | 106.00 | 103.50 ± 3.54 (n=2) | +1.50 ± 0.71 | +2.99% |" in text
+    assert summarize.main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: no finished fp32 twin")
