@@ -12,8 +12,9 @@ The terms, per rank, in bytes (N ranks, p = 2 in bf16 and 4 in fp32, T the train
 - masters: an fp32 copy of T (all but ZeRO-0 fp32, where torch's AdamW steps the parameters themselves); ZeRO-1+: / N.
 - moments: Adam's two, 8 bytes per trainable parameter; ZeRO-1+: / N; and the optimizer step's fp32 temporaries
   (torch's foreach AdamW: one more of the partition).
-- activations: what the backward keeps per token and decoder layer (see `activation_bytes`), with
-  train.activation_checkpointing full only each layer's input plus one layer recomputed; the logits in fp32.
+- activations: what the backward keeps per token and decoder layer (see `layer_activation_bytes`), times what a CPU
+  process holds per saved byte (ACTIVATION_HELD_PER_SAVED, measured), with train.activation_checkpointing full only
+  each layer's input plus one layer recomputed; the logits in fp32.
 - runtime: what the process holds besides (torch, DeepSpeed, transformers, the communication backend, the
   allocator), measured: RUNTIME_BASELINE, from the rehearsals named there.
 Phases: the build (whole in fp32, partitioned on ZeRO-3, or module by module with a stored W), the full-rank warm
@@ -36,6 +37,11 @@ RUNTIME_BASELINE = 0.6 * GIB
 # `relora-ds export`'s own process (transformers, the tokenizer, the lazy reader), measured beside the rehearsals: the
 # exports of 350m, 1b and 7b peak 0.47-0.55 GiB above the tensors they hold at once.
 EXPORT_BASELINE = 0.5 * GIB
+# What a CPU process holds per byte of the activations autograd saves (the backward's activation gradients, the
+# forward's temporaries and glibc's slack besides), measured: 60m, seq 512, micro-batch 8 (benchmarks/README.md,
+# "Activation checkpointing") saves 1.74 GiB from none to full and 0.90 to selective against 1.17 and 0.63 GiB of
+# saved tensors (1.49 and 1.43). On CUDA 1: no GPU run yet.
+ACTIVATION_HELD_PER_SAVED = 1.5
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "fp8": 1}
 
 
@@ -116,22 +122,33 @@ def model_counts(cfg, vocab_size: int) -> Counts:
         vocab=model.get_input_embeddings().weight.shape[0])
 
 
-def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointing: str) -> float:
-    """What the backward keeps of one micro-batch of `tokens` tokens. Per token and decoder layer: the inputs of the
-    attention and MLP matmuls, q, k, v and the attention output (6h), the MLP's gate, up, activation and product
-    (4i), in the run's dtype; the two norms' fp32 inputs (2·4h); the adapters' x·Aᵀ (7r). With checkpointing full:
-    each layer's input (h) plus one layer recomputed; selective: the MLP's own (4i - h + 3r) recomputed, one layer's
-    at a time. The logits, their log-softmax and gradient in fp32 (3·4V)."""
+def layer_activation_bytes(counts: Counts, p: int, rank: int) -> float:
+    """What the backward keeps of one token in one decoder layer (the tensors autograd saves, counted with
+    torch.autograd.graph.saved_tensors_hooks in tests/unit/test_plan.py): the two RMSNorms' fp32 input and normalized
+    input (4 · 4h); in the run's dtype the norms' outputs (2h), q, k, v and the attention output (4h; SDPA and flash
+    attention keep no attention matrix), the MLP's gate, activation, up and product (4i), and the adapters' x·Aᵀ (7r)."""
     h, i = counts.hidden, counts.intermediate
-    per_layer = p * (6 * h + 4 * i + 7 * rank) + 8 * h
+    return p * (6 * h + 4 * i + 7 * rank) + 16 * h
+
+
+def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointing: str,
+                     held_per_saved: float = 1.0) -> float:
+    """What the steps hold for the activations of one micro-batch of `tokens` tokens: the decoder layers' saved
+    tensors (layer_activation_bytes) times `held_per_saved` (what the process holds per saved byte: the backward's
+    gradients and the allocator's slack besides; ACTIVATION_HELD_PER_SAVED on CPU), and the logits, their
+    log-softmax and gradient in fp32 (3·4V). With checkpointing full the layers keep their inputs (h) plus one layer
+    recomputed; selective: the MLP's own (4i + 3r; its input, the norm's output, is kept) recomputed, one layer's at a
+    time."""
+    h, i = counts.hidden, counts.intermediate
+    per_layer = layer_activation_bytes(counts, p, rank)
     if checkpointing == "none":
         layers = counts.layers * per_layer
-    elif checkpointing == "selective":  # the MLP's gate, up and product are recomputed; its input is kept
-        mlp = p * (4 * i - h + 3 * rank)
+    elif checkpointing == "selective":  # the MLP's gate, activation, up and product are recomputed; its input is kept
+        mlp = p * (4 * i + 3 * rank)
         layers = counts.layers * (per_layer - mlp) + mlp
     else:
         layers = counts.layers * p * h + per_layer
-    return tokens * (layers + 12 * counts.vocab)
+    return tokens * (held_per_saved * layers + 12 * counts.vocab)
 
 
 def _states(c: Components, trainable: int, largest: int, p: int, stage: int, precision: str, n: int,
@@ -201,6 +218,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     foreach = accelerator == "cuda"
     heap_returns = returns_freed_host_memory(stage, method.stores_weight, accelerator == "cuda")
     runtime = RUNTIME_BASELINE if accelerator == "cpu" else 0.0
+    held_per_saved = ACTIVATION_HELD_PER_SAVED if accelerator == "cpu" else 1.0
     wrapped = method.switch_step is not None
     rank = cfg.relora.rank if wrapped else 0
     shard = ranks if stage >= 3 else 1
@@ -221,7 +239,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         full = Components(runtime=runtime)
         step_temporaries = _states(full, counts.total, counts.largest_trainable_full, p, stage, precision, ranks,
                                    foreach)
-        full.activations = activation_bytes(counts, tokens, p, 0, checkpointing)
+        full.activations = activation_bytes(counts, tokens, p, 0, checkpointing, held_per_saved)
         full.transient += zero3_buffers(ds_config, p, counts.total)
         plan.phases["full-rank steps"] = full
     if wrapped:
@@ -230,7 +248,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         low = Components(frozen_w=frozen / shard, runtime=runtime)
         step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
                                    foreach)
-        low.activations = activation_bytes(counts, tokens, p, rank, checkpointing)
+        low.activations = activation_bytes(counts, tokens, p, rank, checkpointing, held_per_saved)
         low.transient += zero3_buffers(ds_config, p, low_rank_trainable)
         plan.phases["low-rank steps"] = low
         restart = Components(**{**low.__dict__, "activations": 0.0})

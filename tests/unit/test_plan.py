@@ -77,9 +77,47 @@ def test_a_resume_holds_the_engine_and_the_mapped_pages_it_copies(counts):
 def test_checkpointing_keeps_one_layer_and_the_layer_inputs(counts):
     none = planner.activation_bytes(counts, 4096, 2, 64, "none")
     full = planner.activation_bytes(counts, 4096, 2, 64, "full")
-    per_layer = 2 * (6 * 1024 + 4 * counts.intermediate + 7 * 64) + 8 * 1024
+    per_layer = 2 * (6 * 1024 + 4 * counts.intermediate + 7 * 64) + 16 * 1024
     assert none == 4096 * (24 * per_layer + 12 * VOCAB)
     assert full == 4096 * (24 * 2 * 1024 + per_layer + 12 * VOCAB)
+    assert planner.activation_bytes(counts, 4096, 2, 64, "none", 1.5) == 4096 * (1.5 * 24 * per_layer + 12 * VOCAB)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+def test_the_layer_term_is_what_autograd_saves(checkpointing):
+    """layer_activation_bytes against the tensors autograd saves in one decoder layer of a wrapped model (fp32, r 8),
+    parameters left out; selective: without the MLP's own."""
+    import torch
+
+    from relora_ds.model.build import build_model, enable_activation_checkpointing
+    from relora_ds.model.families import target_modules_of
+    from relora_ds.relora.wrap import wrap
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 512, max_position_embeddings=64)
+    wrap(model, rank=8, alpha=16, target_modules=target_modules_of(model, None))
+    if checkpointing != "none":
+        enable_activation_checkpointing(model, checkpointing)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside, saved = [False], {}
+    layers = model.model.layers
+    layers[1].register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
+    layers[1].register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if inside[0] and key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = 2 * 64
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.randint(0, 512, (2, 64)), labels=torch.randint(0, 512, (2, 64)))
+    counts = planner.model_counts(RunConfig.from_dict({"model": {"preset": "tiny"}, "relora": {"rank": 8}}), 512)
+    expected = planner.layer_activation_bytes(counts, 4, 8)
+    if checkpointing == "selective":
+        expected -= 4 * (4 * counts.intermediate + 3 * 8)
+    assert sum(saved.values()) / tokens == pytest.approx(expected, rel=0.04)
 
 
 def test_the_cheapest_fix_is_the_first_that_fits(counts):
