@@ -22,7 +22,7 @@ RATIO = 0.99
 LOSS_RTOL = {False: 1e-5, True: 1e-3}
 
 
-def build_model(scaling: bool = False):
+def build_model(scaling: bool = False, base_dtype: str = "auto"):
     """A wrapped LLaMA with odd sizes: A is 5x40 (200) / 5x101 (505), B 40x5 (200) / 101x5 (505).
 
     scaling: trainable s = tanh(g), g a one-element parameter (empty on all ranks but one on ZeRO-3).
@@ -38,14 +38,16 @@ def build_model(scaling: bool = False):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    wrap(model, target_modules=target_modules_of(model), rank=5, alpha=10, seed=0, trainable_scaling=scaling)
+    wrap(model, target_modules=target_modules_of(model), rank=5, alpha=10, seed=0, trainable_scaling=scaling,
+         base_dtype=base_dtype)
     return model
 
 
-def make_engine(stage: int, bf16: bool, lr: float = 3e-3, scaling: bool = False, **zero_extra):
+def make_engine(stage: int, bf16: bool, lr: float = 3e-3, scaling: bool = False, base_dtype: str = "auto",
+                **zero_extra):
     import deepspeed
 
-    model = build_model(scaling)
+    model = build_model(scaling, base_dtype)
     config = ds_config(stage, bf16=bf16, adamw={"lr": lr, "weight_decay": 0.0, "torch_adam": True}, zero=zero_extra)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
@@ -241,8 +243,42 @@ def check_contract(rank: int, stage: int, bf16: bool, zero3_merge: str = "shard"
     return {"label": label, "before": loss_before, "after": loss_after, "seconds": record.seconds}
 
 
+def check_stochastic_replicas(rank: int, base_dtype: str) -> None:
+    """ZeRO-2 bf16, stochastic merge rounding: every rank draws the same bits (the restart's generator), so the
+    replicated W (a stored int8 W and its scales, or the bf16 Parameter) stays bitwise equal on every rank, and
+    equals Q(deq(W) + s·B·A) drawn from rounding_generator(seed, 1, name)."""
+    from relora_ds.engine import zero
+    from relora_ds.engine.restart import relora_restart
+    from relora_ds.relora import functional, quant
+    from relora_ds.relora.wrap import relora_modules
+
+    engine = make_engine(2, True, lr=3e-2, base_dtype=base_dtype)
+    for i in range(2):  # each rank its own batch: the ranks' gradients differ until DeepSpeed reduces them
+        train_step(engine, fixed_batch(2, 24, seed=1000 * rank + i))
+    modules = relora_modules(engine.module)
+    expected = {}
+    for name, module in modules.items():
+        A = zero.full_tensor(engine, module.lora_A).view(module.rank, module.in_features)
+        B = zero.full_tensor(engine, module.lora_B).view(module.out_features, module.rank)
+        merged = module.dequantized_weight() + functional.lora_delta(A, B, module.alpha / module.rank)
+        fmt = base_dtype if module.stored else "bf16"
+        expected[name] = quant.quantize(merged, fmt, rounding="stochastic",
+                                        generator=functional.rounding_generator(SEED, 1, name))
+    record = relora_restart(engine, restart_index=1, step=2, seed=SEED, rounding="stochastic", track_drift=True)
+    for name, module in modules.items():
+        q, scale = expected[name]
+        assert torch.equal(module.weight, q), (base_dtype, name)
+        assert same_on_all_ranks(module.weight), (base_dtype, name)
+        if scale is not None:
+            assert torch.equal(module.weight_scale, scale) and same_on_all_ranks(module.weight_scale), name
+    assert record.merge_error > 0 and record.drift > 0, record
+    engine.destroy()
+
+
 def contract_two_ranks(rank, world_size):
     results = []
+    for base_dtype in ("int8", "auto"):
+        check_stochastic_replicas(rank, base_dtype)
     check_not_ready(2, False)
     for stage in (0, 1, 2, 3):
         for bf16 in (False, True):
