@@ -104,14 +104,16 @@ def markdown(summary: dict, runs_dir: str) -> str:
     merges = max(len(r["merges"]) for r in rows.values())
     steps = next(r["merges"] for r in rows.values() if len(r["merges"]) == merges)
     header = " | ".join(f"merge at {m['step']}" for m in steps)
-    for field, title in (("merge_error", "Rounding error of each merge, ||deq(W') − (deq(W) + s·B·A)|| / ||s·B·A||"),
-                         ("merge_kept", "Share of each merge's s·B·A that W took, <deq(W') − deq(W), s·B·A> / "
-                                        "||s·B·A||² (1: all of it, in expectation)"),
-                         ("drift", "Drift after each merge, ||deq(W) − W_exact|| / ||W_exact|| (W_exact: the W at the "
-                                   "switch plus every merge's s·B·A unrounded)")):
+    for field, spec, title in (
+            ("merge_error", ".2e", "Rounding error of each merge, ||deq(W') − (deq(W) + s·B·A)|| / ||s·B·A||"),
+            ("merge_kept", ".4f", "Share of each merge's s·B·A that W took, <deq(W') − deq(W), s·B·A> / ||s·B·A||² "
+                                  "(1: all of it, in expectation)"),
+            ("drift", ".2e", "Drift after each merge, ||deq(W) − W_exact|| / ||W_exact|| (W_exact: deq(W) before the "
+                             "first merge plus every merge's s·B·A unrounded)")):
         lines += ["", f"{title}, mean over the seeds:", "", f"| W | {header} |", "|---|" + "---|" * merges]
         for w, r in rows.items():
-            lines.append(f"| {w} | " + " | ".join(fmt(m.get(field), ".2e") for m in r["merges"]) + " |")
+            cells = [fmt(m.get(field), spec) for m in r["merges"]] + ["—"] * (merges - len(r["merges"]))
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
     lines += ["", "tokens/s: the runs ran two at a time, one thread each, on the 2 cores: compare them with each other, "
               "not with other tables. " + machine()]
     return "\n".join(lines) + "\n"
