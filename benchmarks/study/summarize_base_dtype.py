@@ -93,14 +93,14 @@ def markdown(summary: dict, runs_dir: str) -> str:
              "schedule.at_switch restart. Every run computes in fp32 on CPU: only W's storage differs. Held-out "
              "perplexity on 100 × 8 × 128 tokens of the 21 speeches the training split leaves out.", "",
              "| W | " + " | ".join(f"seed {s}" for s in seeds)
-             + " | mean ± sd | − fp32 twin (paired) | vs bf16-nearest | final train loss | tokens/s |",
-             "|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
+             + " | mean ± sd | − fp32 twin (paired) | vs bf16-nearest | final train loss |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
     reference = rows["bf16-nearest"]["ppl"][0]
     for w, r in rows.items():
         versus = "—" if reference is None or r["ppl"][0] is None else f"{100 * (r['ppl'][0] / reference - 1):+.2f}%"
         lines.append(f"| {w} | " + " | ".join(fmt(r["perplexity"].get(s)) for s in seeds)
                      + f" | {pm(r['ppl'])} (n={len(r['perplexity'])}) | {pm(r['vs_twin'], sign=True)} | {versus} | "
-                     f"{fmt(r['train_loss'], '.4f')} | {fmt(r['tokens_per_s'], ',.0f')} |")
+                     f"{fmt(r['train_loss'], '.4f')} |")
     merges = max(len(r["merges"]) for r in rows.values())
     steps = next(r["merges"] for r in rows.values() if len(r["merges"]) == merges)
     header = " | ".join(f"merge at {m['step']}" for m in steps)
@@ -114,8 +114,8 @@ def markdown(summary: dict, runs_dir: str) -> str:
         for w, r in rows.items():
             cells = [fmt(m.get(field), spec) for m in r["merges"]] + ["—"] * (merges - len(r["merges"]))
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    lines += ["", "tokens/s: the runs ran two at a time, one thread each, on the 2 cores: compare them with each other, "
-              "not with other tables. " + machine()]
+    lines += ["", "No speeds here: the runs ran two at a time, one thread each, while other work shared the 2 cores "
+              "(their tokens/s are in base_dtype.json, not comparable with each other). " + machine()]
     return "\n".join(lines) + "\n"
 
 

@@ -110,6 +110,6 @@ def test_base_dtype_table_pairs_seeds_with_the_fp32_twin(tmp_path, capsys):
                                          "drift": pytest.approx(0.015), "step": 300}
     assert rows["fp32"]["merges"][1]["drift"] is None
     text = (out / "base_dtype.md").read_text()
-    assert "| int8-stochastic | 101.00 | 106.00 | 103.50 ± 3.54 (n=2) | +1.50 ± 0.71 | +2.99% |" in text
+    assert "| int8-stochastic | 101.00 | 106.00 | 103.50 ± 3.54 (n=2) | +1.50 ± 0.71 | +2.99% | 5.0000 |" in text
     assert summarize.main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: no finished fp32 twin")
