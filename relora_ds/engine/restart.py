@@ -101,21 +101,19 @@ def _check_ready(engine, layout: zero.Layout, modules: dict) -> None:
 def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *, name: str = "weight",
                       zero3_merge: str = "shard", rounding: str = "nearest",
                       generator: torch.Generator | None = None) -> tuple[float, float, float]:
-    """W += scale * B @ A (fp32 math, one rounding to W's dtype: `rounding`, stochastic draws from `generator`, made
-    for the whole W and sliced on ZeRO-3 "shard"); returns this rank's share of merge_sums(delta, rounding error).
+    """The merge of a ZeRO-3-partitioned W: W += scale * B @ A (fp32 math, one rounding to W's dtype: `rounding`,
+    stochastic draws from `generator`, made for the whole W and sliced on "shard"); returns this rank's share of
+    merge_sums(delta, rounding error). A W whole on every rank (stages 0-2) merges through
+    ReLoRALinear.merge_delta_.
 
-    Stages 0-2 (W whole on every rank): every rank adds the whole delta and returns the whole sum.
-    ZeRO-3 "shard": each rank adds the delta elements of its own flat slice of W (computing only the
+    "shard": each rank adds the delta elements of its own flat slice of W (computing only the
     rows the slice touches) and returns their sum, so the shares add up over ranks. ZeRO-3 "gathered":
     W is gathered, rank 0 adds the delta and DeepSpeed re-partitions it; rank 0 returns the sum.
     A and B are the full fp32 adapters, identical on every rank. Collective only for "gathered".
     """
-    fmt = quant.format_of(getattr(W, "ds_tensor", W).dtype)
     if not hasattr(W, "ds_tensor"):
-        delta = functional.lora_delta(A, B, scale).to(W.device)
-        merged = W.data.float() + delta
-        W.data.copy_(quant.round_to(merged, fmt, rounding, generator))
-        return merge_sums(delta, torch.sub(W.data, merged, out=merged))
+        raise ValueError(f"merge_into_weight: {name} is not ZeRO-3-partitioned; a whole W merges through "
+                         f"ReLoRALinear.merge_delta_")
     zero.check_zero3_weight(W, name)
     if zero3_merge == "gathered":
         import deepspeed
@@ -125,9 +123,7 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
         with deepspeed.zero.GatheredParameters([W], modifier_rank=0):
             if tdist.get_rank(group=W.ds_process_group) == 0:
                 delta = functional.lora_delta(A, B, scale).to(W.device)
-                merged = W.data.float() + delta
-                W.data.copy_(quant.round_to(merged, fmt, rounding, generator))
-                share = merge_sums(delta, torch.sub(W.data, merged, out=merged))
+                share = merge_sums(delta, quant.add_rounded_(W.data, delta, rounding, generator))
         return share
     start, end = zero.zero3_slice(W)
     share = (0.0, 0.0, 0.0)
@@ -139,11 +135,9 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
         local = W.ds_tensor.data.view(-1)[: end - start]
         delta = delta.to(local.device)
         noise = None
-        if rounding == "stochastic" and fmt != "fp32":  # the whole W's draws, this rank's slice of them
+        if rounding == "stochastic" and quant.format_of(local.dtype) != "fp32":  # the whole W's draws, this slice
             noise = quant.uniform_noise((W.ds_numel,), generator, local.device)[start:end]
-        merged = local.float() + delta
-        local.copy_(quant.round_to(merged, fmt, rounding, noise=noise))
-        share = merge_sums(delta, torch.sub(local, merged, out=merged))
+        share = merge_sums(delta, quant.add_rounded_(local, delta, rounding, noise=noise))
     zero.release_gathered(W)  # a gathered (persistent) copy would otherwise be used stale
     return share
 

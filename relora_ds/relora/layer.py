@@ -142,9 +142,7 @@ class ReLoRALinear(nn.Module):
         its draws from `generator`; a stored int8/fp8 W gets the new rows' scales). Returns the rounding's error,
         deq(W') − (deq(W) + delta), in fp32 (the part of delta the stored W did not take)."""
         if not self.stored:
-            merged = self.weight.float() + delta.to(self.weight.device)
-            self.weight.copy_(quant.round_to(merged, quant.format_of(self.weight.dtype), rounding, generator))
-            return torch.sub(self.weight, merged, out=merged)
+            return quant.add_rounded_(self.weight, delta.to(self.weight.device), rounding, generator)
         merged = self.dequantized_weight() + delta.to(self.weight.device)
         q, scale = quant.quantize(merged, self.base_dtype, rounding=rounding, generator=generator)
         self.weight.copy_(q)

@@ -91,6 +91,16 @@ def round_to(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator: to
     return x.to(STORAGE[fmt])
 
 
+def add_rounded_(target: torch.Tensor, delta: torch.Tensor, rounding: str = "nearest",
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """target ← round(target + delta) for a tensor stored in a float format without scales (fp32, bf16: its own
+    dtype's), the sum in fp32 and one rounding (`rounding`, draws as round_to takes them); returns the rounding's error,
+    target' − (target + delta), in fp32: the part of delta the target did not take."""
+    merged = target.float() + delta
+    target.copy_(round_to(merged, format_of(target.dtype), rounding, generator, noise))
+    return torch.sub(target, merged, out=merged)
+
+
 def row_scales(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """One fp32 scale per row, max|row| / QMAX (1 for an all-zero row)."""
     amax = w.abs().amax(dim=1).float()

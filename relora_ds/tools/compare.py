@@ -424,7 +424,7 @@ def report_rows(results: dict, spectra: dict) -> list[dict]:
 SEED_STATS = ("eval_loss", "eval_perplexity", "train_loss", "tokens_per_s", "num_above_0_1")  # mean ± sd per variant
 
 
-def seed_rows(rows: list[dict], seeds: list[int]) -> list[dict]:
+def seed_rows(rows: list[dict]) -> list[dict]:
     """Per variant (in order), over its finished runs: {field: [mean, sample sd]} for SEED_STATS (sd None with one
     run), the seeds finished and those not."""
     out = []
@@ -478,7 +478,7 @@ def markdown(rows: list[dict], *, base_path: str | None, overrides: list[str], n
              + f"; every variant: {total} steps on the same data, " + ("seeds" if seeds else "seed") + " and batch.",
              ""]
     if seeds:
-        lines += seed_markdown(seed_rows(rows, seeds), seeds)
+        lines += seed_markdown(seed_rows(rows), seeds)
     lines += ["| " + " | ".join(("run" if seeds else "variant", *COLUMNS[1:])) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         early = r["eval_step"] is not None and r["eval_step"] != r["total_steps"]  # a diverged or unfinished run
@@ -516,7 +516,7 @@ def write_report(out: str, base_path: str | None, overrides: list[str], results:
     report = {"base_config": base_path, "overrides": overrides, "variants": rows, "notes": notes,
               "spectra": {"json": spectra["json"], "png": spectra["png"]}, "plot": os.path.join(out, REPORT_PNG)}
     if seeds:
-        report.update(seeds=seeds, by_variant=seed_rows(rows, seeds))
+        report.update(seeds=seeds, by_variant=seed_rows(rows))
     atomic_write(os.path.join(out, REPORT_JSON), json.dumps(report, indent=2) + "\n")
     atomic_write(os.path.join(out, REPORT_MD), markdown(rows, base_path=base_path, overrides=overrides,
                                                           notes=notes, spectra=spectra, seeds=seeds))

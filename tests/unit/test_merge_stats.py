@@ -119,3 +119,11 @@ def test_drift_tracking_refuses_zero3_in_one_line():
     method.check_ds_config(ds_config(2))
     with pytest.raises(ValueError, match=r"^relora.track_drift: needs zero_optimization.stage 0, 1 or 2, got 3 \("):
         method.check_ds_config(ds_config(3))
+
+
+def test_merge_into_weight_takes_only_a_partitioned_w():
+    from relora_ds.engine.restart import merge_into_weight
+
+    with pytest.raises(ValueError, match=r"^merge_into_weight: q.weight is not ZeRO-3-partitioned; a whole W merges "
+                                         r"through ReLoRALinear.merge_delta_$"):
+        merge_into_weight(torch.zeros(4, 3), torch.zeros(2, 3), torch.zeros(4, 2), 1.0, name="q.weight")
