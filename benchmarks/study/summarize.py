@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,8 +24,24 @@ ORDER = ("main", "base-rerun", "lr-1.5x", "lr-2x", "cycle-100", "cycle-150", "no
          "full-lr-0.5x")
 
 
-def fmt(value, spec):
+def fmt(value, spec=".2f"):
     return "—" if value is None else format(value, spec)
+
+
+def stats(values: list) -> dict:
+    """n, mean and sample sd (None where there are too few values)."""
+    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def parse_args(argv, doc: str, runs: str, results: str) -> argparse.Namespace:
+    """A summarizer's two options: --runs (default runs/<runs>) and --out (default
+    benchmarks/results/<today>-<results>)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", runs))
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                 f"{datetime.date.today().isoformat()}-{results}"))
+    return p.parse_args(argv)
 
 
 def row(name, v, base=None):
@@ -72,11 +89,7 @@ def write_summary(out_dir: str, stem: str, summary: dict, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-20m"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                 f"{datetime.date.today().isoformat()}-study-20m"))
-    args = p.parse_args(argv)
+    args = parse_args(argv, __doc__, "study-20m", "study-20m")
     reports = {}
     for name in ORDER:
         path = os.path.join(args.runs, name, "compare.json")

@@ -11,19 +11,16 @@ the share of s·B·A that W took (<what W took, s·B·A> / ||s·B·A||²) and th
 (relora.track_drift), each the mean over the seeds.
 """
 
-import argparse
-import datetime
 import json
 import os
 import shutil
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from summarize import machine, write_summary  # noqa: E402
+from summarize import fmt, machine, parse_args, stats, write_summary  # noqa: E402
 
 from relora_ds.metrics import METRICS_FILE, read_records  # noqa: E402
 
@@ -33,7 +30,8 @@ MERGE_FIELDS = ("merge_error", "merge_kept", "drift")
 
 
 def mean_sd(values: list) -> list:
-    return [statistics.fmean(values) if values else None, statistics.stdev(values) if len(values) > 1 else None]
+    s = stats(values)
+    return [s["mean"], s["sd"]]
 
 
 def seed_runs(runs_dir: str, w: str) -> dict:
@@ -71,9 +69,6 @@ def summarize(runs_dir: str) -> dict:
                    "merges": per_merge}
     return {"rows": rows, "seeds": sorted({s for r in rows.values() for s in r["perplexity"]})}
 
-
-def fmt(value, spec=".2f"):
-    return "—" if value is None else format(value, spec)
 
 
 def pm(pair, spec=".2f", sign=False):
@@ -120,11 +115,7 @@ def markdown(summary: dict, runs_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-wdtype"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                 f"{datetime.date.today().isoformat()}-base-dtype-20m"))
-    args = p.parse_args(argv)
+    args = parse_args(argv, __doc__, "study-wdtype", "base-dtype-20m")
     summary = summarize(args.runs)
     if not summary["rows"][TWIN]["perplexity"]:
         print(f"error: no finished fp32 twin under {os.path.join(args.runs, TWIN)} (run benchmarks/study/base_dtype.sh)",

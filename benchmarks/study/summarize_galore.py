@@ -10,8 +10,6 @@ train loss, and one rank's optimizer-state bytes (optimizer_state.py). GaLore's 
 (galore-seed<k>/compare.json), copied beside the table; the other rows are the switch study's, as committed.
 """
 
-import argparse
-import datetime
 import json
 import os
 import re
@@ -22,7 +20,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from summarize import copy_compare_reports, machine, write_summary  # noqa: E402
+from summarize import copy_compare_reports, fmt, machine, parse_args, stats, write_summary  # noqa: E402
 
 SWITCH = os.path.join(ROOT, "benchmarks", "results", "2026-12-07-switch-20m", "switch.json")
 ROWS = ("full", "lora_warm", "relora", "galore")
@@ -43,10 +41,7 @@ def galore_seeds(runs_dir: str) -> dict:
 
 
 def row(perplexity: dict, train_loss: dict, state_bytes) -> dict:
-    values = list(perplexity.values())
-    return {"perplexity": perplexity, "ppl_n": len(values),
-            "ppl_mean": statistics.fmean(values) if values else None,
-            "ppl_sd": statistics.stdev(values) if len(values) > 1 else None,
+    return {"perplexity": perplexity, **{"ppl_" + k: v for k, v in stats(list(perplexity.values())).items()},
             "train_loss_mean": statistics.fmean(train_loss.values()) if train_loss else None,
             "optimizer_state_bytes": state_bytes}
 
@@ -73,9 +68,6 @@ def summarize(runs_dir: str) -> dict:
                             "overrides": dict(s.split("=", 1) for s in sets)}
     return {"rows": rows, "checks": checks}
 
-
-def fmt(value, spec=".2f"):
-    return "—" if value is None else format(value, spec)
 
 
 def markdown(summary: dict, runs_dir: str) -> str:
@@ -110,11 +102,7 @@ def markdown(summary: dict, runs_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-galore"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                 f"{datetime.date.today().isoformat()}-galore-20m"))
-    args = p.parse_args(argv)
+    args = parse_args(argv, __doc__, "study-galore", "galore-20m")
     summary = summarize(args.runs)
     write_summary(args.out, "galore", summary, markdown(summary, args.runs))
     shutil.copy(os.path.join(args.runs, "optimizer_state.json"), os.path.join(args.out, "optimizer_state.json"))

@@ -10,8 +10,6 @@ copies each comparison's compare.{json,md,png} as <mode>-seed<k>-compare.* (full
 did not already write; a run that has not finished is left out of the mean and listed.
 """
 
-import argparse
-import datetime
 import json
 import os
 import re
@@ -21,7 +19,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from summarize import copy_compare_reports, machine, write_summary  # noqa: E402
+from summarize import copy_compare_reports, fmt, machine, parse_args, stats, write_summary  # noqa: E402
 
 ROWS = (("full", "restart"), ("lora_warm", "continue"), ("lora_warm", "restart"), ("relora", "continue"),
         ("relora", "restart"))  # full does not switch: it runs once (full-seed<k>), listed under the default
@@ -41,11 +39,6 @@ def read_runs(runs_dir: str) -> dict:
             mode = "restart" if record["variant"] == "full" else match.group(1)  # full: the default's row
             found.setdefault((record["variant"], mode), {})[int(match.group(2))] = record
     return found
-
-
-def stats(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
-            "sd": statistics.stdev(values) if len(values) > 1 else None}
 
 
 def summarize(runs: dict) -> dict:
@@ -68,9 +61,6 @@ def summarize(runs: dict) -> dict:
                            **stats(diffs)}
     return {"rows": table, "paired": paired}
 
-
-def fmt(value, spec=".2f"):
-    return "—" if value is None else format(value, spec)
 
 
 def markdown(summary: dict, runs_dir: str) -> str:
@@ -103,11 +93,7 @@ def markdown(summary: dict, runs_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study-switch"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                 f"{datetime.date.today().isoformat()}-switch-20m"))
-    args = p.parse_args(argv)
+    args = parse_args(argv, __doc__, "study-switch", "switch-20m")
     summary = summarize(read_runs(args.runs))
     write_summary(args.out, "switch", summary, markdown(summary, args.runs))
     copy_compare_reports(args.runs, args.out, r"(restart|continue|full)-seed\d+")
