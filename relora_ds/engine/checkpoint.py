@@ -32,6 +32,7 @@ import torch
 from relora_ds import dist
 from relora_ds.engine import zero
 from relora_ds.files import atomic_write
+from relora_ds.relora.wrap import relora_modules
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "relora_state.json"
@@ -291,16 +292,17 @@ def memory_mapped_loads(engine):
 
     DeepSpeed 0.19.8 reads a rank's model-states file whole (torch.load) and then copies its frozen fragments into
     the partitions, so a ZeRO-3 resume held the rank's frozen weights twice (6.5 GB more per rank for a 7b on two
-    ranks). Memory-mapped (copy-on-write), pages are read as they are copied and stay reclaimable. A stored W is read
-    through a mapping of its own (`copy_stored_weights`).
+    ranks). Memory-mapped (copy-on-write), pages are read as they are copied and stay reclaimable. Each wrapped
+    layer's W held whole on this rank (a stored W, or the frozen Parameter below ZeRO-3) is read through a mapping of
+    its own (`copy_stored_weights`).
     """
     engine_of_files = getattr(engine, "checkpoint_engine", None)
     if type(engine_of_files).__name__ != "TorchCheckpointEngine":  # another engine (async, Nebula): as it is
         yield
         return
 
-    stored = {f"{name}.weight": module.weight for name, module in engine.module.named_modules()
-              if getattr(module, "stored", False)}
+    stored = {f"{name}.weight": module.weight for name, module in relora_modules(engine.module).items()
+              if not hasattr(module.weight, "ds_id")}  # ds_id: a ZeRO-3 partition, restored by DeepSpeed
 
     def load(path, map_location=None):
         state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
@@ -317,7 +319,7 @@ def memory_mapped_loads(engine):
 
 
 def copy_stored_weights(path: str, module_state: dict, stored: dict, map_location=None) -> None:
-    """Copy each stored W (relora.base_dtype int8/fp8/bf16/fp32: module buffers by state-dict name) from the
+    """Copy each wrapped layer's W (a stored W: module buffers; or the frozen Parameter; by state-dict name) from the
     model-states file at `path` into the module, one W per mapping of the file, and put the module's own tensor in
     `module_state` in its place (DeepSpeed's load then copies it onto itself). The pages a mapping has read stay
     resident until the mapping goes: through one mapping a 7b int8 resume held its 6 GiB of W twice."""

@@ -73,6 +73,13 @@ def precision(config: dict) -> str:
     return "fp32"
 
 
+def param_dtype(config: dict):
+    """The dtype DeepSpeed casts every parameter to when it makes the engine (ZeRO-0/1/2)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(config)]
+
+
 def micro_batch_size(config: dict) -> int:
     return int(config["train_micro_batch_size_per_gpu"])
 

@@ -206,7 +206,7 @@ def start_engine(model_cfg, method, ds_config: dict, *, vocab_size: int, seed: i
     places them at step 0, so no full-rank engine is made in vain."""
     zero3_config = ds_config if dsc.zero_stage(ds_config) == 3 else None
     wrap_now = (start.resume and start.saved["wrapped"]) or (start.saved is None and method.switch_step == 0)
-    per_module = method.wrap_while_building() if wrap_now and zero3_config is None else None
+    per_module = method.wrap_while_building(dsc.param_dtype(ds_config)) if wrap_now and zero3_config is None else None
     model = model_from_config(model_cfg, vocab_size, seed=seed, zero3_config=zero3_config, per_module=per_module)
     if prepare_model is not None:
         prepare_model(model)

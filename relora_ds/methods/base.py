@@ -70,9 +70,10 @@ class Method:
         """Whether the wrapped layers store their frozen W in a dtype of its own (relora.base_dtype)."""
         return False
 
-    def wrap_while_building(self):
+    def wrap_while_building(self, param_dtype):
         """None, or per_module(model, name, module): places the adapters module by module while the model is built
-        (model.build.build_from_config), when they are placed at step 0; `wrap` is then not called."""
+        (model.build.build_from_config), when they are placed at step 0; `wrap` is then not called. param_dtype: what
+        DeepSpeed will cast every parameter to (ZeRO-0/1/2)."""
         return None
 
     def adopt_warm_start(self, step: int) -> None:

@@ -146,11 +146,14 @@ class LoRA(Method):
     def stores_weight(self) -> bool:
         return self.cfg.relora.base_dtype != "auto"
 
-    def wrap_while_building(self):
-        """With a stored W (relora.base_dtype other than auto), each target is wrapped, its W stored, as soon as the
-        build has initialised it: a 7b int8 build never holds the bf16 or fp32 W of the whole model."""
+    def wrap_while_building(self, param_dtype: torch.dtype):
+        """Each target is wrapped as soon as the build has initialised it, when that saves memory. With a stored W
+        (relora.base_dtype other than auto) W is stored at once: a 7b int8 build never holds the bf16 or fp32 W of
+        the whole model. With auto in a bf16 or fp16 run the wrapped layer's parameters are cast to param_dtype at
+        once, as DeepSpeed casts every parameter when it makes the engine (the same rounding): the build holds one
+        layer's fp32 W, not the whole model's. An fp32 run with auto wraps after the build (None)."""
         r = self.cfg.relora
-        if not self.stores_weight:
+        if not self.stores_weight and param_dtype == torch.float32:
             return None
         settings = dict(rank=r.rank, alpha=r.alpha, dropout=r.dropout, trainable_scaling=r.trainable_scaling,
                         kernels=r.kernels, seed=self.cfg.train.seed, base_dtype=r.base_dtype)
@@ -158,6 +161,8 @@ class LoRA(Method):
         def per_module(model, name, module) -> None:
             if is_target(name, module, target_modules_of(model, r.target_modules)):
                 wrap_one(model, name, **settings)
+                for parameter in model.get_submodule(name).parameters():
+                    parameter.data = parameter.data.to(param_dtype)
                 trim_heap()  # the Linear's W, freed: glibc keeps freed heap pages resident otherwise
 
         return per_module

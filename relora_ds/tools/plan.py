@@ -228,9 +228,11 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     if stage >= 3:
         build.parameters = counts.total * p / ranks
         build.transient = 4 * counts.largest_trainable_full
-    elif wrapped and method.switch_step == 0 and base_dtype != "auto":  # wrap_while_building
-        build.parameters = (counts.total - counts.wrapped + counts.adapters) * 4
-        build.frozen_w = counts.wrapped * WEIGHT_BYTES[base_dtype]
+    elif wrapped and method.switch_step == 0 and (base_dtype != "auto" or p < 4):  # wrap_while_building
+        # W stored, or (auto in a bf16 run) the wrapped layer cast to the run's dtype, as each target is initialised
+        w_bytes, adapter_bytes = (WEIGHT_BYTES[base_dtype], 4) if base_dtype != "auto" else (p, p)
+        build.parameters = (counts.total - counts.wrapped) * 4 + counts.adapters * adapter_bytes
+        build.frozen_w = counts.wrapped * w_bytes
         build.transient = 4 * counts.largest
     else:
         build.parameters = counts.total * 4
@@ -271,14 +273,15 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     plan.phases["checkpoint"] = checkpoint
     # A new process: the model is built again and the engine made, then the checkpoint is loaded from memory-mapped
     # files (checkpoint.memory_mapped_loads). What is copied out of a mapping is resident twice while it is mapped: the
-    # parameters, a W held as a Parameter (ZeRO-3: the rank's shards) and the fp32 masters; a stored W goes through a
-    # mapping of its own, one W at a time (engine/checkpoint.copy_stored_weights). Adam's moments stay mapped,
-    # untouched, until the first step reads them.
+    # parameters and the fp32 masters, and on ZeRO-3 the rank's shards of W; below ZeRO-3 each wrapped layer's W
+    # (stored, or the frozen Parameter) goes through a mapping of its own, one W at a time
+    # (engine/checkpoint.copy_stored_weights). Adam's moments stay mapped, untouched, until the first step reads them.
     resume = Components(**{**steps.__dict__, "gradients": engine_gradients(steps_trainable, p, stage, precision, ranks),
                            "moments": 0.0, "activations": 0.0, "transient": 0.0})
-    stored_w = method.stores_weight and wrapped
-    resume.transient = (resume.parameters + resume.masters + (0.0 if stored_w else resume.frozen_w)
-                        + (WEIGHT_BYTES[base_dtype] * counts.largest if stored_w else 0.0))
+    one_w_at_a_time = wrapped and stage < 3
+    w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]
+    resume.transient = (resume.parameters + resume.masters
+                        + (w_bytes * counts.largest if one_w_at_a_time else resume.frozen_w))
     if model_build.total > resume.total:
         resume = Components(**model_build.__dict__)
     plan.phases["resume"] = resume

@@ -59,14 +59,28 @@ def test_int8_stores_w_in_one_byte_and_its_scales(counts):
     assert int8.phases["build"].total < auto.phases["build"].total  # no fp32 model built first
 
 
+def test_the_build_holds_w_as_the_run_stores_it(counts):
+    """Wrapped at step 0 on ZeRO-0/1/2, each target is stored (bf16, int8) or, with auto in a bf16 run, cast as it is
+    built: the build peaks where the bf16-stored one does (the engine made over it), far below the whole fp32 model
+    that auto in an fp32 run, or a full-rank start, builds."""
+    auto = planner.make_plan(_cfg(), _ds(2), 1, VOCAB, counts).phases["build"]
+    stored = planner.make_plan(_cfg(base_dtype="bf16"), _ds(2), 1, VOCAB, counts).phases["build"]
+    assert auto.total <= stored.total and auto.frozen_w == stored.frozen_w == 2 * counts.wrapped
+    assert auto.total - auto.runtime < 4 * counts.total
+    for fp32_model in (planner.make_plan(_cfg(), _ds(2, bf16=False), 1, VOCAB, counts),
+                       planner.make_plan(_cfg(warm_start_steps=4), _ds(2), 1, VOCAB, counts)):
+        build = fp32_model.phases["build"]
+        assert build.total - build.runtime >= 4 * counts.total
+
+
 def test_a_resume_holds_the_engine_and_the_mapped_pages_it_copies(counts):
     """The resume's engine has no moments yet (they stay mapped until the first step) and, below ZeRO-3, no gradients;
-    it holds the pages of what it copies out of the mapped checkpoint besides: parameters, masters, and a W held as a
-    Parameter (a stored W: one at a time)."""
+    it holds the pages of what it copies out of the mapped checkpoint besides: parameters, masters, and on ZeRO-3 the
+    shards of W (below ZeRO-3 each W has a mapping of its own: one at a time, stored or a Parameter)."""
     t = counts.total - counts.wrapped + counts.adapters
     auto = planner.make_plan(_cfg(), _ds(2), 2, VOCAB, counts).phases["resume"]
     assert (auto.gradients, auto.moments, auto.activations) == (0, 0, 0)
-    assert auto.transient == 2 * t + 4 * t / 2 + 2 * counts.wrapped
+    assert auto.transient == 2 * t + 4 * t / 2 + 2 * counts.largest
     int8 = planner.make_plan(_cfg(base_dtype="int8"), _ds(2), 2, VOCAB, counts).phases["resume"]
     assert int8.transient == 2 * t + 4 * t / 2 + counts.largest
     z3 = planner.make_plan(_cfg(), _ds(3), 4, VOCAB, counts).phases["resume"]

@@ -227,9 +227,36 @@ def test_a_stored_w_is_wrapped_module_by_module_while_the_model_is_built():
     noop = build_from_config(config, seed=3, per_module=lambda model, name, module: None).state_dict()
     assert noop.keys() == plain.keys() and all(torch.equal(noop[k], plain[k]) for k in plain)
     method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4}}))
-    built = build_from_config(config, seed=3, per_module=method.wrap_while_building())
+    built = build_from_config(config, seed=3, per_module=method.wrap_while_building(torch.float32))
     assert len(assert_stored_copy_of(built, plain)) == 7 * config.num_hidden_layers
-    assert methods.from_config(RunConfig.from_dict({})).wrap_while_building() is None  # auto: wrapped after the build
+    auto = methods.from_config(RunConfig.from_dict({"relora": {"rank": 4}}))
+    assert auto.wrap_while_building(torch.float32) is None  # auto in an fp32 run: wrapped after the build
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_in_a_bf16_run_casts_each_wrapped_layer_as_it_is_built(dtype):
+    """base_dtype auto in a bf16 (fp16) run: each target wrapped and its parameters cast as soon as it is initialised,
+    bitwise what the plain build, wrapped after, gives once DeepSpeed has cast every parameter; every other module
+    left in fp32 for DeepSpeed to cast."""
+    from relora_ds import methods
+    from relora_ds.config import RunConfig
+    from relora_ds.model.build import build_from_config, preset_config
+    from relora_ds.relora.wrap import relora_modules
+
+    config = preset_config("tiny", 512)
+    method = methods.from_config(RunConfig.from_dict({"relora": {"rank": 4}}))
+    reference = build_from_config(config, seed=3)
+    method.wrap(reference)
+    for parameter in reference.parameters():  # what DeepSpeed's engine does to a bf16 run's module
+        parameter.data = parameter.data.to(dtype)
+    built = build_from_config(config, seed=3, per_module=method.wrap_while_building(dtype))
+    assert len(relora_modules(built)) == 7 * config.num_hidden_layers
+    expected, got = reference.state_dict(), built.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key].to(dtype), expected[key]), key
+        wrapped = key.rsplit(".", 1)[0] in relora_modules(built)
+        assert got[key].dtype == (dtype if wrapped else torch.float32), key
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2's tiny preset ties its embeddings
@@ -244,6 +271,6 @@ def test_a_saved_model_is_loaded_module_by_module_into_a_stored_w(tmp_path, fami
     plain = load_pretrained(str(tmp_path)).state_dict()
     method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4},
                                                       "model": {"family": family}}))
-    loaded = load_module_by_module(str(tmp_path), method.wrap_while_building())
+    loaded = load_module_by_module(str(tmp_path), method.wrap_while_building(torch.float32))
     assert len(assert_stored_copy_of(loaded, plain)) == 14
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (family == "qwen2")
