@@ -68,6 +68,11 @@ def merge_sums(delta: torch.Tensor, error: torch.Tensor) -> tuple[float, float, 
     return tuple(sums.tolist())
 
 
+def squared_norm(tensor: torch.Tensor) -> float:
+    """||tensor||^2 in float64, a chunk of elements at a time."""
+    return sum(float(c.double().dot(c.double())) for c in tensor.reshape(-1).split(1 << 20))
+
+
 def _check_arguments(restart_index, method, ratio, zero3_merge) -> None:
     if restart_index < 1:
         raise ValueError(f"restart_index must be >= 1 (0 is the wrap-time draw of A), got {restart_index}")
@@ -152,7 +157,7 @@ def _track_residual(module, error: torch.Tensor) -> tuple[float, float]:
         residual = module.merge_residual = torch.zeros_like(error)
     residual.sub_(error)
     exact = module.dequantized_weight().add(residual)
-    return merge_sums(residual, residual)[0], merge_sums(exact, exact)[0]
+    return squared_norm(residual), squared_norm(exact)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from relora_ds.engine.restart import merge_sums, relora_restart
+from relora_ds.engine.restart import merge_sums, relora_restart, squared_norm
 from relora_ds.relora import functional, quant
 from relora_ds.relora.layer import ReLoRALinear
 from relora_ds.relora.wrap import relora_modules, wrap
@@ -37,6 +37,7 @@ def test_merge_sums_match_float64_sums_over_chunks():
     d, e = delta.double(), error.double()
     expected = (float(d.square().sum()), float(e.square().sum()), float((e * d).sum()))
     assert merge_sums(delta, error) == pytest.approx(expected, rel=1e-12)
+    assert squared_norm(delta) == pytest.approx(expected[0], rel=1e-12)
 
 
 class _Engine(FakeEngine):
