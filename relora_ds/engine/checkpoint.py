@@ -296,6 +296,8 @@ def memory_mapped_loads(engine):
     layer's W held whole on this rank (a stored W, or the frozen Parameter below ZeRO-3) is read through a mapping of
     its own (`copy_stored_weights`).
     """
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS
+
     engine_of_files = getattr(engine, "checkpoint_engine", None)
     if type(engine_of_files).__name__ != "TorchCheckpointEngine":  # another engine (async, Nebula): as it is
         yield
@@ -309,6 +311,11 @@ def memory_mapped_loads(engine):
         module_state = state.get("module") if isinstance(state, dict) else None
         if stored and isinstance(module_state, dict):
             copy_stored_weights(path, module_state, stored, map_location)
+            # ZeRO-2 saves each frozen Parameter again as a "frozen param fragment" (the same storage) and its load
+            # copies those after the module's state: point them at the module's own tensors too.
+            fragments = state.get(FROZEN_PARAM_FRAGMENTS)
+            for name in stored.keys() & (fragments.keys() if isinstance(fragments, dict) else set()):
+                fragments[name] = stored[name]
         return state
 
     engine_of_files.load = load

@@ -128,12 +128,13 @@ def test_an_int8_or_bf16_build_never_holds_the_full_precision_w():
     assert peaks["plain"] - peaks["bf16-auto"] > 0.9 * wrapped * 2, peaks  # 2 in bf16
 
 
-@pytest.mark.parametrize("base_dtype, w_bytes", [("int8", 302_383_104), ("auto", 4 * 302_383_104)])
-def test_a_resume_reads_each_w_through_a_mapping_of_its_own(corpus, tmp_path, base_dtype, w_bytes):
-    """350m, rank 8, ZeRO-0 fp32, each run its own process; an int8 W (0.28 GiB) or the frozen fp32 Parameter of
-    auto (1.13 GiB): the resume (build, engine, load) peaks less than half a W above the first run's build. Read
-    through the one mapping of the model-states file that DeepSpeed's load holds, every page of W stayed resident
-    beside the module's own copy (a 7b int8 resume on one rank peaked at 14.4 GiB, 6 GiB of it the second W)."""
+@pytest.mark.parametrize("base_dtype, stage, w_bytes", [("int8", 0, 302_383_104), ("auto", 2, 4 * 302_383_104)])
+def test_a_resume_reads_each_w_through_a_mapping_of_its_own(corpus, tmp_path, base_dtype, stage, w_bytes):
+    """350m, rank 8, fp32, each run its own process; an int8 W (0.28 GiB) on ZeRO-0, or the frozen fp32 Parameter
+    of auto (1.13 GiB) on ZeRO-2, whose load copies it twice (the module's state, then DeepSpeed's frozen
+    fragments): the resume (build, engine, load) peaks less than half a W above the first run's build. Read through
+    the one mapping of the model-states file that DeepSpeed's load holds, every page of W stayed resident beside the
+    module's own copy (a 7b int8 resume on one rank peaked at 14.4 GiB, 6 GiB of it the second W)."""
     import json
     import subprocess
     import sys
@@ -141,7 +142,7 @@ def test_a_resume_reads_each_w_through_a_mapping_of_its_own(corpus, tmp_path, ba
     from tests.helpers import ROOT
     from tests.helpers.runs import cpu_env
 
-    ds = write_ds_config(tmp_path, stage=0, micro_batch=1)
+    ds = write_ds_config(tmp_path, stage=stage, micro_batch=1)
     fields = {"model.preset": "350m", "relora.rank": 8, "relora.base_dtype": base_dtype, "relora.warm_start_steps": 0,
               "relora.reset_every": 4, "data.seq_len": 16, "train.total_steps": 2, "train.eval_every": 0,
               "schedule.warmup_steps": 1, "schedule.restart_warmup_steps": 1, "checkpoint.at_switch": False,
