@@ -19,9 +19,10 @@ for seed in $SEEDS; do
         --set "data.source=$OUT/data/train.jsonl" --set "data.validation_source=$OUT/data/heldout.jsonl" \
         --set "train.seed=$seed" --set train.eval_every=300 --set train.eval_batches=100
 done
-# Checks on seed 1: full-rank at the peak LR GaLore's projected matrices effectively get (2e-3 x scale 0.25), and
-# full-rank at the study's LR trained again with this code (against the switch study's full-seed1).
-for check in "full-lr5e-4:schedule.lr=5e-4" "full:schedule.lr=2e-3"; do
+# Checks on seed 1: full-rank at the peak LR GaLore's projected matrices effectively get (2e-3 x scale 0.25) and at
+# twice the study's LR, and full-rank at the study's LR trained again with this code (against the switch study's
+# full-seed1).
+for check in "full-lr5e-4:schedule.lr=5e-4" "full-lr4e-3:schedule.lr=4e-3" "full:schedule.lr=2e-3"; do
     "$PY" -m relora_ds compare --config "$BASE" --variants full --out "$OUT/${check%%:*}-seed1" \
         --set "data.source=$OUT/data/train.jsonl" --set "data.validation_source=$OUT/data/heldout.jsonl" \
         --set train.seed=1 --set train.eval_every=300 --set train.eval_batches=100 --set "${check#*:}"

@@ -57,7 +57,7 @@ def summarize(runs_dir: str) -> dict:
     rows["galore"] = row({s: r["eval_perplexity"] for s, r in galore.items()},
                          {s: r["train_loss"] for s, r in galore.items()}, state["galore"])
     checks = {}
-    for name in ("full-lr5e-4-seed1", "full-seed1"):
+    for name in ("full-lr5e-4-seed1", "full-lr4e-3-seed1", "full-seed1"):
         path = os.path.join(runs_dir, name, "compare.json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     summary = summarize(args.runs)
     write_summary(args.out, "galore", summary, markdown(summary, args.runs))
     shutil.copy(os.path.join(args.runs, "optimizer_state.json"), os.path.join(args.out, "optimizer_state.json"))
-    copy_compare_reports(args.runs, args.out, r"galore-seed\d+|full-lr5e-4-seed1|full-seed1")
+    copy_compare_reports(args.runs, args.out, r"galore-seed\d+|full-lr(5e-4|4e-3)-seed1|full-seed1")
     return 0
 
 
