@@ -164,27 +164,28 @@ def load_module_by_module(path: str, per_module, attn_implementation: str = "aut
     with no_init_weights():
         model = causal_lm_class(config)(config)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
-    handles = {}
-    try:
-        def fill(_owner, name: str, module) -> None:
-            own = [*module.named_parameters(recurse=False),
-                   *((n, b) for n, b in module.named_buffers(recurse=False)
-                     if n not in module._non_persistent_buffers_set)]
-            for tensor_name, tensor in own:
-                key = f"{name}.{tensor_name}" if name else tensor_name
-                if key not in files:
-                    if key in tied:
-                        continue
-                    raise ValueError(f"model.init_from {path}: no tensor {key} in its safetensors files")
-                if files[key] not in handles:
-                    handles[files[key]] = safe_open(files[key], framework="pt")
-                with torch.no_grad():
-                    tensor.copy_(handles[files[key]].get_tensor(key))
-            per_module(model, name, module)
 
-        _children_first(model, fill)
-    finally:
-        handles.clear()
+    def fill(_owner, name: str, module) -> None:
+        own = [*module.named_parameters(recurse=False),
+               *((n, b) for n, b in module.named_buffers(recurse=False)
+                 if n not in module._non_persistent_buffers_set)]
+        by_file = {}
+        for tensor_name, tensor in own:
+            key = f"{name}.{tensor_name}" if name else tensor_name
+            if key not in files:
+                if key in tied:
+                    continue
+                raise ValueError(f"model.init_from {path}: no tensor {key} in its safetensors files")
+            by_file.setdefault(files[key], []).append((key, tensor))
+        # A mapping of the file per module: the pages a mapping has read stay resident until it is closed, so one
+        # mapping held over the whole load kept every page of the checkpoint beside the model.
+        for file, tensors in by_file.items():
+            with safe_open(file, framework="pt") as handle, torch.no_grad():
+                for key, tensor in tensors:
+                    tensor.copy_(handle.get_tensor(key))
+        per_module(model, name, module)
+
+    _children_first(model, fill)
     model.tie_weights()
     return model
 
