@@ -90,7 +90,7 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
                       attn_implementation: str | None = None, zero3_config: dict | None = None, per_module=None):
     """The run's model: loaded from `model.init_from` when set, else built from `model.hf_config` or the family
     preset, randomly initialised (seeded when `seed` is given). per_module: see `build_from_config`; a model.init_from
-    in safetensors is then loaded module by module (`load_module_by_module`), one in *.bin whole.
+    in safetensors or zip-format *.bin is then loaded module by module (`load_module_by_module`), a legacy *.bin whole.
 
     zero3_config: the run's DeepSpeed config on ZeRO-3; the model is then built partitioned (no rank ever
     holds it whole) with the same seeded weights as the unsharded build, and a checkpoint is loaded partition
@@ -98,10 +98,10 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     """
     attn = attn_implementation or model_cfg.attn_implementation
     if model_cfg.init_from:
-        if per_module is not None and hf.safetensors_index(model_cfg.init_from):
+        if per_module is not None and hf.weights_index(model_cfg.init_from):
             return load_module_by_module(model_cfg.init_from, per_module, attn_implementation=attn)
         model = load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
-        if per_module is not None:  # *.bin weights: loaded whole
+        if per_module is not None:  # legacy (not zip) *.bin weights: loaded whole
             for name, module in list(model.named_modules()):
                 per_module(model, name, module)
         return model
@@ -150,17 +150,29 @@ def load_pretrained(path: str, attn_implementation: str = "auto", zero3_config: 
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation=resolve_attn_implementation(attn_implementation))
 
 
+def _read_tensors(file: str, keys: list[str]) -> dict:
+    """{key: tensor} of `keys` from one weights file (safetensors, or a zip-format *.bin memory-mapped), through a
+    mapping of the file that is closed once the tensors are dropped."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in keys}
+    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    return {key: state[key] for key in keys}
+
+
 def load_module_by_module(path: str, per_module, attn_implementation: str = "auto"):
-    """A saved model (safetensors) filled module by module, children first, each module's own tensors read from its
-    file on their own and the module then handed to `per_module(model, name, module)` (which may replace it: a ReLoRA
-    layer storing W as int8), so the whole model never exists in full precision. fp32, as load_pretrained loads. A
-    tensor the files do not hold (a tied lm_head) is tied afterwards; any other missing one is a one-line ValueError."""
-    from safetensors import safe_open
+    """A saved model (safetensors, or *.bin in torch's zip format) filled module by module, children first, each
+    module's own tensors read from its file on their own and the module then handed to
+    `per_module(model, name, module)` (which may replace it: a ReLoRA layer storing W as int8), so the whole model never
+    exists in full precision. fp32, as load_pretrained loads. A tensor the files do not hold (a tied lm_head) is tied
+    afterwards; any other missing one is a one-line ValueError."""
     from transformers.initialization import no_init_weights
 
     config = hf.pretrained_config(path)
     config._attn_implementation = resolve_attn_implementation(attn_implementation)
-    files = hf.safetensors_index(path)
+    files = hf.weights_index(path)
     with no_init_weights():
         model = causal_lm_class(config)(config)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
@@ -175,14 +187,16 @@ def load_module_by_module(path: str, per_module, attn_implementation: str = "aut
             if key not in files:
                 if key in tied:
                     continue
-                raise ValueError(f"model.init_from {path}: no tensor {key} in its safetensors files")
+                raise ValueError(f"model.init_from {path}: no tensor {key} in its weights files")
             by_file.setdefault(files[key], []).append((key, tensor))
         # A mapping of the file per module: the pages a mapping has read stay resident until it is closed, so one
         # mapping held over the whole load kept every page of the checkpoint beside the model.
         for file, tensors in by_file.items():
-            with safe_open(file, framework="pt") as handle, torch.no_grad():
+            read = _read_tensors(file, [key for key, _ in tensors])
+            with torch.no_grad():
                 for key, tensor in tensors:
-                    tensor.copy_(handle.get_tensor(key))
+                    tensor.copy_(read[key])
+            del read
         per_module(model, name, module)
 
     _children_first(model, fill)

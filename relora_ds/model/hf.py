@@ -60,20 +60,36 @@ def load_hf_config(path: str, min_vocab_size: int = 1):
     return config
 
 
-def safetensors_index(path: str) -> dict:
-    """{tensor name: its safetensors file} of a saved model directory (one model.safetensors, or the shards named in
-    model.safetensors.index.json); {} for a directory with *.bin weights only. One-line ValueError for a broken index."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: unreadable ({' '.join(str(e).split())[:160]})") from None
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        return {}
-    from safetensors import safe_open
+def weights_index(path: str) -> dict:
+    """{tensor name: its file} of a saved model directory: its safetensors (one model.safetensors, or the shards named
+    in model.safetensors.index.json) or, without them, its *.bin saved by torch.save's zip format (one
+    pytorch_model.bin, or the shards named in pytorch_model.bin.index.json), which can be memory-mapped; {} for
+    neither (legacy *.bin files are loaded whole). One-line ValueError for a broken index."""
+    import zipfile
 
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    import torch
+
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index, single = os.path.join(path, index_name), os.path.join(path, single_name)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    files = {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: unreadable ({' '.join(str(e).split())[:160]})") from None
+        elif not os.path.isfile(single):
+            continue
+        elif single.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(single, framework="pt") as f:
+                files = {name: single for name in f.keys()}
+        elif zipfile.is_zipfile(single):
+            files = {name: single for name in torch.load(single, map_location="cpu", mmap=True, weights_only=True)}
+        else:
+            return {}
+        if single.endswith(".bin") and not all(zipfile.is_zipfile(file) for file in set(files.values())):
+            return {}
+        return files
+    return {}

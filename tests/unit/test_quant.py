@@ -1,5 +1,7 @@
 """relora.base_dtype: the stored W (relora/quant.py), its rounding, the layer that holds it and its merge."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -259,15 +261,49 @@ def test_auto_in_a_bf16_run_casts_each_wrapped_layer_as_it_is_built(dtype):
         assert got[key].dtype == (dtype if wrapped else torch.float32), key
 
 
+def _as_bin_shards(path) -> None:
+    """Rewrite a saved model's model.safetensors as two *.bin shards (torch.save's zip format) and their index, as
+    older checkpoints ship."""
+    import json
+
+    from safetensors.torch import load_file
+
+    state = load_file(path / "model.safetensors")
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        torch.save({key: state[key] for key in keys}, path / file)
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {key: file for file, keys in shards.items() for key in keys}}))
+    (path / "model.safetensors").unlink()
+
+
+def test_only_a_zip_format_bin_is_read_module_by_module(tmp_path):
+    """torch.save's legacy format cannot be memory-mapped: such a *.bin is left to the whole load ({})."""
+    from relora_ds.model import hf
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert hf.weights_index(str(tmp_path)) == {}
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    assert hf.weights_index(str(tmp_path)) == {"w": str(tmp_path / "pytorch_model.bin")}
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2's tiny preset ties its embeddings
-def test_a_saved_model_is_loaded_module_by_module_into_a_stored_w(tmp_path, family):
-    """model.init_from with a stored W: each module's tensors read from the safetensors on their own and each target
-    stored as it is filled; the same tensors as transformers' own load, each W quantized, tied weights tied."""
+def test_a_saved_model_is_loaded_module_by_module_into_a_stored_w(tmp_path, family, weights):
+    """model.init_from with a stored W: each module's tensors read from the safetensors (or zip-format *.bin shards,
+    memory-mapped) on their own and each target stored as it is filled; the same tensors as transformers' own load,
+    each W quantized, tied weights tied."""
     from relora_ds import methods
     from relora_ds.config import RunConfig
+    from relora_ds.model import hf
     from relora_ds.model.build import build_from_config, load_module_by_module, load_pretrained, preset_config
 
     build_from_config(preset_config("tiny", 512, family), seed=1).save_pretrained(tmp_path)
+    if weights == "bin":
+        _as_bin_shards(tmp_path)
+    assert {os.path.basename(f).split(".")[-1] for f in hf.weights_index(str(tmp_path)).values()} == {weights}
     plain = load_pretrained(str(tmp_path)).state_dict()
     method = methods.from_config(RunConfig.from_dict({"relora": {"base_dtype": "int8", "rank": 4},
                                                       "model": {"family": family}}))
