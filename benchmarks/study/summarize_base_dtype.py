@@ -70,7 +70,6 @@ def summarize(runs_dir: str) -> dict:
     return {"rows": rows, "seeds": sorted({s for r in rows.values() for s in r["perplexity"]})}
 
 
-
 def pm(pair, spec=".2f", sign=False):
     mean, sd = pair
     if mean is None:

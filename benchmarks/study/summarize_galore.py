@@ -69,7 +69,6 @@ def summarize(runs_dir: str) -> dict:
     return {"rows": rows, "checks": checks}
 
 
-
 def markdown(summary: dict, runs_dir: str) -> str:
     seeds = sorted({s for r in summary["rows"].values() for s in r["perplexity"]}, key=int)
     lines = ["# GaLore beside full-rank, LoRA and ReLoRA, 20m on SOTU (in-distribution held-out split)", "",

@@ -62,7 +62,6 @@ def summarize(runs: dict) -> dict:
     return {"rows": table, "paired": paired}
 
 
-
 def markdown(summary: dict, runs_dir: str) -> str:
     seeds = sorted({s for row in summary["rows"].values() for s in row["perplexity"]}, key=int)
     lines = ["# The LR schedule at the warm-start switch, 20m on SOTU (in-distribution held-out split)", "",

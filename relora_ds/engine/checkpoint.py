@@ -303,19 +303,19 @@ def memory_mapped_loads(engine):
         yield
         return
 
-    stored = {f"{name}.weight": module.weight for name, module in relora_modules(engine.module).items()
+    whole_w = {f"{name}.weight": module.weight for name, module in relora_modules(engine.module).items()
               if not hasattr(module.weight, "ds_id")}  # ds_id: a ZeRO-3 partition, restored by DeepSpeed
 
     def load(path, map_location=None):
         state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
         module_state = state.get("module") if isinstance(state, dict) else None
-        if stored and isinstance(module_state, dict):
-            copy_stored_weights(path, module_state, stored, map_location)
+        if whole_w and isinstance(module_state, dict):
+            copy_stored_weights(path, module_state, whole_w, map_location)
             # ZeRO-2 saves each frozen Parameter again as a "frozen param fragment" (the same storage) and its load
             # copies those after the module's state: point them at the module's own tensors too.
             fragments = state.get(FROZEN_PARAM_FRAGMENTS)
-            for name in stored.keys() & (fragments.keys() if isinstance(fragments, dict) else set()):
-                fragments[name] = stored[name]
+            for name in whole_w.keys() & (fragments.keys() if isinstance(fragments, dict) else set()):
+                fragments[name] = whole_w[name]
         return state
 
     engine_of_files.load = load
@@ -325,12 +325,12 @@ def memory_mapped_loads(engine):
         del engine_of_files.load
 
 
-def copy_stored_weights(path: str, module_state: dict, stored: dict, map_location=None) -> None:
+def copy_stored_weights(path: str, module_state: dict, whole_w: dict, map_location=None) -> None:
     """Copy each wrapped layer's W (a stored W: module buffers; or the frozen Parameter; by state-dict name) from the
     model-states file at `path` into the module, one W per mapping of the file, and put the module's own tensor in
     `module_state` in its place (DeepSpeed's load then copies it onto itself). The pages a mapping has read stay
     resident until the mapping goes: through one mapping a 7b int8 resume held its 6 GiB of W twice."""
-    for name, weight in stored.items():
+    for name, weight in whole_w.items():
         if name not in module_state:
             continue
         one = torch.load(path, map_location=map_location, weights_only=False, mmap=True)

@@ -23,7 +23,6 @@ the resume (the build again, or the engine with the pages of the memory-mapped c
 (its own process, one tensor at a time).
 """
 
-import math
 from dataclasses import dataclass, field
 
 from relora_ds.engine import ds_config as dsc
@@ -214,6 +213,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     tokens = micro_batch * cfg.data.seq_len
     checkpointing = cfg.train.activation_checkpointing
     base_dtype = cfg.relora.base_dtype
+    w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]  # bytes per wrapped weight as held
     plan = Plan(ranks, stage, precision, base_dtype, checkpointing, micro_batch, accelerator)
     foreach = accelerator == "cuda"
     heap_returns = returns_freed_host_memory(stage, method.stores_weight, accelerator == "cuda")
@@ -230,7 +230,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         build.transient = 4 * counts.largest_trainable_full
     elif wrapped and method.switch_step == 0 and (base_dtype != "auto" or p < 4):  # wrap_while_building
         # W stored, or (auto in a bf16 run) the wrapped layer cast to the run's dtype, as each target is initialised
-        w_bytes, adapter_bytes = (WEIGHT_BYTES[base_dtype], 4) if base_dtype != "auto" else (p, p)
+        adapter_bytes = p if base_dtype == "auto" else 4
         build.parameters = (counts.total - counts.wrapped) * 4 + counts.adapters * adapter_bytes
         build.frozen_w = counts.wrapped * w_bytes
         build.transient = 4 * counts.largest
@@ -245,7 +245,6 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         full.transient += zero3_buffers(ds_config, p, counts.total)
         plan.phases["full-rank steps"] = full
     if wrapped:
-        w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]
         frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
         low = Components(frozen_w=frozen / shard, runtime=runtime)
         step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
@@ -279,7 +278,6 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     resume = Components(**{**steps.__dict__, "gradients": engine_gradients(steps_trainable, p, stage, precision, ranks),
                            "moments": 0.0, "activations": 0.0, "transient": 0.0})
     one_w_at_a_time = wrapped and stage < 3
-    w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]
     resume.transient = (resume.parameters + resume.masters
                         + (w_bytes * counts.largest if one_w_at_a_time else resume.frozen_w))
     if model_build.total > resume.total:
