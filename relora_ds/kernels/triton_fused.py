@@ -96,7 +96,7 @@ def _gemm_lowrank_kernel(
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         y = tl.load(Y + offs_k[:, None] * stride_yk + offs_n[None, :] * stride_yn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # 0.0: the interpreter cannot cast int 0 to fp8
         if SCALE_AXIS == 1:  # Y = q[k, n] * scale[k]: dequantize the tile (in fp32) before the dot
             y = y.to(tl.float32) * tl.load(SCALE + offs_k, mask=mask_k, other=0.0)[:, None]
         elif SCALE_AXIS == 2:  # int8/fp8 values are exact in fp32 and in x's dtype

@@ -1,8 +1,8 @@
-"""The fused kernels with a W stored as int8 (fp8 on a GPU) and per-row scales (relora.base_dtype): dequantized tile
-by tile inside the GEMMs, against the reference on the dequantized W (fp64), forward and backward, both ops (x·Aᵀ
-inside, and S given for dropout); the layer takes the kernels with a stored int8/fp8 W and matches its torch path.
-Under TRITON_INTERPRET=1 on a CPU (fp32, fp16; the interpreter has neither bf16 dots nor fp8 loads), compiled on a
-GPU (bf16, int8 and fp8: the `gpu` tests at the end)."""
+"""The fused kernels with a W stored as int8 or fp8 and per-row scales (relora.base_dtype): dequantized tile by tile
+inside the GEMMs, against the reference on the dequantized W (fp64), forward and backward, both ops (x·Aᵀ inside,
+and S given for dropout); the layer takes the kernels with a stored int8/fp8 W and matches its torch path.
+Under TRITON_INTERPRET=1 on a CPU (fp32, fp16 compute; the interpreter multiplies bf16's bit patterns in tl.dot),
+compiled on a GPU (bf16 compute: the `gpu` tests at the end)."""
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from relora_ds.relora.layer import ReLoRALinear
 from tests.kernels.common import DEVICE, rel_err
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not usable here")
+FP8 = pytest.mark.skipif("fp8" not in quant.STORAGE, reason="this torch has no float8_e4m3fn")
 
 
 def _inputs(lead, in_f, out_f, rank, dtype, fmt, seed=0):
@@ -48,12 +49,14 @@ def _check(lead, in_f, out_f, rank, dtype, fmt, tol, from_s):
 @pytest.mark.parametrize("from_s", [False, True], ids=["fused", "from_s"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("lead,in_f,out_f,rank", [((3, 50), 130, 70, 8), ((37,), 65, 129, 24)])
-def test_int8_w_is_dequantized_in_the_kernels(lead, in_f, out_f, rank, dtype, tol, from_s):
-    _check(lead, in_f, out_f, rank, dtype, "int8", tol, from_s)
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=FP8)])
+def test_a_stored_w_is_dequantized_in_the_kernels(fmt, lead, in_f, out_f, rank, dtype, tol, from_s):
+    _check(lead, in_f, out_f, rank, dtype, fmt, tol, from_s)
 
 
-def test_the_layer_takes_the_kernels_with_an_int8_w_and_matches_its_torch_path():
-    layers = [ReLoRALinear.from_linear(nn.Linear(72, 40), rank=8, alpha=16, kernels=kernels, base_dtype="int8",
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=FP8)])
+def test_the_layer_takes_the_kernels_with_a_stored_w_and_matches_its_torch_path(fmt):
+    layers = [ReLoRALinear.from_linear(nn.Linear(72, 40), rank=8, alpha=16, kernels=kernels, base_dtype=fmt,
                                        generator=torch.Generator().manual_seed(1)).to(DEVICE)
               for kernels in ("torch", "triton")]
     layers[1].load_state_dict(layers[0].state_dict())
