@@ -42,6 +42,17 @@ def all_reduce(values, op: str = "sum", device=None):
     return reduced.to(values.device)
 
 
+def from_rank_zero(value):
+    """Rank 0's `value` (a picklable object) on every rank; `value` itself on one process (collective)."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_initialized():
         import torch.distributed as dist

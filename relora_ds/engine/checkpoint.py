@@ -112,17 +112,19 @@ def set_aside_damaged(checkpoint_dir: str, tag: str, reason: str, then: str = ""
 def find_resume_checkpoint(path: str) -> str:
     """`find_checkpoint(path, set_aside=True)` for a run being resumed: rank 0 verifies the tags and moves the
     damaged ones aside; every rank gets its answer (the tag dir, or the same CheckpointError)."""
-    found = None
+    return on_rank_zero(find_checkpoint, path, set_aside=True)
+
+
+def on_rank_zero(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run by rank 0 alone; every rank returns its value or raises its CheckpointError
+    (collective)."""
+    outcome = None
     if dist.is_rank_zero():
         try:
-            found = ("tag", find_checkpoint(path, set_aside=True))
+            outcome = ("value", fn(*args, **kwargs))
         except CheckpointError as e:
-            found = ("error", str(e))
-    if dist.is_initialized() and dist.world_size() > 1:
-        decision = [found]
-        torch.distributed.broadcast_object_list(decision, src=0)
-        found = decision[0]
-    kind, value = found
+            outcome = ("error", str(e))
+    kind, value = dist.from_rank_zero(outcome)
     if kind == "error":
         raise CheckpointError(value)
     return value
@@ -229,11 +231,7 @@ def _same_complete_tag(tag_dir: str, state: dict) -> bool:
             same = read_state(tag_dir) == json.loads(json.dumps(state))
         except CheckpointError:
             same = False
-    if dist.world_size() > 1:
-        decision = [same]
-        torch.distributed.broadcast_object_list(decision, src=0)
-        same = decision[0]
-    return same
+    return dist.from_rank_zero(same)
 
 
 def reference_checkpoint(path: str) -> str | None:

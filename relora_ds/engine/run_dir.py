@@ -10,7 +10,7 @@
 import os
 
 from relora_ds import dist
-from relora_ds.engine import checkpoint
+from relora_ds.engine import checkpoint, universal
 from relora_ds.engine.train_module import Start
 from relora_ds.errors import RunError
 
@@ -69,7 +69,8 @@ def find_start(cfg, resume_tag: str | None) -> Start:
     """Where the run starts: `resume_tag` (prepare_output_dir), else the full-rank checkpoint named by
     relora.warm_start_checkpoint (the module only; a wrapped one is refused), else a fresh model."""
     if resume_tag:
-        return Start(resume_tag, checkpoint.read_state(resume_tag), resume=True)
+        return Start(resume_tag, checkpoint.read_state(resume_tag), resume=True,
+                     universal=universal.prepare(resume_tag))
     if not cfg.relora.warm_start_checkpoint:
         return Start()
     tag = checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)

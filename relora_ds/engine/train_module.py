@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from relora_ds import dist
-from relora_ds.engine import checkpoint, ds_config as dsc, runtime, zero
+from relora_ds.engine import checkpoint, ds_config as dsc, runtime, universal, zero
 from relora_ds.errors import NonFiniteError
 from relora_ds.memory import release_memory
 from relora_ds.model.build import model_from_config
@@ -195,6 +195,7 @@ class Start:
     tag: str | None = None
     saved: dict | None = None
     resume: bool = False
+    universal: bool = False  # written on another world size: loaded as DeepSpeed's universal checkpoint (universal.py)
 
 
 def start_engine(model_cfg, method, ds_config: dict, *, vocab_size: int, seed: int, start: Start,
@@ -213,8 +214,12 @@ def start_engine(model_cfg, method, ds_config: dict, *, vocab_size: int, seed: i
     if wrap_now and per_module is None:
         method.wrap(model)
     release_memory()  # what building freed (modules are built whole, then partitioned, on ZeRO-3)
+    if start.universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine = TrainEngine(method, ds_config)
     engine.build(model)
     if start.tag is not None:
         engine.load(start.tag, module_only=not start.resume)
+    if start.universal:
+        universal.finish(start.tag)
     return engine

@@ -33,20 +33,35 @@ def resume_matrix(directory: str, ds_config: str, name: str, train_file: str, va
                   **fields) -> dict:
     """{"reference": the uninterrupted run, point: the run resumed from RESUME_POINTS[point]} (records of `_record`).
     Every rank calls it alike; rank 0 copies each checkpoint into its resumed run's directory."""
-    def config(output_dir, **more):
-        return tiny_run_config(directory, train_file, val_file, ds_config, **{
-            **RESUME_FIELDS, **fields, "train.output_dir": output_dir, **more})
+    reference = run_reference(directory, ds_config, name, train_file, val_file, **fields)
+    return {"reference": reference, **run_resumed(directory, ds_config, name, train_file, val_file, points, **fields)}
 
-    base = os.path.join(directory, name)
-    results = {"reference": _record(trainer.train(config(base)))}
+
+def _config(directory, ds_config, train_file, val_file, output_dir, **fields):
+    return tiny_run_config(directory, train_file, val_file, ds_config, **{
+        **RESUME_FIELDS, **fields, "train.output_dir": output_dir})
+
+
+def run_reference(directory: str, ds_config: str, name: str, train_file: str, val_file: str, **fields) -> dict:
+    """The uninterrupted run in directory/name, a checkpoint after every step; its `_record`."""
+    return _record(trainer.train(_config(directory, ds_config, train_file, val_file, os.path.join(directory, name),
+                                         **fields)))
+
+
+def run_resumed(directory: str, ds_config: str, name: str, train_file: str, val_file: str, points=None,
+                suffix: str = "", **fields) -> dict:
+    """{point: the run resumed from directory/name's checkpoint at RESUME_POINTS[point]}, each in
+    directory/<name>_from_<point><suffix> under `ds_config` (its world size may differ from the reference's)."""
+    results = {}
     for point in points or RESUME_POINTS:
         step = RESUME_POINTS[point]
-        resumed = os.path.join(directory, f"{name}_from_{point}")
+        resumed = os.path.join(directory, f"{name}_from_{point}{suffix}")
         if dist.is_rank_zero():
-            shutil.copytree(os.path.join(base, "checkpoints", checkpoint.tag_for(step)),
+            shutil.copytree(os.path.join(directory, name, "checkpoints", checkpoint.tag_for(step)),
                             os.path.join(resumed, "checkpoints", checkpoint.tag_for(step)))
         dist.barrier()
-        results[point] = _record(trainer.train(config(resumed, **{"train.resume": True})))
+        results[point] = _record(trainer.train(_config(directory, ds_config, train_file, val_file, resumed,
+                                                       **{**fields, "train.resume": True})))
     return results
 
 

@@ -1,0 +1,97 @@
+"""Resuming on another number of ranks: DeepSpeed's universal checkpoint of a ZeRO-1/2 tag.
+
+A ZeRO-1/2 tag holds each rank's slice of the optimizer state (the fp32 masters and Adam moments of the flat
+parameter groups) in one file per data-parallel rank, and DeepSpeed loads it only on the world size that wrote
+it. When a resumed run has another world size (a job requeued on fewer or more nodes), rank 0 converts the tag
+with DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`) into `<tag>/zero/` (one folder per
+parameter: fp32, exp_avg, exp_avg_sq), the engine is made with `checkpoint.load_universal`, and every rank reads its
+new slice from there; the folder is removed once every rank has loaded. The module file (the frozen W and buffers)
+is replicated on ZeRO-0/1/2 and is read as on any resume.
+
+A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on any world size as it is. ZeRO-3
+tags are refused with one line: DeepSpeed's universal load restores the optimizer's partitions but not the
+partitions of frozen parameters, which is where ReLoRA's W lives.
+
+    universal = prepare(tag_dir)      # every rank; rank 0 converts when the world size changed
+    ... make the engine with load_universal when `universal`, load the tag ...
+    finish(tag_dir)                   # every rank; rank 0 removes <tag>/zero
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from relora_ds import dist
+from relora_ds.engine.checkpoint import CheckpointError, on_rank_zero
+
+FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
+OPTIMIZER_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")  # ZeRO-3: one per rank
+
+
+def saved_ranks(tag_dir: str) -> int:
+    """The number of data-parallel ranks whose optimizer files the tag holds (0: none, the optimizer state is in
+    the model file and loads on any world size)."""
+    return len({m.group(2) for m in map(OPTIMIZER_FILE.fullmatch, os.listdir(tag_dir)) if m})
+
+
+def is_zero3(tag_dir: str) -> bool:
+    return any(ZERO3_MODEL_FILE.fullmatch(name) for name in os.listdir(tag_dir))
+
+
+def prepare(tag_dir: str) -> bool:
+    """Whether the tag must be loaded as a universal checkpoint on this world size; if so, rank 0 has converted it
+    into `<tag>/zero/` (collective: every rank returns, or raises the same CheckpointError)."""
+    world = dist.world_size()
+    saved = saved_ranks(tag_dir)
+    if saved in (0, world):
+        return False
+    on_rank_zero(convert, tag_dir, saved, world)
+    return True
+
+
+def convert(tag_dir: str, saved: int, world: int) -> float:
+    """DeepSpeed's universal form of the tag in `<tag>/zero/`, written beside the tag and moved in whole; returns the
+    seconds it took. One process (rank 0)."""
+    if is_zero3(tag_dir):
+        raise CheckpointError(f"{tag_dir}: written by {saved} ranks with ZeRO-3 and this run has {world}; resume it on "
+                              f"{saved} ranks (DeepSpeed's universal checkpoint does not restore ZeRO-3's partitions "
+                              f"of frozen parameters, ReLoRA's W among them)")
+    began = time.perf_counter()
+    parent, tag = os.path.split(os.path.normpath(tag_dir))
+    work = os.path.join(parent, f".universal-{tag}")  # not a step_ name: never taken for a tag
+    shutil.rmtree(work, ignore_errors=True)
+    out = os.path.join(work, tag)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+               "--output_folder", out, "--inject_missing_state", "--num_extract_workers", workers,
+               "--num_merge_workers", workers]
+    print(f"resume: {tag_dir} was written by {saved} ranks and this run has {world}; converting it to DeepSpeed's "
+          f"universal checkpoint ({' '.join(command[1:4])} ...)", flush=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if result.returncode != 0 or not os.path.isdir(os.path.join(out, FOLDER)):
+        os.makedirs(work, exist_ok=True)
+        log = os.path.join(work, "convert.log")
+        with open(log, "w") as f:
+            f.write(result.stdout)
+        last = (result.stdout.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"{tag_dir}: DeepSpeed's universal conversion failed (exit {result.returncode}: "
+                              f"{last}); its output is in {log}")
+    shutil.rmtree(os.path.join(tag_dir, FOLDER), ignore_errors=True)  # left by a resume that died after converting
+    os.replace(os.path.join(out, FOLDER), os.path.join(tag_dir, FOLDER))
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - began
+    print(f"resume: converted in {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def finish(tag_dir: str) -> None:
+    """After every rank loaded the tag: rank 0 removes `<tag>/zero/` (collective), so the tag is as it was saved."""
+    dist.barrier()
+    if dist.is_rank_zero():
+        shutil.rmtree(os.path.join(tag_dir, FOLDER), ignore_errors=True)
+    dist.barrier()
