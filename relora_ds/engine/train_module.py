@@ -221,5 +221,5 @@ def start_engine(model_cfg, method, ds_config: dict, *, vocab_size: int, seed: i
     if start.tag is not None:
         engine.load(start.tag, module_only=not start.resume)
     if start.universal:
-        universal.finish(start.tag)
+        universal.finish(start.tag, engine.module)
     return engine

@@ -1,20 +1,20 @@
-"""Resuming on another number of ranks: DeepSpeed's universal checkpoint of a ZeRO-1/2 tag.
+"""Resuming on another number of ranks: DeepSpeed's universal checkpoint of a ZeRO tag.
 
-A ZeRO-1/2 tag holds each rank's slice of the optimizer state (the fp32 masters and Adam moments of the flat
-parameter groups) in one file per data-parallel rank, and DeepSpeed loads it only on the world size that wrote
-it. When a resumed run has another world size (a job requeued on fewer or more nodes), rank 0 converts the tag
-with DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`) into `<tag>/zero/` (one folder per
-parameter: fp32, exp_avg, exp_avg_sq), the engine is made with `checkpoint.load_universal`, and every rank reads its
-new slice from there; the folder is removed once every rank has loaded. The module file (the frozen W and buffers)
-is replicated on ZeRO-0/1/2 and is read as on any resume.
+ZeRO-1/2/3 write each rank's slice of the optimizer state (the fp32 masters and Adam moments) to one file per
+data-parallel rank, and DeepSpeed loads those only on the world size that wrote them. When a resumed run has another
+world size (a job requeued on fewer or more nodes), rank 0 converts the tag with DeepSpeed's own converter
+(`deepspeed.checkpoint.ds_to_universal`) into `<tag>/zero/` (one folder per parameter: fp32, exp_avg,
+exp_avg_sq), the engine is made with `checkpoint.load_universal`, and every rank reads its new slice from there;
+the folder is removed once every rank has loaded. Below ZeRO-3 the module file (the frozen W and buffers) is
+replicated and is read as on any resume. On ZeRO-3 DeepSpeed's universal load restores the trainable parameters but
+not the partitions of frozen ones, which is where ReLoRA's W lives: each rank then writes its new slice of every
+frozen parameter from the tag's per-rank fragments, one parameter at a time (`restore_frozen_partitions`).
 
-A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on any world size as it is. ZeRO-3
-tags are refused with one line: DeepSpeed's universal load restores the optimizer's partitions but not the
-partitions of frozen parameters, which is where ReLoRA's W lives.
+A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on any world size as it is.
 
     universal = prepare(tag_dir)      # every rank; rank 0 converts when the world size changed
     ... make the engine with load_universal when `universal`, load the tag ...
-    finish(tag_dir)                   # every rank; rank 0 removes <tag>/zero
+    finish(tag_dir, module)           # every rank: ZeRO-3's frozen partitions; rank 0 removes <tag>/zero
 """
 
 import os
@@ -25,6 +25,7 @@ import sys
 import time
 
 from relora_ds import dist
+from relora_ds.engine import zero, zero_checkpoint
 from relora_ds.engine.checkpoint import CheckpointError, on_rank_zero
 
 FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
@@ -56,10 +57,6 @@ def prepare(tag_dir: str) -> bool:
 def convert(tag_dir: str, saved: int, world: int) -> float:
     """DeepSpeed's universal form of the tag in `<tag>/zero/`, written beside the tag and moved in whole; returns the
     seconds it took. One process (rank 0)."""
-    if is_zero3(tag_dir):
-        raise CheckpointError(f"{tag_dir}: written by {saved} ranks with ZeRO-3 and this run has {world}; resume it on "
-                              f"{saved} ranks (DeepSpeed's universal checkpoint does not restore ZeRO-3's partitions "
-                              f"of frozen parameters, ReLoRA's W among them)")
     began = time.perf_counter()
     parent, tag = os.path.split(os.path.normpath(tag_dir))
     work = os.path.join(parent, f".universal-{tag}")  # not a step_ name: never taken for a tag
@@ -89,9 +86,24 @@ def convert(tag_dir: str, saved: int, world: int) -> float:
     return seconds
 
 
-def finish(tag_dir: str) -> None:
-    """After every rank loaded the tag: rank 0 removes `<tag>/zero/` (collective), so the tag is as it was saved."""
+def finish(tag_dir: str, module) -> None:
+    """After every rank loaded the tag: on ZeRO-3 each rank writes its slice of the frozen parameters; then rank 0
+    removes `<tag>/zero/` (collective), so the tag is as it was saved."""
+    if is_zero3(tag_dir):
+        restore_frozen_partitions(tag_dir, module)
     dist.barrier()
     if dist.is_rank_zero():
         shutil.rmtree(os.path.join(tag_dir, FOLDER), ignore_errors=True)
     dist.barrier()
+
+
+def restore_frozen_partitions(tag_dir: str, module) -> None:
+    """This rank's slice of each frozen ZeRO-3 parameter, from the fragments every rank saved (read one parameter
+    at a time through `zero_checkpoint`; local, no communication)."""
+    saved = zero_checkpoint.lazy_fp32_state_dict(tag_dir)
+    for name, param in module.named_parameters():
+        if param.requires_grad or not hasattr(param, "ds_id"):
+            continue
+        if name not in saved:
+            raise CheckpointError(f"{tag_dir}: holds no frozen parameter {name}")
+        zero.write_module_param(param, saved[name].load())
