@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--merge-rounding", default="nearest", help="relora.merge_rounding")
     p.add_argument("--activation-checkpointing", default="none", help="train.activation_checkpointing")
     p.add_argument("--export-dtype", default=None, help="passed to `relora-ds export --dtype` when given")
+    p.add_argument("--resume-ranks", type=int, default=None,
+                   help="resume on this many ranks instead (the checkpoint converted to DeepSpeed's universal form; "
+                        "the global batch kept through gradient accumulation when it divides)")
     p.add_argument("--work-dir", default="/tmp/relora-scale")
     p.add_argument("--tag", default=None)
     p.add_argument("--keep", action="store_true", help="keep the run directories")
@@ -59,12 +63,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def ds_config(args) -> dict:
-    """--ds-config with the benchmark's micro batch, no accumulation, --precision and --stage."""
+def ds_config(args, accumulation: int = 1) -> dict:
+    """--ds-config with the benchmark's micro batch, `accumulation`, --precision and --stage."""
     with open(os.path.join(ROOT, args.ds_config) if not os.path.isabs(args.ds_config) else args.ds_config) as f:
         config = json.load(f)
     config.pop("train_batch_size", None)
-    config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=1,
+    config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=accumulation,
                   bf16={"enabled": args.precision == "bf16"})
     config.setdefault("zero_optimization", {})["stage"] = args.stage
     config.get("optimizer", {}).get("params", {}).pop("lr", None)
@@ -227,18 +231,31 @@ def one_world(args, ranks: int, vocab_size: int) -> dict:
     phases = memory_phases(os.path.join(run_dir, "metrics.jsonl"), started)
     shutil.copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(directory, "metrics-run1.jsonl"))
 
+    resume_ranks = args.resume_ranks or ranks
+    if resume_ranks != ranks:
+        ds_path = os.path.join(directory, "ds_config_resume.json")
+        with open(ds_path, "w") as f:
+            json.dump(ds_config(args, ranks // resume_ranks if ranks % resume_ranks == 0 else 1), f)
     with open(config_path, "w") as f:
         yaml.safe_dump(run_config(args, directory, first_steps + 1, ds_path, corpus), f)
     started = time.time()
-    second_seconds = launch(args, ranks, config_path, os.path.join(directory, "run2.log"), resume=True)
+    second_seconds = launch(args, resume_ranks, config_path, os.path.join(directory, "run2.log"), resume=True)
     resumed = memory_phases(os.path.join(run_dir, "metrics.jsonl"), started)
+    conversion = universal_conversion(os.path.join(directory, "run2.log"))
     for row in resumed:
         row["phase"] = f"{row['phase']} (resumed)" if row["phase"] != "resume" else "resume"
     export = run_export(args, run_dir, os.path.join(directory, "export"), os.path.join(directory, "export.log"))
     if not args.keep:
         shutil.rmtree(directory, ignore_errors=True)
-    return {"ranks": ranks, "phases": phases + resumed, "export": export,
-            "run_seconds": [first_seconds, second_seconds]}
+    return {"ranks": ranks, "resume_ranks": resume_ranks, "phases": phases + resumed, "export": export,
+            "run_seconds": [first_seconds, second_seconds], "conversion": conversion}
+
+
+def universal_conversion(log_path: str) -> dict | None:
+    """The seconds and the converter's peak RSS of a resume on another world size, from its log line."""
+    with open(log_path) as f:
+        found = re.search(r"resume: converted in ([\d.]+) s, the converter's peak RSS ([\d.]+) GiB", f.read())
+    return {"seconds": float(found[1]), "peak_gib": float(found[2])} if found else None
 
 
 def summarize(args, worlds: list[dict], model: dict, bare_gib: float) -> dict:
@@ -298,6 +315,12 @@ def markdown(record: dict) -> str:
         lines.append(f"| {n} | {m['full_rank_gib']:.2f} | {m['relora_gib']:.2f} |")
     lines += ["", "Summary: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
                                           for k, v in record["summary"].items() if k != "per_world")]
+    for w in worlds:
+        if w.get("resume_ranks", w["ranks"]) != w["ranks"]:
+            c = w["conversion"]
+            lines += [f"The {w['ranks']}-rank run resumed on {w['resume_ranks']} rank(s) (the resume and resumed rows): "
+                      f"the checkpoint's conversion to DeepSpeed's universal form took {c['seconds']:.1f} s, the "
+                      f"converter's peak RSS {c['peak_gib']:.2f} GiB (a process beside rank 0, before it builds)."]
     exported = worlds[-1]["export"]
     lines += [f"Exported model: {exported['exported_gib']:.2f} GiB; export peak / exported size = "
               f"{exported['peak_gib'] / exported['exported_gib']:.2f}."]

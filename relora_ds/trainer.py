@@ -202,7 +202,8 @@ def setup(cfg) -> Trainer:
         trainer.load_state_dict(start.saved, resume=start.resume)
     if start.resume:
         metrics.truncate_after(trainer.state.step)
-        metrics.log_event("resume", trainer.state.step, path=start.tag)
+        metrics.log_event("resume", trainer.state.step, path=start.tag,
+                          **({"universal": True} if start.universal else {}))  # written on another world size
     if train_tokens:
         metrics.log_event("data", trainer.state.step, train_tokens=train_tokens)
     return trainer

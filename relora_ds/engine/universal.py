@@ -19,14 +19,17 @@ A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on 
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import time
 
+import torch
+
 from relora_ds import dist
 from relora_ds.engine import zero, zero_checkpoint
-from relora_ds.engine.checkpoint import CheckpointError, on_rank_zero
+from relora_ds.engine.checkpoint import UNREADABLE, CheckpointError, on_rank_zero
 
 FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
 OPTIMIZER_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
@@ -62,8 +65,10 @@ def convert(tag_dir: str, saved: int, world: int) -> float:
     work = os.path.join(parent, f".universal-{tag}")  # not a step_ name: never taken for a tag
     shutil.rmtree(work, ignore_errors=True)
     out = os.path.join(work, tag)
+    source = os.path.join(work, "input")
+    slim_input(tag_dir, source)
     workers = str(max(1, min(4, os.cpu_count() or 1)))
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
                "--output_folder", out, "--inject_missing_state", "--num_extract_workers", workers,
                "--num_merge_workers", workers]
     print(f"resume: {tag_dir} was written by {saved} ranks and this run has {world}; converting it to DeepSpeed's "
@@ -82,8 +87,33 @@ def convert(tag_dir: str, saved: int, world: int) -> float:
     os.replace(os.path.join(out, FOLDER), os.path.join(tag_dir, FOLDER))
     shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - began
-    print(f"resume: converted in {seconds:.1f} s", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB; its largest process
+    print(f"resume: converted in {seconds:.1f} s, the converter's peak RSS {peak:.2f} GiB", flush=True)
     return seconds
+
+
+def slim_input(tag_dir: str, folder: str) -> None:
+    """What the converter needs of the tag, in `folder`: links to the optimizer files, and copies of the model-states
+    files without the module's tensors and the frozen fragments (the universal load reads those from the tag
+    itself). Given the module's tensors, the converter writes an fp32 file for each one without optimizer state
+    (every frozen W) through `tensor.float()`, which for an fp32 W is the tensor itself; after the switch each W is
+    a view into the full-rank engine's flat buffer, and each file held that whole buffer (1.2 GB per W of a 350m)."""
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS
+
+    os.makedirs(folder)
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if OPTIMIZER_FILE.fullmatch(name):
+            os.symlink(os.path.abspath(path), os.path.join(folder, name))
+        elif name.endswith("_model_states.pt"):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the run's own tag
+            except UNREADABLE as e:
+                raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+            state["module"] = {}
+            state.pop(FROZEN_PARAM_FRAGMENTS, None)
+            torch.save(state, os.path.join(folder, name))
+            del state
 
 
 def finish(tag_dir: str, module) -> None:

@@ -2,18 +2,19 @@
 2 ranks → 1 and 1 → 2, the global batch kept (micro-batch 2 × accumulation 2 on one rank, 2 × 1 on two). From the
 warm-start switch (the full-rank optimizer state) and from a restart (the ReLoRA phase's state and, on ZeRO-3, the
 partitioned frozen W; the moments are pruned right after the load), every logged loss and gradient norm and every
-restart record equals the uninterrupted run's within fp32 reduction order. The tag's universal folder is gone
-after the resume. One spawn for both stages."""
+restart record equals the uninterrupted run's within fp32 reduction order. The resume event says so, and
+the tag's universal folder is gone after the resume. One spawn for both stages."""
 
 import json
 import os
 
 import pytest
+import torch
 
 from relora_ds.engine import universal
 from relora_ds.engine.checkpoint import CheckpointError
 from tests.helpers.resume import assert_resumed_exactly, run_reference, run_resumed
-from tests.helpers.runs import ds_config, write_corpus
+from tests.helpers.runs import ds_config, read_metrics, write_corpus
 from tests.helpers.spawn import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,29 @@ def test_a_run_resumes_on_another_number_of_ranks(tmp_path):
             left += [tag for tag in os.listdir(checkpoints)
                      if os.path.exists(os.path.join(checkpoints, tag, universal.FOLDER))]
             assert not left, (name, left)
+            resumes = [r for r in read_metrics(os.path.join(directory, name)) if r.get("event") == "resume"]
+            assert [r.get("universal") for r in resumes] == [True], name
+
+
+def _bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_the_universal_form_holds_the_optimizer_state_not_the_frozen_w(tmp_path):
+    """After the switch every fp32 W is a view into the full-rank engine's flat buffer; the converter, given the
+    module's tensors, wrote that whole buffer once per W (a 350m filled 62 GB before its disk ran out)."""
+    files = write_corpus(tmp_path)
+    path = os.path.join(str(tmp_path), "ds.json")
+    with open(path, "w") as f:
+        json.dump(ds_config(stage=2, micro_batch=2), f)
+    run_on_ranks(lambda rank, world_size: run_reference(str(tmp_path), path, "run", *files,
+                                                        **{"train.total_steps": 8}), world_size=2, timeout=300)
+    tag = os.path.join(str(tmp_path), "run", "checkpoints", "step_00000008")
+    optimizer = sum(os.path.getsize(os.path.join(tag, name)) for name in os.listdir(tag)
+                    if universal.OPTIMIZER_FILE.fullmatch(name))
+    universal.convert(tag, saved=2, world=1)
+    assert _bytes(os.path.join(tag, universal.FOLDER)) < 1.5 * optimizer
+    assert not os.path.exists(os.path.join(str(tmp_path), "run", "checkpoints", ".universal-step_00000008"))
 
 
 def test_a_failed_conversion_is_one_line_that_names_its_log(tmp_path):
@@ -68,7 +92,7 @@ def test_a_failed_conversion_is_one_line_that_names_its_log(tmp_path):
     tag.mkdir()
     for rank in range(2):
         (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    torch.save({"module": {}, "param_shapes": []}, tag / "mp_rank_00_model_states.pt")
     log = tmp_path / ".universal-step_00000004" / "convert.log"
     with pytest.raises(CheckpointError, match=rf"^{tag}: DeepSpeed's universal conversion failed \(exit 1: .*\); its "
                                               rf"output is in {log}$") as caught:
