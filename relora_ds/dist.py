@@ -42,14 +42,22 @@ def all_reduce(values, op: str = "sum", device=None):
     return reduced.to(values.device)
 
 
-def from_rank_zero(value):
-    """Rank 0's `value` (a picklable object) on every rank; `value` itself on one process (collective)."""
+def from_rank_zero(value, wait_s: float | None = None):
+    """Rank 0's `value` (a picklable object) on every rank; `value` itself on one process (collective).
+
+    wait_s: how long the other ranks may wait for rank 0, when that may be longer than the process group's timeout
+    (DeepSpeed's default: 10 minutes); they wait in a gloo group of their own made with that timeout."""
     if not is_initialized() or world_size() == 1:
         return value
+    import datetime
+
     import torch.distributed as dist
 
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s)) if wait_s else None
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
     return box[0]
 
 

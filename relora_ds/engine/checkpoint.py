@@ -115,16 +115,16 @@ def find_resume_checkpoint(path: str) -> str:
     return on_rank_zero(find_checkpoint, path, set_aside=True)
 
 
-def on_rank_zero(fn, *args, **kwargs):
+def on_rank_zero(fn, *args, wait_s: float | None = None, **kwargs):
     """fn(*args, **kwargs) run by rank 0 alone; every rank returns its value or raises its CheckpointError
-    (collective)."""
+    (collective; the others wait up to `wait_s`, see dist.from_rank_zero)."""
     outcome = None
     if dist.is_rank_zero():
         try:
             outcome = ("value", fn(*args, **kwargs))
         except CheckpointError as e:
             outcome = ("error", str(e))
-    kind, value = dist.from_rank_zero(outcome)
+    kind, value = dist.from_rank_zero(outcome, wait_s)
     if kind == "error":
         raise CheckpointError(value)
     return value

@@ -32,6 +32,9 @@ from relora_ds.engine import zero, zero_checkpoint
 from relora_ds.engine.checkpoint import UNREADABLE, CheckpointError, on_rank_zero
 
 FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
+# How long the other ranks wait for rank 0's conversion: the optimizer state of a full-rank 7b is 84 GB to read
+# and write again, longer than DeepSpeed's 10-minute collective timeout.
+CONVERSION_WAIT_S = 6 * 3600
 OPTIMIZER_FILE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
 ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")  # ZeRO-3: one per rank
 
@@ -53,7 +56,7 @@ def prepare(tag_dir: str) -> bool:
     saved = saved_ranks(tag_dir)
     if saved in (0, world):
         return False
-    on_rank_zero(convert, tag_dir, saved, world)
+    on_rank_zero(convert, tag_dir, saved, world, wait_s=CONVERSION_WAIT_S)
     return True
 
 

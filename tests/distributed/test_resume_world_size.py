@@ -70,6 +70,10 @@ def _bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
+def _eight_steps(rank, world_size, directory, path, files):
+    run_reference(directory, path, "run", *files, **{"train.total_steps": 8})
+
+
 def test_the_universal_form_holds_the_optimizer_state_not_the_frozen_w(tmp_path):
     """After the switch every fp32 W is a view into the full-rank engine's flat buffer; the converter, given the
     module's tensors, wrote that whole buffer once per W (a 350m filled 62 GB before its disk ran out)."""
@@ -77,8 +81,7 @@ def test_the_universal_form_holds_the_optimizer_state_not_the_frozen_w(tmp_path)
     path = os.path.join(str(tmp_path), "ds.json")
     with open(path, "w") as f:
         json.dump(ds_config(stage=2, micro_batch=2), f)
-    run_on_ranks(lambda rank, world_size: run_reference(str(tmp_path), path, "run", *files,
-                                                        **{"train.total_steps": 8}), world_size=2, timeout=300)
+    run_on_ranks(_eight_steps, world_size=2, args=(str(tmp_path), path, files), timeout=300)
     tag = os.path.join(str(tmp_path), "run", "checkpoints", "step_00000008")
     optimizer = sum(os.path.getsize(os.path.join(tag, name)) for name in os.listdir(tag)
                     if universal.OPTIMIZER_FILE.fullmatch(name))
@@ -99,3 +102,20 @@ def test_a_failed_conversion_is_one_line_that_names_its_log(tmp_path):
         universal.prepare(str(tag))
     assert "\n" not in str(caught.value) and log.stat().st_size > 0
     assert not (tag / universal.FOLDER).exists()
+
+
+def _slow_rank_zero(rank, world_size, wait_s):
+    import datetime
+    import time
+
+    import torch.distributed.distributed_c10d as c10d
+
+    from relora_ds.engine.checkpoint import on_rank_zero
+
+    c10d._set_pg_timeout(datetime.timedelta(seconds=2), None)  # the default group's collectives give up after 2 s
+    return on_rank_zero(lambda: time.sleep(5) or "converted", wait_s=wait_s)
+
+
+def test_the_other_ranks_wait_for_a_conversion_longer_than_the_collective_timeout():
+    """A full-rank 7b's optimizer state takes longer to convert than DeepSpeed's 10-minute collective timeout."""
+    assert run_on_ranks(_slow_rank_zero, world_size=2, args=(60,), timeout=120) == ["converted", "converted"]
