@@ -126,15 +126,18 @@ def train(cfg, *, keep_engine: bool = False) -> dict:
 # --- setting a run up and closing it ------------------------------------------------------------------------
 
 def setup(cfg) -> Trainer:
-    """Everything the loop needs: the output directory and where to start (engine/run_dir.py), the method, the
-    DeepSpeed config, data and tokenizer, the engine (fresh, resumed, or from a warm-start checkpoint), the metrics
+    """Everything the loop needs: the output directory, the DeepSpeed config and where to start (engine/run_dir.py),
+    the method, data and tokenizer, the engine (fresh, resumed, or from a warm-start checkpoint), the metrics
     sinks and the callbacks, in that order; what would fail later fails here, with one line."""
     cfg = cfg.resolved()
     runtime.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     resume_tag = run_dir.prepare_output_dir(cfg)
     dist.barrier()
-    start = run_dir.find_start(cfg, resume_tag)
+    ds_config = dsc.reconcile(dsc.load_ds_config(cfg.train.deepspeed_config), lr=cfg.schedule.lr,
+                              world_size=world, max_grad_norm=cfg.train.max_grad_norm,
+                              source=cfg.train.deepspeed_config)
+    start = run_dir.find_start(cfg, resume_tag, dsc.zero_stage(ds_config))
     try:
         method = methods.from_config(cfg)
         if start.saved is not None and not start.resume:
@@ -143,9 +146,6 @@ def setup(cfg) -> Trainer:
         raise RunError(str(e)) from None
     out = cfg.train.output_dir
 
-    ds_config = dsc.reconcile(dsc.load_ds_config(cfg.train.deepspeed_config), lr=cfg.schedule.lr,
-                              world_size=world, max_grad_norm=cfg.train.max_grad_norm,
-                              source=cfg.train.deepspeed_config)
     micro_bs, grad_accum = dsc.micro_batch_size(ds_config), dsc.grad_accum_steps(ds_config)
     if returns_freed_host_memory(dsc.zero_stage(ds_config), method.stores_weight, torch.cuda.is_available()):
         fix_heap_threshold()  # host RSS of ZeRO-3's gather/free churn or a stored W's dequantized copies (memory.py)

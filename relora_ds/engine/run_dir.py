@@ -65,12 +65,13 @@ def set_aside_previous_attempt(out: str) -> str | None:
     return target
 
 
-def find_start(cfg, resume_tag: str | None) -> Start:
-    """Where the run starts: `resume_tag` (prepare_output_dir), else the full-rank checkpoint named by
+def find_start(cfg, resume_tag: str | None, zero_stage: int) -> Start:
+    """Where the run starts: `resume_tag` (prepare_output_dir; converted first when it was written on another world
+    size, refused when this `zero_stage` cannot load it), else the full-rank checkpoint named by
     relora.warm_start_checkpoint (the module only; a wrapped one is refused), else a fresh model."""
     if resume_tag:
         return Start(resume_tag, checkpoint.read_state(resume_tag), resume=True,
-                     universal=universal.prepare(resume_tag))
+                     universal=universal.prepare(resume_tag, zero_stage))
     if not cfg.relora.warm_start_checkpoint:
         return Start()
     tag = checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)

@@ -12,7 +12,7 @@ frozen parameter from the tag's per-rank fragments, one parameter at a time (`re
 
 A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on any world size as it is.
 
-    universal = prepare(tag_dir)      # every rank; rank 0 converts when the world size changed
+    universal = prepare(tag_dir, stage)   # every rank; rank 0 converts when the world size changed
     ... make the engine with load_universal when `universal`, load the tag ...
     finish(tag_dir, module)           # every rank: ZeRO-3's frozen partitions; rank 0 removes <tag>/zero
 """
@@ -28,7 +28,7 @@ import time
 import torch
 
 from relora_ds import dist
-from relora_ds.engine import zero, zero_checkpoint
+from relora_ds.engine import ds_config as dsc, zero, zero_checkpoint
 from relora_ds.engine.checkpoint import UNREADABLE, CheckpointError, on_rank_zero
 
 FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
@@ -49,9 +49,39 @@ def is_zero3(tag_dir: str) -> bool:
     return any(ZERO3_MODEL_FILE.fullmatch(name) for name in os.listdir(tag_dir))
 
 
-def prepare(tag_dir: str) -> bool:
+# ZeRO stages whose files one another's engines load: 1 and 2 lay out the optimizer state alike.
+STAGE_FAMILIES = ({0}, {1, 2}, {3})
+
+
+def saved_stage(tag_dir: str) -> int | None:
+    """The ZeRO stage of the DeepSpeed config the tag was written with (None: a tag without one)."""
+    names = sorted(n for n in os.listdir(tag_dir) if n.endswith("_model_states.pt"))
+    if not names:
+        return None
+    try:
+        state = torch.load(os.path.join(tag_dir, names[0]), map_location="cpu", weights_only=False, mmap=True)
+    except UNREADABLE as e:
+        raise CheckpointError(f"{os.path.join(tag_dir, names[0])}: unreadable ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())})") from None
+    config = state.get("ds_config") if isinstance(state, dict) else None
+    return dsc.zero_stage(config) if isinstance(config, dict) else None
+
+
+def check_stage(tag_dir: str, stage: int) -> None:
+    """A one-line CheckpointError when this run's ZeRO stage cannot load the tag's files."""
+    saved = saved_stage(tag_dir)
+    family = next(f for f in STAGE_FAMILIES if stage in f)
+    if saved is not None and saved not in family:
+        allowed = " or ".join(str(s) for s in sorted(next(f for f in STAGE_FAMILIES if saved in f)))
+        raise CheckpointError(f"{tag_dir}: written with ZeRO stage {saved} and this run has zero_optimization.stage "
+                              f"{stage}; resume it with stage {allowed}")
+
+
+def prepare(tag_dir: str, stage: int) -> bool:
     """Whether the tag must be loaded as a universal checkpoint on this world size; if so, rank 0 has converted it
-    into `<tag>/zero/` (collective: every rank returns, or raises the same CheckpointError)."""
+    into `<tag>/zero/` (collective: every rank returns, or raises the same CheckpointError). A ZeRO `stage` that
+    cannot load the tag's files is refused first."""
+    check_stage(tag_dir, stage)
     world = dist.world_size()
     saved = saved_ranks(tag_dir)
     if saved in (0, world):

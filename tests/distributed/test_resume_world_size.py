@@ -99,7 +99,7 @@ def test_a_failed_conversion_is_one_line_that_names_its_log(tmp_path):
     log = tmp_path / ".universal-step_00000004" / "convert.log"
     with pytest.raises(CheckpointError, match=rf"^{tag}: DeepSpeed's universal conversion failed \(exit 1: .*\); its "
                                               rf"output is in {log}$") as caught:
-        universal.prepare(str(tag))
+        universal.prepare(str(tag), 2)
     assert "\n" not in str(caught.value) and log.stat().st_size > 0
     assert not (tag / universal.FOLDER).exists()
 
@@ -119,3 +119,13 @@ def _slow_rank_zero(rank, world_size, wait_s):
 def test_the_other_ranks_wait_for_a_conversion_longer_than_the_collective_timeout():
     """A full-rank 7b's optimizer state takes longer to convert than DeepSpeed's 10-minute collective timeout."""
     assert run_on_ranks(_slow_rank_zero, world_size=2, args=(60,), timeout=120) == ["converted", "converted"]
+
+
+@pytest.mark.parametrize("saved,stage,allowed", [(2, 3, "1 or 2"), (3, 2, "3"), (0, 1, "0"), (1, 0, "1 or 2")])
+def test_a_zero_stage_that_cannot_load_the_tag_is_refused_in_one_line(tmp_path, saved, stage, allowed):
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if saved == 3 else "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "ds_config": {"zero_optimization": {"stage": saved}}}, tmp_path / name)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: written with ZeRO stage {saved} and this run has "
+                                              rf"zero_optimization.stage {stage}; resume it with stage {allowed}$"):
+        universal.prepare(str(tmp_path), stage)
+
