@@ -303,10 +303,16 @@ def memory_mapped_loads(engine):
 
     whole_w = {f"{name}.weight": module.weight for name, module in relora_modules(engine.module).items()
               if not hasattr(module.weight, "ds_id")}  # ds_id: a ZeRO-3 partition, restored by DeepSpeed
+    residuals = {f"{name}.merge_residual": module.merge_residual
+                 for name, module in relora_modules(engine.module).items()
+                 if getattr(module, "merge_residual", None) is not None}
 
     def load(path, map_location=None):
         state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
         module_state = state.get("module") if isinstance(state, dict) else None
+        if isinstance(module_state, dict):  # relora.track_drift turned on, or a tag saved before it kept them
+            for name in residuals.keys() - module_state.keys():
+                module_state[name] = residuals[name]  # zeros: the drift is counted from this resume on
         if whole_w and isinstance(module_state, dict):
             copy_stored_weights(path, module_state, whole_w, map_location)
             # ZeRO-2 saves each frozen Parameter again as a "frozen param fragment" (the same storage) and its load

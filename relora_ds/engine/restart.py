@@ -149,12 +149,11 @@ def merge_into_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
 
 @torch.no_grad()
 def _track_residual(module, error: torch.Tensor) -> tuple[float, float]:
-    """relora.track_drift: the layer's residual R = W_exact - deq(W) (the sum of its merges' rounding errors, an fp32
-    tensor beside W, from this process's first merge) updated by this merge's error; returns
+    """relora.track_drift: the layer's residual R = W_exact - deq(W) (the sum of its merges' rounding errors, the
+    fp32 buffer `merge_residual` beside W, saved with every checkpoint) updated by this merge's error; returns
     (||R||^2, ||W_exact||^2)."""
-    residual = getattr(module, "merge_residual", None)
-    if residual is None:
-        residual = module.merge_residual = torch.zeros_like(error)
+    module.track_merge_residual()  # the method registers it when it wraps; a layer wrapped by hand gets it here
+    residual = module.merge_residual
     residual.sub_(error)
     exact = module.dequantized_weight().add(residual)
     return squared_norm(residual), squared_norm(exact)

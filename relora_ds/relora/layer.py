@@ -126,6 +126,13 @@ class ReLoRALinear(nn.Module):
         self.register_buffer("weight", q.to(device))
         self.register_buffer("weight_scale", None if scale is None else scale.to(device))
 
+    def track_merge_residual(self) -> None:
+        """relora.track_drift: a buffer `merge_residual` (fp32, out x in, zeros) for the sum of the merges' rounding
+        errors, saved and restored with the module like W."""
+        if getattr(self, "merge_residual", None) is None:
+            self.register_buffer("merge_residual", torch.zeros(self.out_features, self.in_features,
+                                                               device=self.weight.device))
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W as a float tensor of `dtype` (a new tensor for a stored W; the Parameter cast for auto)."""
         return quant.dequantize(self.weight, self.weight_scale, dtype)

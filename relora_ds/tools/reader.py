@@ -47,6 +47,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scaling")
 SCALE_SUFFIX = "weight_scale"  # beside a W stored as int8 or fp8 (relora.base_dtype): its per-row scales
+RUN_STATE_SUFFIXES = ("merge_residual",)  # relora.track_drift's sum of rounding errors: the run's, not the model's
 
 
 class ReadError(CheckpointError):
@@ -114,7 +115,8 @@ class CheckpointReader:
     def _check(self) -> None:
         """The checkpoint's tensors are the plain model's (adapters of wrapped layers and tied aliases aside), of
         the same shapes; the adapters have the run's rank. One CheckpointError line otherwise."""
-        allowed = {prefix + suffix for prefix in self.wrapped.values() for suffix in (*ADAPTER_SUFFIXES, SCALE_SUFFIX)}
+        allowed = {prefix + suffix for prefix in self.wrapped.values()
+                   for suffix in (*ADAPTER_SUFFIXES, SCALE_SUFFIX, *RUN_STATE_SUFFIXES)}
         missing = [k for k in self.shapes if k not in self.lazy]
         missing += [p + "lora_B" for p in self.wrapped.values() if p + "lora_B" not in self.lazy]
         unexpected = [k for k in self.lazy if k not in self.shapes and k not in allowed and k not in self.aliases]
