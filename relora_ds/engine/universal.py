@@ -5,16 +5,18 @@ data-parallel rank, and DeepSpeed loads those only on the world size that wrote 
 world size (a job requeued on fewer or more nodes), rank 0 converts the tag with DeepSpeed's own converter
 (`deepspeed.checkpoint.ds_to_universal`) into `<tag>/zero/` (one folder per parameter: fp32, exp_avg,
 exp_avg_sq), the engine is made with `checkpoint.load_universal`, and every rank reads its new slice from there;
-the folder is removed once every rank has loaded. Below ZeRO-3 the module file (the frozen W and buffers) is
-replicated and is read as on any resume. On ZeRO-3 DeepSpeed's universal load restores the trainable parameters but
-not the partitions of frozen ones, which is where ReLoRA's W lives: each rank then writes its new slice of every
-frozen parameter from the tag's per-rank fragments, one parameter at a time (`restore_frozen_partitions`).
+the folder is removed once every rank has loaded. DeepSpeed's universal load restores the trainable parameters
+and nothing else of the module. Below ZeRO-3 the module file is replicated: each wrapped W is read as on any
+resume, and the rest that is not trained (buffers such as a stored W's scales, frozen biases) is copied after the
+load (`restore_untrained_tensors`). On ZeRO-3 each rank writes its new slice of every frozen parameter (ReLoRA's
+W among them) and the buffers from the tag's per-rank fragments, one tensor at a time
+(`restore_frozen_partitions`).
 
 A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on any world size as it is.
 
     universal = prepare(tag_dir, stage)   # every rank; rank 0 converts when the world size changed
     ... make the engine with load_universal when `universal`, load the tag ...
-    finish(tag_dir, module)           # every rank: ZeRO-3's frozen partitions; rank 0 removes <tag>/zero
+    finish(tag_dir, module)               # every rank: what the universal load left out; rank 0 removes <tag>/zero
 """
 
 import os
@@ -30,6 +32,7 @@ import torch
 from relora_ds import dist
 from relora_ds.engine import ds_config as dsc, zero, zero_checkpoint
 from relora_ds.engine.checkpoint import UNREADABLE, CheckpointError, on_rank_zero
+from relora_ds.relora.wrap import relora_modules
 
 FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
 # How long the other ranks wait for rank 0's conversion: the optimizer state of a full-rank 7b is 84 GB to read
@@ -150,23 +153,48 @@ def slim_input(tag_dir: str, folder: str) -> None:
 
 
 def finish(tag_dir: str, module) -> None:
-    """After every rank loaded the tag: on ZeRO-3 each rank writes its slice of the frozen parameters; then rank 0
-    removes `<tag>/zero/` (collective), so the tag is as it was saved."""
+    """After every rank loaded the tag: what DeepSpeed's universal load leaves out (it restores the trainable
+    parameters only) is restored here; then rank 0 removes `<tag>/zero/` (collective), so the tag is as it was
+    saved."""
     if is_zero3(tag_dir):
         restore_frozen_partitions(tag_dir, module)
+    else:
+        restore_untrained_tensors(tag_dir, module)
     dist.barrier()
     if dist.is_rank_zero():
         shutil.rmtree(os.path.join(tag_dir, FOLDER), ignore_errors=True)
     dist.barrier()
 
 
+def restore_untrained_tensors(tag_dir: str, module) -> None:
+    """Below ZeRO-3: the module file's tensors that are not trained (buffers such as a stored W's `weight_scale` and
+    `merge_residual`, frozen biases), which the universal load does not read. Each wrapped layer's W was copied when
+    DeepSpeed read that file, through a mapping of its own (`checkpoint.memory_mapped_loads`)."""
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
+    wrapped_w = {f"{name}.weight" for name in relora_modules(module)}
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if name in wrapped_w or (isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad):
+                continue
+            if name in saved:
+                tensor.copy_(saved[name])
+            elif not name.endswith(".merge_residual"):  # a tag saved before track_drift was on: zeros, as always
+                raise CheckpointError(f"{path}: holds no {name}")
+    del saved
+
+
 def restore_frozen_partitions(tag_dir: str, module) -> None:
-    """This rank's slice of each frozen ZeRO-3 parameter, from the fragments every rank saved (read one parameter
-    at a time through `zero_checkpoint`; local, no communication)."""
+    """ZeRO-3: this rank's slice of each frozen parameter, and the buffers, from the fragments every rank saved
+    (read one tensor at a time through `zero_checkpoint`; local, no communication)."""
     saved = zero_checkpoint.lazy_fp32_state_dict(tag_dir)
-    for name, param in module.named_parameters():
-        if param.requires_grad or not hasattr(param, "ds_id"):
-            continue
-        if name not in saved:
-            raise CheckpointError(f"{tag_dir}: holds no frozen parameter {name}")
-        zero.write_module_param(param, saved[name].load())
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+                continue
+            if name not in saved:
+                raise CheckpointError(f"{tag_dir}: holds no {name}")
+            if hasattr(tensor, "ds_id"):
+                zero.write_module_param(tensor, saved[name].load())
+            else:
+                tensor.copy_(saved[name].load())
