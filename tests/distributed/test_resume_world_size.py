@@ -135,3 +135,14 @@ def test_a_zero_stage_that_cannot_load_the_tag_is_refused_in_one_line(tmp_path, 
                                               rf"zero_optimization.stage {stage}; resume it with stage {allowed}$"):
         universal.prepare(str(tmp_path), stage)
 
+
+
+def test_the_ranks_that_wrote_a_tag_are_counted_from_their_optimizer_files(tmp_path):
+    names = ["mp_rank_00_model_states.pt", "rank_00000_rng.pt", "rank_00001_rng.pt", "rank_00002_rng.pt",
+             "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert universal.saved_ranks(str(tmp_path)) == 2 and not universal.is_zero3(str(tmp_path))
+    for name in names[-2:]:
+        (tmp_path / name).unlink()
+    assert universal.saved_ranks(str(tmp_path)) == 0  # ZeRO-0 with torch's optimizer: any world size loads it
