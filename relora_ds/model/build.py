@@ -98,8 +98,9 @@ def model_from_config(model_cfg, vocab_size: int, *, seed: int | None = None,
     """
     attn = attn_implementation or model_cfg.attn_implementation
     if model_cfg.init_from:
-        if per_module is not None and hf.weights_index(model_cfg.init_from):
-            return load_module_by_module(model_cfg.init_from, per_module, attn_implementation=attn)
+        files = hf.weights_index(model_cfg.init_from) if per_module is not None else {}
+        if files:
+            return load_module_by_module(model_cfg.init_from, per_module, attn_implementation=attn, files=files)
         model = load_pretrained(model_cfg.init_from, attn_implementation=attn, zero3_config=zero3_config)
         if per_module is not None:  # legacy (not zip) *.bin weights: loaded whole
             for name, module in list(model.named_modules()):
@@ -162,17 +163,17 @@ def _read_tensors(file: str, keys: list[str]) -> dict:
     return {key: state[key] for key in keys}
 
 
-def load_module_by_module(path: str, per_module, attn_implementation: str = "auto"):
+def load_module_by_module(path: str, per_module, attn_implementation: str = "auto", files: dict | None = None):
     """A saved model (safetensors, or *.bin in torch's zip format) filled module by module, children first, each
     module's own tensors read from its file on their own and the module then handed to
     `per_module(model, name, module)` (which may replace it: a ReLoRA layer storing W as int8), so the whole model never
     exists in full precision. fp32, as load_pretrained loads. A tensor the files do not hold (a tied lm_head) is tied
-    afterwards; any other missing one is a one-line ValueError."""
+    afterwards; any other missing one is a one-line ValueError. `files`: `hf.weights_index(path)`, if read already."""
     from transformers.initialization import no_init_weights
 
     config = hf.pretrained_config(path)
     config._attn_implementation = resolve_attn_implementation(attn_implementation)
-    files = hf.weights_index(path)
+    files = files or hf.weights_index(path)
     with no_init_weights():
         model = causal_lm_class(config)(config)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
