@@ -65,13 +65,35 @@ def set_aside_previous_attempt(out: str) -> str | None:
     return target
 
 
+# The fields that shape the module and its saved state: a resume with other values cannot load its checkpoint.
+MODEL_FIELDS = ("method", "model.preset", "model.family", "model.hf_config", "model.vocab_size", "data.tokenizer",
+                "relora.rank", "relora.target_modules", "relora.base_dtype", "relora.trainable_scaling")
+
+
+def check_same_model(cfg, saved_config: dict, tag: str) -> None:
+    """A one-line RunError naming each MODEL_FIELDS value that differs from the one the checkpoint was written with
+    (a field the saved config lacks is not compared)."""
+    now, changed = cfg.to_dict(), []
+    for field in MODEL_FIELDS:
+        before, after = saved_config, now
+        for key in field.split("."):
+            before = before.get(key, KeyError) if isinstance(before, dict) else KeyError
+            after = after.get(key) if isinstance(after, dict) else None
+        if before is not KeyError and before != after:
+            changed.append(f"{field} {before!r} -> {after!r}")
+    if changed:
+        raise RunError(f"{tag}: written with other model settings ({'; '.join(changed)}); resume with the "
+                       f"checkpoint's values, or start a new run in another train.output_dir")
+
+
 def find_start(cfg, resume_tag: str | None, zero_stage: int) -> Start:
     """Where the run starts: `resume_tag` (prepare_output_dir; converted first when it was written on another world
     size, refused when this `zero_stage` cannot load it), else the full-rank checkpoint named by
     relora.warm_start_checkpoint (the module only; a wrapped one is refused), else a fresh model."""
     if resume_tag:
-        return Start(resume_tag, checkpoint.read_state(resume_tag), resume=True,
-                     universal=universal.prepare(resume_tag, zero_stage))
+        saved = checkpoint.read_state(resume_tag)
+        check_same_model(cfg, saved.get("config") or {}, resume_tag)
+        return Start(resume_tag, saved, resume=True, universal=universal.prepare(resume_tag, zero_stage))
     if not cfg.relora.warm_start_checkpoint:
         return Start()
     tag = checkpoint.find_checkpoint(cfg.relora.warm_start_checkpoint)

@@ -188,3 +188,19 @@ def test_complete_checkpoint(tmp_path):
     bare = str(tmp_path / "bare")
     tag = fake_tag(bare, 5, complete=True)
     assert run_dir.prepare_output_dir(cfg_for(bare, "auto")) == tag
+
+
+# --- a resume with other model settings -------------------------------------------------------------------
+
+def test_a_resume_with_other_model_settings_is_refused_in_one_line():
+    saved = load_config(None, ["relora.rank=8", "model.preset=tiny"]).resolved().to_dict()
+    same = load_config(None, ["relora.rank=8", "model.preset=tiny", "schedule.lr=1e-2", "train.total_steps=9999"])
+    run_dir.check_same_model(same.resolved(), saved, "TAG")  # schedule and length may change
+    other = load_config(None, ["relora.rank=16", "model.preset=60m", "relora.base_dtype=int8"]).resolved()
+    with pytest.raises(RunError, match=r"^TAG: written with other model settings \(model.preset 'tiny' -> '60m'; "
+                                       r"relora.rank 8 -> 16; relora.base_dtype 'auto' -> 'int8'\); resume with "
+                                       r"the checkpoint's values, or start a new run in another "
+                                       r"train.output_dir$"):
+        run_dir.check_same_model(other, saved, "TAG")
+    older = {k: v for k, v in saved.items() if k not in ("model", "relora")}  # fields a record lacks: not compared
+    run_dir.check_same_model(other, older, "TAG")
