@@ -146,3 +146,27 @@ def test_the_ranks_that_wrote_a_tag_are_counted_from_their_optimizer_files(tmp_p
     for name in names[-2:]:
         (tmp_path / name).unlink()
     assert universal.saved_ranks(str(tmp_path)) == 0  # ZeRO-0 with torch's optimizer: any world size loads it
+
+
+def _reference_on_ranks(rank, world_size, directory, config, files, name):
+    return run_reference(directory, config, name, *files, **FIELDS[3])
+
+
+def _resumed_on_ranks(rank, world_size, directory, config, files, name):
+    return run_resumed(directory, config, name, *files, points=("restart",), suffix="_on_two", **FIELDS[3])
+
+
+def test_zero3_resumes_from_three_ranks_on_two(tmp_path):
+    """Three ranks pad every partition (a 64 x 64 W is 4096 elements); the frozen W and biases are cut anew."""
+    directory = str(tmp_path)
+    files = write_corpus(tmp_path)
+    configs = {}
+    for world, accumulation in ((3, 2), (2, 3)):  # a global batch of 12 sequences either way
+        configs[world] = os.path.join(directory, f"ds_zero3_{world}rank.json")
+        with open(configs[world], "w") as f:
+            json.dump(ds_config(stage=3, micro_batch=2, gradient_accumulation_steps=accumulation), f)
+    three = run_on_ranks(_reference_on_ranks, world_size=3, args=(directory, configs[3], files, "three"),
+                         timeout=600)[0]
+    on_two = run_on_ranks(_resumed_on_ranks, world_size=2, args=(directory, configs[2], files, "three"),
+                          timeout=600)[0]
+    assert_resumed_exactly({"reference": three, **on_two}, rel=REL)
