@@ -6,11 +6,9 @@ world size (a job requeued on fewer or more nodes), rank 0 converts the tag with
 (`deepspeed.checkpoint.ds_to_universal`) into `<tag>/zero/` (one folder per parameter: fp32, exp_avg,
 exp_avg_sq), the engine is made with `checkpoint.load_universal`, and every rank reads its new slice from there;
 the folder is removed once every rank has loaded. DeepSpeed's universal load restores the trainable parameters
-and nothing else of the module. Below ZeRO-3 the module file is replicated: each wrapped W is read as on any
-resume, and the rest that is not trained (buffers such as a stored W's scales, frozen biases) is copied after the
-load (`restore_untrained_tensors`). On ZeRO-3 each rank writes its new slice of every frozen parameter (ReLoRA's
-W among them) and the buffers from the tag's per-rank fragments, one tensor at a time
-(`restore_frozen_partitions`).
+and nothing else of the module: the frozen parameters (ReLoRA's W among them; on ZeRO-3 each rank's new slice) and
+the buffers (a stored W's scales) are copied after it from the tag, one tensor at a time (`restore_untrained`).
+Below ZeRO-3 each wrapped W is read as on any resume.
 
 A tag without per-rank optimizer files (ZeRO-0 with torch's optimizer) loads on any world size as it is.
 
@@ -31,7 +29,7 @@ import torch
 
 from relora_ds import dist
 from relora_ds.engine import ds_config as dsc, zero, zero_checkpoint
-from relora_ds.engine.checkpoint import UNREADABLE, CheckpointError, on_rank_zero
+from relora_ds.engine.checkpoint import CheckpointError, on_rank_zero
 from relora_ds.relora.wrap import relora_modules
 
 FOLDER = "zero"  # where DeepSpeed's universal load looks, inside the tag
@@ -61,11 +59,7 @@ def saved_stage(tag_dir: str) -> int | None:
     names = sorted(n for n in os.listdir(tag_dir) if n.endswith("_model_states.pt"))
     if not names:
         return None
-    try:
-        state = torch.load(os.path.join(tag_dir, names[0]), map_location="cpu", weights_only=False, mmap=True)
-    except UNREADABLE as e:
-        raise CheckpointError(f"{os.path.join(tag_dir, names[0])}: unreadable ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())})") from None
+    state = zero_checkpoint.load_file(os.path.join(tag_dir, names[0]))
     config = state.get("ds_config") if isinstance(state, dict) else None
     return dsc.zero_stage(config) if isinstance(config, dict) else None
 
@@ -142,10 +136,7 @@ def slim_input(tag_dir: str, folder: str) -> None:
         if OPTIMIZER_FILE.fullmatch(name):
             os.symlink(os.path.abspath(path), os.path.join(folder, name))
         elif name.endswith("_model_states.pt"):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the run's own tag
-            except UNREADABLE as e:
-                raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+            state = zero_checkpoint.load_file(path)
             state["module"] = {}
             state.pop(FROZEN_PARAM_FRAGMENTS, None)
             torch.save(state, os.path.join(folder, name))
@@ -154,45 +145,29 @@ def slim_input(tag_dir: str, folder: str) -> None:
 
 def finish(tag_dir: str, module) -> None:
     """After every rank loaded the tag: what DeepSpeed's universal load leaves out (it restores the trainable
-    parameters only) is restored here; then rank 0 removes `<tag>/zero/` (collective), so the tag is as it was
-    saved."""
-    if is_zero3(tag_dir):
-        restore_frozen_partitions(tag_dir, module)
-    else:
-        restore_untrained_tensors(tag_dir, module)
+    parameters only) is restored (`restore_untrained`); then rank 0 removes `<tag>/zero/` (collective), so the tag
+    is as it was saved."""
+    restore_untrained(tag_dir, module)
     dist.barrier()
     if dist.is_rank_zero():
         shutil.rmtree(os.path.join(tag_dir, FOLDER), ignore_errors=True)
     dist.barrier()
 
 
-def restore_untrained_tensors(tag_dir: str, module) -> None:
-    """Below ZeRO-3: the module file's tensors that are not trained (buffers such as a stored W's `weight_scale` and
-    `merge_residual`, frozen biases), which the universal load does not read. Each wrapped layer's W was copied when
-    DeepSpeed read that file, through a mapping of its own (`checkpoint.memory_mapped_loads`)."""
-    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
-    wrapped_w = {f"{name}.weight" for name in relora_modules(module)}
-    with torch.no_grad():
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            if name in wrapped_w or (isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad):
-                continue
-            if name in saved:
-                tensor.copy_(saved[name])
-            elif not name.endswith(".merge_residual"):  # a tag saved before track_drift was on: zeros, as always
-                raise CheckpointError(f"{path}: holds no {name}")
-    del saved
-
-
-def restore_frozen_partitions(tag_dir: str, module) -> None:
-    """ZeRO-3: this rank's slice of each frozen parameter, and the buffers, from the fragments every rank saved
-    (read one tensor at a time through `zero_checkpoint`; local, no communication)."""
+def restore_untrained(tag_dir: str, module) -> None:
+    """The module's tensors that are not trained, which the universal load does not read: frozen parameters (on
+    ZeRO-3 this rank's new slice, from every rank's fragments) and buffers (a stored W's `weight_scale`,
+    `merge_residual`), one tensor at a time through `zero_checkpoint`; local, no communication. A wrapped W held whole
+    on this rank was copied already, when DeepSpeed read the module file (`checkpoint.memory_mapped_loads`)."""
     saved = zero_checkpoint.lazy_fp32_state_dict(tag_dir)
+    whole_w = {f"{name}.weight" for name, layer in relora_modules(module).items() if not hasattr(layer.weight, "ds_id")}
     with torch.no_grad():
         for name, tensor in module.state_dict(keep_vars=True).items():
-            if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+            if name in whole_w or (isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad):
                 continue
             if name not in saved:
+                if name.endswith(".merge_residual"):  # a tag saved before track_drift was on: zeros, as always
+                    continue
                 raise CheckpointError(f"{tag_dir}: holds no {name}")
             if hasattr(tensor, "ds_id"):
                 zero.write_module_param(tensor, saved[name].load())

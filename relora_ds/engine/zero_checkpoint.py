@@ -108,7 +108,7 @@ def _deepspeed_globals() -> list:
     ]
 
 
-def _load(path: str) -> dict:
+def load_file(path: str) -> dict:
     """torch.load with mmap (storages stay on disk until read) and weights_only: tensors, plain containers and
     `_deepspeed_globals()`, nothing that runs code. A file holding anything else, or that cannot be read, is one
     line."""
@@ -176,10 +176,10 @@ def _lazy_tensors(tag_dir: str) -> "OrderedDict[str, LazyTensor]":
     optim_files = _files(get_optim_files, tag_dir)
     if not optim_files:  # ZeRO-0: the module is whole
         path = model_files[0]
-        module = _get(_load(path), "module", path)
+        module = _get(load_file(path), "module", path)
         return OrderedDict((name, _whole(path, tensor)) for name, tensor in module.items())
 
-    optim_states = [_get(_load(path), OPTIMIZER_STATE_DICT, path) for path in optim_files]
+    optim_states = [_get(load_file(path), OPTIMIZER_STATE_DICT, path) for path in optim_files]
     first = optim_files[0]
     stage = _get(optim_states[0], ZERO_STAGE, first)
     world_size = _get(optim_states[0], PARTITION_COUNT, first)
@@ -229,7 +229,7 @@ def _zero12(model_path: str, optim_files: list, optim_states: list, world_size: 
     from deepspeed.checkpoint.constants import (FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES, PARAM_ALIGNMENT_PADDINGS,
                                                 PARAM_SHAPES, SINGLE_PARTITION_OF_FP32_GROUPS)
 
-    model_state = _load(model_path)
+    model_state = load_file(model_path)
     tensors = _buffers(model_path, model_state)
     frozen_shapes = model_state.get(FROZEN_PARAM_SHAPES) or {}
     fragments = model_state.get(FROZEN_PARAM_FRAGMENTS) or {}
@@ -282,7 +282,7 @@ def _zero3(model_files: list, optim_files: list, optim_states: list, world_size:
                                                 PARAM_SHAPES)
     from deepspeed.utils.zero_to_fp32 import zero3_partitioned_param_info
 
-    model_states = [_load(path) for path in model_files]
+    model_states = [load_file(path) for path in model_files]
     tensors = _buffers(model_files[0], model_states[0])
     for name, shape in (model_states[0].get(FROZEN_PARAM_SHAPES) or {}).items():
         numel = math.prod(shape)
