@@ -105,7 +105,15 @@ require_binary() {
         || die "$1 not found: '$2' (activate the venv, e.g. 'source .venv/bin/activate', or set ${1^^}=PATH)"
 }
 
-# launch CMD...: print the command; with DRY_RUN=1 stop there, else run it in place of this shell.
+# launch CMD...: print the command; with DRY_RUN=1 stop there, else run it and return its exit status.
+#
+# A scheduler signals every process of a job at once (SLURM: SIGTERM on preemption, SIGUSR1 before the time
+# limit with sbatch --signal=USR1@600). The training processes then finish their step, save a checkpoint and exit
+# with 75 (checkpoint.stop_signals); the launchers above them must outlive that. So CMD starts with SIGTERM,
+# SIGUSR1 and SIGUSR2 ignored, which exec keeps: DeepSpeed's runner ignores them, while DeepSpeed's launch process,
+# torchrun and srun set SIGTERM handlers of their own (pass it on to the ranks), and the training processes set
+# theirs. The same signals, and SIGINT, sent to this shell alone (`kill PID`) are passed to CMD and every process
+# under it (pass_on); this shell waits for CMD either way.
 launch() {
     local line
     line=$(printf '%q ' "${LAUNCH_ENV[@]}" "$@")
@@ -119,5 +127,42 @@ launch() {
     for kv in "${LAUNCH_ENV[@]}"; do
         export "${kv?}"
     done
-    exec "$@"
+    ( trap '' TERM USR1 USR2; exec "$@" ) &
+    LAUNCHED=$!
+    local sig
+    for sig in TERM INT USR1 USR2; do
+        trap "pass_on $sig" "$sig"
+    done
+    # A trapped signal cuts `wait` short (status 128 + signal) without using up CMD's status: wait again. A wait
+    # that did report CMD's status just before the trap ran makes the next one answer 127 (no such job): keep it.
+    local status s first=1
+    while true; do
+        PASSED_ON=0
+        s=0
+        wait "$LAUNCHED" || s=$?
+        if (( first || s != 127 )); then status=$s; fi
+        first=0
+        (( PASSED_ON )) || break
+    done
+    trap - TERM INT USR1 USR2
+    return "$status"
+}
+
+# pass_on SIGNAL: send SIGNAL to the launched command and every process under it (a trap of launch). The ranks of
+# torchrun run in sessions of their own, so a process group would not reach them.
+pass_on() {
+    PASSED_ON=1
+    local pids
+    pids=$(descendants "$LAUNCHED")
+    # shellcheck disable=SC2086  # one pid per word
+    kill -s "$1" "$LAUNCHED" $pids 2> /dev/null || true
+}
+
+# descendants PID: the pids of every process under PID, one per line.
+descendants() {
+    local child
+    for child in $(pgrep -P "$1"); do
+        echo "$child"
+        descendants "$child"
+    done
 }

@@ -27,6 +27,7 @@ from relora_ds.methods import METHODS
 from relora_ds.metrics import LogConfig
 from relora_ds.model.build import ModelConfig
 from relora_ds.schedule import ScheduleConfig
+from relora_ds.stop import check_names
 from relora_ds.trainer import TrainConfig
 
 # Each section's dataclass sits with its owner (imported above), each method's with the method (Method.section);
@@ -259,6 +260,8 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("checkpoint.every", ck.every, 0)
     at_least("checkpoint.keep_last", ck.keep_last, 0)
     at_least("checkpoint.reference_step", ck.reference_step, 0)
+    if check_names(ck.stop_signals):
+        errors.append(check_names(ck.stop_signals))
     if ck.reference_step is not None and ck.reference_step >= t.total_steps:
         errors.append(f"checkpoint.reference_step ({ck.reference_step}) must be < train.total_steps ({t.total_steps})")
 

@@ -47,10 +47,17 @@ def run_train(args) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args)
-    from relora_ds import trainer
+    from relora_ds import dist, trainer
+    from relora_ds.stop import EXIT_STOPPED
 
-    trainer.train(cfg)
-    return 0
+    summary = trainer.train(cfg)
+    if summary["stopped"] is None:
+        return 0
+    if dist.is_rank_zero():
+        print(f"stopped by {summary['stopped']} after step {summary['step']} of {cfg.train.total_steps}: checkpoint "
+              f"{summary['checkpoint']}; run the same command with --resume to continue (exit code {EXIT_STOPPED})",
+              file=sys.stderr)
+    return EXIT_STOPPED
 
 
 def project_errors() -> tuple:

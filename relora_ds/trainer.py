@@ -30,6 +30,7 @@ from relora_ds.memory import PhaseMemory, fix_heap_threshold, returns_freed_host
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import CHECKPOINTING, describe, enable_activation_checkpointing, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
+from relora_ds.stop import StopSignals
 
 
 RESUME_CHOICES = (False, True, "auto")  # train.resume
@@ -102,25 +103,30 @@ class Trainer:
 
 def train(cfg, *, keep_engine: bool = False) -> dict:
     """Run training as configured; returns a summary (final step, losses, eval results, paths, total_params and
-    trainable_params of the final model).
+    trainable_params of the final model; "stopped": the stop signal's name when one ended the run early, else None).
 
     The engine is destroyed before returning (its memory freed); keep_engine: it is returned as summary["engine"]
     instead, live (its DeepSpeed engine; the caller destroys it: tests that look at the trained model)."""
-    trainer = setup(cfg)
-    total_steps = trainer.cfg.train.total_steps
-    batches = iter(trainer.batches)
-    trainer.fire("on_start")
-    while trainer.state.step < total_steps:
-        trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the method's switch and restarts
-        step = trainer.state.step
-        lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
-        logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
-        loss, grad_norm = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs)
-        trainer.state.step += 1
-        trainer.state.tokens_seen += trainer.tokens_per_step
-        trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
-    trainer.fire("on_end")
-    return finish(trainer, keep_engine)
+    with StopSignals(cfg.checkpoint.stop_signals) as stop:  # a scheduler's signal ends the run at a checkpoint
+        trainer = setup(cfg)
+        total_steps = trainer.cfg.train.total_steps
+        batches = iter(trainer.batches)
+        trainer.fire("on_start")
+        while trainer.state.step < total_steps and not stop.requested():
+            trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
+            step = trainer.state.step
+            lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
+            logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
+            loss, grad_norm = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs)
+            trainer.state.step += 1
+            trainer.state.tokens_seen += trainer.tokens_per_step
+            trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
+        if trainer.state.step < total_steps:
+            trainer.metrics.log_event("stop", trainer.state.step, signal=stop.name)
+            trainer.fire("on_stop")  # the checkpoint to resume from
+        else:
+            trainer.fire("on_end")
+        return finish(trainer, keep_engine, stopped=stop.name)
 
 
 # --- setting a run up and closing it ------------------------------------------------------------------------
@@ -209,13 +215,13 @@ def setup(cfg) -> Trainer:
     return trainer
 
 
-def finish(trainer: Trainer, keep_engine: bool) -> dict:
+def finish(trainer: Trainer, keep_engine: bool, stopped: str | None = None) -> dict:
     """Close the data workers and the logs; the summary of the run (the engine destroyed unless keep_engine)."""
     trainer.batches.close()  # the data workers, if any
     trainer.metrics.close()
     newest = run_dir.newest_checkpoint(trainer.cfg.train.output_dir)
     state, train_tokens = trainer.state, trainer.train_tokens
-    summary = {**trainer.summary, "step": state.step, "output_dir": trainer.cfg.train.output_dir,
+    summary = {**trainer.summary, "step": state.step, "stopped": stopped, "output_dir": trainer.cfg.train.output_dir,
                "checkpoint": newest, "tokens_seen": state.tokens_seen,
                "epochs": state.tokens_seen / train_tokens if train_tokens else None,
                **parameter_counts(trainer.engine.module), **optimizer_bytes(trainer.engine.ds)}

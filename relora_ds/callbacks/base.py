@@ -6,6 +6,8 @@ The loop (relora_ds/trainer.py) calls, on every callback in order:
     pre_step(trainer)              before each optimizer step (trainer.state.step steps done)
     post_step(trainer, result)     after it (result: StepResult: loss, grad_norm, lr, logs)
     on_end(trainer)                after the last step
+    on_stop(trainer)               instead of on_end when a stop signal ends the run early (relora_ds/stop.py):
+                                   keep what a resume needs, skip what only the end of training wants
     before_event(trainer, name)    around each event (switch, restart, eval, checkpoint) that a callback runs
     on_event(trainer, name, fields)  through trainer.event(name, action): fields is what the action returned
 
@@ -37,6 +39,8 @@ class Callback:
     def post_step(self, trainer, result: StepResult) -> None: ...
 
     def on_end(self, trainer) -> None: ...
+
+    def on_stop(self, trainer) -> None: ...
 
     def before_event(self, trainer, name: str) -> None: ...
 

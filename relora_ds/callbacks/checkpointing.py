@@ -1,5 +1,6 @@
 """Checkpoints: the reference one before its step (the W that `relora-ds analyze` subtracts), every
-checkpoint.every steps, and the final one (checkpoint.save_final). The engine writes them (TrainEngine.save) with the
+checkpoint.every steps, the final one (checkpoint.save_final), and one when a stop signal ends the run early
+(checkpoint.stop_signals, relora_ds/stop.py). The engine writes them (TrainEngine.save) with the
 trainer's state (step, data position, the method's and the callbacks' state)."""
 
 import os
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 from relora_ds.callbacks.base import Callback
 from relora_ds.fields import setting
+from relora_ds.stop import EXIT_STOPPED, STOP_SIGNALS
 
 
 @dataclass
@@ -20,6 +22,12 @@ class CheckpointConfig:
     reference_step: int | None = setting(
         None, "a step whose checkpoint is saved and kept as that reference instead; set it on full-rank runs "
               "compared with low-rank ones (relora-ds compare sets it); null: the switch, with at_switch")
+    stop_signals: list[str] = setting(
+        ["SIGTERM", "SIGUSR1"],
+        f"signals that end the run early, resumable: the step in flight finishes, a checkpoint is saved and the "
+        f"process exits with code {EXIT_STOPPED} (a scheduler's preemption, or its warning before the time limit: "
+        f"sbatch --signal=USR1@600; --resume continues); []: the signals' usual action. Among: "
+        f"{', '.join(STOP_SIGNALS)}")
 
 
 class Checkpointing(Callback):
@@ -28,6 +36,10 @@ class Checkpointing(Callback):
     def __init__(self, ck_cfg, output_dir: str, reference_step: int | None):
         self.cfg, self.reference_step = ck_cfg, reference_step
         self.directory = os.path.join(output_dir, "checkpoints")
+        self.saved_step = None  # the step of the newest checkpoint this run has (saved, or resumed from)
+
+    def on_start(self, trainer) -> None:
+        self.saved_step = trainer.state.step  # resumed from it; a fresh run (step 0) has nothing to lose yet
 
     def save(self, trainer, reference: bool = False) -> None:
         def action():
@@ -36,6 +48,7 @@ class Checkpointing(Callback):
             return {"path": path, **({"reference": True} if reference else {})}
 
         trainer.event("checkpoint", action)
+        self.saved_step = trainer.state.step
 
     def pre_step(self, trainer) -> None:
         if trainer.state.step == self.reference_step:  # before the switch: the full-rank W
@@ -47,4 +60,8 @@ class Checkpointing(Callback):
 
     def on_end(self, trainer) -> None:
         if self.cfg.save_final and (self.cfg.every == 0 or trainer.state.step % self.cfg.every != 0):
+            self.save(trainer)
+
+    def on_stop(self, trainer) -> None:
+        if trainer.state.step != self.saved_step:
             self.save(trainer)

@@ -38,3 +38,5 @@ class MemoryEvents(Callback):
     def on_end(self, trainer) -> None:
         if self.steps_since_event:
             self.log(trainer, "steps")
+
+    on_stop = on_end

@@ -23,3 +23,5 @@ class LossPlot(Callback):
 
     def on_end(self, trainer) -> None:
         self.draw()
+
+    on_stop = on_end

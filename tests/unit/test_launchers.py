@@ -102,7 +102,7 @@ def test_single_node_bad_input(files):
     assert "--master_port needs a value" in error("single_node.sh", "--config", files["run"], "--master_port")
 
 
-def test_real_launch_execs_the_binary_with_the_environment(files):
+def test_real_launch_runs_the_binary_with_the_environment(files):
     fake = files["dir"] / "fake-deepspeed"
     fake.write_text('#!/bin/sh\necho "accelerator=$DS_ACCELERATOR args=$*"\n')
     fake.chmod(0o755)
@@ -187,7 +187,8 @@ def slurm_env(files):
     bin_dir = files["dir"] / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[01-02]" ] || exit 1\n'
+    scontrol.write_text('#!/bin/sh\n[ "$1" = requeue ] && { echo "$*" >> "$(dirname "$0")/requeued"; exit 0; }\n'
+                        '[ "$1 $2 $3" = "show hostnames gpu[01-02]" ] || exit 1\n'
                         'echo gpu01\necho gpu02\n')
     scontrol.chmod(0o755)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "4321",
@@ -229,11 +230,28 @@ def test_slurm_with_torchrun_and_bad_input(files, slurm_env):
     assert "launchers not found in" in error("slurm.sbatch", "--config", files["run"], **missing)
 
 
+@pytest.mark.parametrize("status", [75, 0, 3])
+def test_slurm_requeues_a_run_stopped_at_a_checkpoint_and_only_that(files, slurm_env, status):
+    """Exit 75 (a stop signal ended the run at a checkpoint) requeues the job; the script exits with srun's status."""
+    bin_dir = files["dir"] / "bin"
+    srun = bin_dir / "srun"
+    srun.write_text(f"#!/bin/sh\nexit {status}\n")
+    srun.chmod(0o755)
+    result = run("slurm.sbatch", "--config", files["run"], "--resume", "auto", dry=False, **slurm_env)
+    assert result.returncode == status, result.stderr
+    requeued = bin_dir / "requeued"
+    if status == 75:
+        assert requeued.read_text() == "requeue 4321\n"
+        assert "the run stopped at a checkpoint (exit 75); requeueing job 4321" in result.stderr
+    else:
+        assert not requeued.exists()
+
+
 def test_slurm_headers():
     with open(script("slurm.sbatch")) as f:
         headers = [line.split()[1] for line in f if line.startswith("#SBATCH")]
     names = {h.split("=")[0] for h in headers}
-    assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--time"} <= names
+    assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--time", "--signal"} <= names
 
 
 def test_slurm_forwards_resume_auto_for_requeued_jobs(files, slurm_env):

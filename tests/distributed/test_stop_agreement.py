@@ -1,0 +1,55 @@
+"""A stop signal that reaches one rank stops every rank before the same step (2 gloo ranks, ZeRO-2): both save the
+one checkpoint, return the same step and the same signal, and the run resumed from it finishes with the losses of
+the uninterrupted run. Without the agreement over ranks the other rank would take the next step alone and hang in
+its collectives."""
+
+import os
+import signal
+
+import pytest
+
+from tests.helpers.runs import tiny_run_config, write_corpus, write_ds_config
+from tests.helpers.spawn import run_on_ranks
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {"train.total_steps": 9, "train.eval_every": 0, "checkpoint.every": 0, "log.every": 1}
+
+
+def _scenario(rank, world_size, directory, files, ds):
+    from relora_ds import trainer
+    from relora_ds.engine import checkpoint
+
+    def run(name, **more):
+        return trainer.train(tiny_run_config(directory, *files, ds, **{
+            **FIELDS, "train.output_dir": os.path.join(directory, name), **more}))
+
+    reference = run("reference")
+    fire = trainer.Trainer.fire
+
+    def fire_then_signal(self, name, *args):  # rank 1 alone is signalled, after step 5
+        fire(self, name, *args)
+        if rank == 1 and name == "post_step" and self.state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.Trainer.fire = fire_then_signal
+    try:
+        stopped = run("stopped")
+    finally:
+        trainer.Trainer.fire = fire
+    tag_dir = os.path.join(directory, "stopped", "checkpoints", checkpoint.tag_for(5))
+    checkpoint.verify(tag_dir, checksums=False)
+    resumed = run("stopped", **{"train.resume": True})
+    return {"stopped": (stopped["step"], stopped["stopped"], stopped["checkpoint"]),
+            "reference": reference["losses"], "resumed": resumed["losses"], "resumed_step": resumed["step"]}
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_checkpoint(tmp_path):
+    files = write_corpus(tmp_path)
+    ds = write_ds_config(tmp_path, stage=2)
+    results = run_on_ranks(_scenario, world_size=2, args=(str(tmp_path), files, ds), timeout=300)
+    tag_dir = str(tmp_path / "stopped" / "checkpoints" / "step_00000005")
+    assert [r["stopped"] for r in results] == [(5, "SIGTERM", tag_dir)] * 2
+    for r in results:
+        assert r["resumed_step"] == 9
+        assert r["resumed"] == pytest.approx({s: v for s, v in r["reference"].items() if s > 5}, rel=1e-6)

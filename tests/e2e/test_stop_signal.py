@@ -1,0 +1,77 @@
+"""A stop signal (checkpoint.stop_signals) ends a run before its next step with a checkpoint, exit code 75 and a
+one-line message; the run resumed from that checkpoint continues exactly as if it had never stopped (one rank, fp32
+compute). A fresh run stopped before its first step writes no checkpoint. The signal handlers are the run's only
+while it trains."""
+
+import os
+import signal
+
+import pytest
+
+from relora_ds import trainer
+from relora_ds.engine import checkpoint
+from relora_ds.stop import EXIT_STOPPED
+from relora_ds.train import main
+from tests.helpers.runs import read_metrics, tiny_run_config, write_corpus, write_ds_config
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {"train.total_steps": 10, "train.eval_every": 0, "checkpoint.every": 4, "checkpoint.keep_last": 0,
+          "log.every": 1}
+
+
+def _signal_at(monkeypatch, hook: str, step: int, sig=signal.SIGUSR1) -> None:
+    """Send `sig` to this process once a callback hook has run at `step` (a real signal, from the loop's thread)."""
+    fire = trainer.Trainer.fire
+
+    def fire_then_signal(self, name, *args):
+        fire(self, name, *args)
+        if name == hook and self.state.step == step:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(trainer.Trainer, "fire", fire_then_signal)
+
+
+def test_a_signal_stops_at_a_checkpoint_and_the_resumed_run_matches_the_uninterrupted_one(
+        tmp_path, monkeypatch, capsys):
+    files = write_corpus(tmp_path)
+    ds = write_ds_config(tmp_path, stage=2)
+
+    def config(name, **more):
+        return tiny_run_config(tmp_path, *files, ds, **{**FIELDS, "train.output_dir": str(tmp_path / name), **more})
+
+    reference = trainer.train(config("reference"))
+    assert reference["stopped"] is None and reference["step"] == 10
+
+    path = str(tmp_path / "stopped.yaml")
+    config("stopped").save(path)
+    before = signal.getsignal(signal.SIGUSR1)
+    with monkeypatch.context() as patch:
+        _signal_at(patch, "post_step", 6)  # between the restarts at 4 and 8, off the checkpoint.every grid
+        assert main(["--config", path]) == EXIT_STOPPED
+    assert signal.getsignal(signal.SIGUSR1) is before
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("stopped by SIGUSR1 after step 6 of 10: checkpoint ") and "--resume" in message
+
+    run_dir = str(tmp_path / "stopped")
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 7))
+    assert [(r["step"], r["signal"]) for r in records if r.get("event") == "stop"] == [(6, "SIGUSR1")]
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    assert sorted(t for t in os.listdir(checkpoints) if t.startswith("step_")) == [checkpoint.tag_for(4),
+                                                                                   checkpoint.tag_for(6)]
+    checkpoint.verify(os.path.join(checkpoints, checkpoint.tag_for(6)), checksums=True)
+
+    resumed = trainer.train(config("stopped", **{"train.resume": True}))
+    assert resumed["stopped"] is None and resumed["step"] == 10
+    assert resumed["losses"] == {s: v for s, v in reference["losses"].items() if s > 6}
+    assert [r["step"] for r in resumed["restarts"]] == [8]
+
+
+def test_a_fresh_run_stopped_before_its_first_step_saves_nothing(tmp_path, monkeypatch):
+    files = write_corpus(tmp_path)
+    cfg = tiny_run_config(tmp_path, *files, write_ds_config(tmp_path), **FIELDS)
+    _signal_at(monkeypatch, "on_start", 0, signal.SIGTERM)
+    summary = trainer.train(cfg)
+    assert summary["stopped"] == "SIGTERM" and summary["step"] == 0 and summary["checkpoint"] is None
+    assert not os.path.isdir(os.path.join(cfg.train.output_dir, "checkpoints"))
