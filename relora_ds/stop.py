@@ -35,6 +35,18 @@ def check_names(names: list[str]) -> str | None:
     return None
 
 
+class Stopped(Exception):
+    """A run (or a command that trains) ended early by a stop signal, at a checkpoint. The command line prints this
+    one line and exits with EXIT_STOPPED (relora_ds/train.py's run_guarded)."""
+
+
+def check_finished(summary: dict, total_steps: int, then: str) -> None:
+    """Raise Stopped when trainer.train's `summary` is of a run a stop signal ended; `then`: how to go on."""
+    if summary["stopped"] is not None:
+        raise Stopped(f"stopped by {summary['stopped']} after step {summary['step']} of {total_steps}: checkpoint "
+                      f"{summary['checkpoint']}; {then} (exit code {EXIT_STOPPED})")
+
+
 class StopSignals:
     """Within `with StopSignals(names) as stop:` the named signals set a flag instead of their usual action;
     `stop.requested()` (collective) says whether any rank got one. The previous handlers come back on exit."""

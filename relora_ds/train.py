@@ -1,8 +1,8 @@
 """`deepspeed --module relora_ds.train --config RUN.yaml --deepspeed_config ds_configs/X.json [--set k=v ...]`.
 
 Also what `relora-ds train` and `torchrun -m relora_ds.train` run. Accepts the launcher's --local_rank. Holds the
-one error policy of every command (`run_guarded`: the project's errors are one line and exit code 2), which the
-CLI imports from here.
+one error policy of every command (`run_guarded`: the project's errors are one line and exit code 2; a run a stop
+signal ended is one line and exit code 75), which the CLI imports from here.
 """
 
 import argparse
@@ -47,17 +47,12 @@ def run_train(args) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args)
-    from relora_ds import dist, trainer
-    from relora_ds.stop import EXIT_STOPPED
+    from relora_ds import trainer
+    from relora_ds.stop import check_finished
 
     summary = trainer.train(cfg)
-    if summary["stopped"] is None:
-        return 0
-    if dist.is_rank_zero():
-        print(f"stopped by {summary['stopped']} after step {summary['step']} of {cfg.train.total_steps}: checkpoint "
-              f"{summary['checkpoint']}; run the same command with --resume to continue (exit code {EXIT_STOPPED})",
-              file=sys.stderr)
-    return EXIT_STOPPED
+    check_finished(summary, cfg.train.total_steps, "run the same command with --resume to continue")
+    return 0
 
 
 def project_errors() -> tuple:
@@ -73,12 +68,19 @@ def project_errors() -> tuple:
 
 
 def run_guarded(fn, args) -> int:
+    from relora_ds import dist
+    from relora_ds.stop import EXIT_STOPPED, Stopped
+
     try:
         return fn(args)
     except project_errors() as e:
         for line in str(e).splitlines() or [type(e).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a stop signal ended a run at a checkpoint: not an error, resumable
+        if dist.is_rank_zero():
+            print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,8 @@ Variants run one after another in this process (under a launcher every rank runs
 DIR/<variant>. At its end DIR/<variant>/result.json is written (atomically): a later call skips that variant, and
 continues an unfinished one from its newest checkpoint (train.resume auto). A result made with another config is
 refused rather than reused. A variant whose loss goes non-finite (errors.NonFiniteError) is recorded as diverged
-at that step and the others still run; any other error stops the command with its one-line message. Delete
+at that step and the others still run; any other error stops the command with its one-line message, and a stop
+signal (checkpoint.stop_signals) stops it with exit code 75 and no result for the variant in training. Delete
 DIR/<variant>/result.json to run a variant again.
 
 `--seeds 1,2,3` runs every variant once per seed (train.seed; a --set of it is refused), each in
@@ -64,6 +65,7 @@ from relora_ds.errors import NonFiniteError
 from relora_ds.files import atomic_write
 from relora_ds.methods import METHODS
 from relora_ds.metrics import METRICS_FILE, read_records
+from relora_ds.stop import check_finished
 
 RESULT_FILE = "result.json"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "compare.json", "compare.md", "compare.png"
@@ -220,6 +222,8 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     except NonFiniteError as e:
         error, diverged_at = str(e), e.step
     else:
+        check_finished(summary, cfg.train.total_steps,  # no result: the next `compare` continues this variant
+                       f"variant {name} of compare; run the same command again to continue")
         counts = {k: summary[k] for k in ("total_params", "trainable_params", "optimizer_state_bytes")}
     gc.collect()  # a diverged run's engine was never destroyed: drop it before the next variant builds its own
     release_memory()

@@ -75,3 +75,30 @@ def test_a_fresh_run_stopped_before_its_first_step_saves_nothing(tmp_path, monke
     summary = trainer.train(cfg)
     assert summary["stopped"] == "SIGTERM" and summary["step"] == 0 and summary["checkpoint"] is None
     assert not os.path.isdir(os.path.join(cfg.train.output_dir, "checkpoints"))
+
+
+def test_compare_stops_with_the_variant_and_the_same_command_continues_it(tmp_path, monkeypatch, capsys):
+    """A stop signal during a compare variant ends the whole command (75) without a result for that variant (a
+    result would mark it finished); the same command again continues the variant from its checkpoint."""
+    from relora_ds import cli
+    from relora_ds.tools import compare
+
+    files = write_corpus(tmp_path)
+    base = str(tmp_path / "base.yaml")
+    tiny_run_config(tmp_path, *files, write_ds_config(tmp_path), **{**FIELDS, "checkpoint.every": 0,
+                                                                       "train.eval_every": 5}).save(base)
+    out = str(tmp_path / "cmp")
+    command = ["compare", "--config", base, "--variants", "lora,relora", "--out", out]
+    with monkeypatch.context() as patch:
+        _signal_at(patch, "post_step", 5)
+        assert cli.main(command) == EXIT_STOPPED
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("stopped by SIGUSR1 after step 5 of 10: checkpoint ") and "variant lora" in message
+    assert not os.path.exists(os.path.join(out, "lora", compare.RESULT_FILE))
+    assert not os.path.exists(os.path.join(out, "relora"))
+
+    assert cli.main(command) == 0
+    result = compare.read_result(os.path.join(out, "lora"))
+    assert result["status"] == "finished" and result["steps"] == 10
+    records = read_metrics(os.path.join(out, "lora"))
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [5]
