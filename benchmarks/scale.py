@@ -8,6 +8,7 @@ per rank of the model states.
         --rank 64 --warm-start 0 --export-dtype bf16 --tag 7b-zero3-bf16
     python benchmarks/scale.py --preset 7b --ranks 1 --stage 2 --precision bf16 --rank 64 --warm-start 0 \
         --base-dtype int8 --activation-checkpointing full --export-dtype bf16 --tag 7b-zero2-bf16-int8
+    python benchmarks/scale.py --preset 350m --ranks 2 --stage 2 --warm-start 2 --stop-signal USR1 --tag 350m-stop
 
 Every run goes through the real `deepspeed` launcher with gloo CPU ranks here (GPUs elsewhere). Peaks come
 from the run's "memory" events (relora_ds/memory.py: RSS high-water mark per rank on CPU, max_memory_allocated
@@ -56,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--resume-ranks", type=int, default=None,
                    help="resume on this many ranks instead (the checkpoint converted to DeepSpeed's universal form; "
                         "the global batch kept through gradient accumulation when it divides)")
+    p.add_argument("--stop-signal", choices=("USR1", "TERM"), default=None,
+                   help="end the first run with this signal to every process of its launch (what SLURM does before "
+                        "the time limit / on preemption) once it has taken --warm-start + --steps-after steps, "
+                        "through launchers/single_node.sh; the stop's checkpoint is the one resumed")
     p.add_argument("--work-dir", default="/tmp/relora-scale")
     p.add_argument("--tag", default=None)
     p.add_argument("--keep", action="store_true", help="keep the run directories")
@@ -124,6 +129,44 @@ def launch(args, ranks: int, config_path: str, log_path: str, resume: bool) -> f
     if result.returncode != 0:
         raise SystemExit(f"launch failed (exit {result.returncode}); see {log_path}")
     return time.perf_counter() - started
+
+
+def launch_and_stop(args, ranks: int, config_path: str, log_path: str, metrics_path: str, at_step: int) -> dict:
+    """Launch through launchers/single_node.sh, and once the run has logged step `at_step` send --stop-signal to
+    every process of the launch; the seconds from the signal to the launcher's exit and its exit status."""
+    import signal
+
+    command = [os.path.join(ROOT, "launchers", "single_node.sh"), "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), "--config", config_path]
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env(ranks), cwd=ROOT,
+                                start_new_session=True)
+        try:
+            while _newest_step(metrics_path) < at_step:
+                if proc.poll() is not None or time.perf_counter() - started > args.timeout:
+                    raise SystemExit(f"the run ended or timed out before step {at_step}; see {log_path}")
+                time.sleep(0.5)
+            signalled, logged = time.perf_counter(), _newest_step(metrics_path)
+            os.killpg(proc.pid, getattr(signal, f"SIG{args.stop_signal}"))
+            status = proc.wait(timeout=args.timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stop = [r for r in map(json.loads, open(metrics_path)) if r.get("event") == "stop"]
+    if not stop:
+        raise SystemExit(f"the run did not stop on SIG{args.stop_signal} (exit {status}); see {log_path}")
+    return {"signal": stop[-1]["signal"], "step": stop[-1]["step"], "logged_step": logged, "exit_status": status,
+            "seconds_to_exit": time.perf_counter() - signalled, "run_seconds": time.perf_counter() - started}
+
+
+def _newest_step(metrics_path: str) -> int:
+    """The newest step with a logged loss (0: none yet)."""
+    try:
+        with open(metrics_path) as f:
+            return max([json.loads(line)["step"] for line in f if '"loss"' in line] or [0])
+    except (OSError, ValueError):  # not written yet, or a line half written
+        return 0
 
 
 PEAK_OF_CHILD = """
@@ -227,7 +270,15 @@ def one_world(args, ranks: int, vocab_size: int) -> dict:
         yaml.safe_dump(run_config(args, directory, first_steps, ds_path, corpus), f)
     run_dir = os.path.join(directory, "run")
     started = time.time()
-    first_seconds = launch(args, ranks, config_path, os.path.join(directory, "run1.log"), resume=False)
+    stop = None
+    if args.stop_signal:  # a run meant to go on, ended by the signal after first_steps
+        with open(config_path, "w") as f:
+            yaml.safe_dump(run_config(args, directory, first_steps + 1000, ds_path, corpus), f)
+        stop = launch_and_stop(args, ranks, config_path, os.path.join(directory, "run1.log"),
+                               os.path.join(run_dir, "metrics.jsonl"), first_steps)
+        first_steps, first_seconds = stop["step"], stop["run_seconds"]
+    else:
+        first_seconds = launch(args, ranks, config_path, os.path.join(directory, "run1.log"), resume=False)
     phases = memory_phases(os.path.join(run_dir, "metrics.jsonl"), started)
     shutil.copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(directory, "metrics-run1.jsonl"))
 
@@ -248,7 +299,7 @@ def one_world(args, ranks: int, vocab_size: int) -> dict:
     if not args.keep:
         shutil.rmtree(directory, ignore_errors=True)
     return {"ranks": ranks, "resume_ranks": resume_ranks, "phases": phases + resumed, "export": export,
-            "run_seconds": [first_seconds, second_seconds], "conversion": conversion}
+            "run_seconds": [first_seconds, second_seconds], "conversion": conversion, "stop": stop}
 
 
 def universal_conversion(log_path: str) -> dict | None:
@@ -321,6 +372,13 @@ def markdown(record: dict) -> str:
             lines += [f"The {w['ranks']}-rank run resumed on {w['resume_ranks']} rank(s) (the resume and resumed rows): "
                       f"the checkpoint's conversion to DeepSpeed's universal form took {c['seconds']:.1f} s, the "
                       f"converter's peak RSS {c['peak_gib']:.2f} GiB (a process beside rank 0, before it builds)."]
+        if w.get("stop"):
+            st = w["stop"]
+            lines += [f"The {w['ranks']}-rank run was sent {st['signal']} (every process of the launch, through "
+                      f"launchers/single_node.sh) once step {st['logged_step']} was logged: it finished step "
+                      f"{st['step']}, saved its checkpoint (the checkpoint row at step {st['step']}) and exited "
+                      f"{st['seconds_to_exit']:.1f} s after the signal, with status {st['exit_status']}; the resume "
+                      f"rows continue from that checkpoint."]
     exported = worlds[-1]["export"]
     lines += [f"Exported model: {exported['exported_gib']:.2f} GiB; export peak / exported size = "
               f"{exported['peak_gib'] / exported['exported_gib']:.2f}."]
