@@ -30,7 +30,7 @@ from relora_ds.memory import PhaseMemory, fix_heap_threshold, returns_freed_host
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import CHECKPOINTING, describe, enable_activation_checkpointing, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
-from relora_ds.stop import StopSignals
+from relora_ds.stop import StopSignals, signal_name
 
 
 RESUME_CHOICES = (False, True, "auto")  # train.resume
@@ -112,21 +112,24 @@ def train(cfg, *, keep_engine: bool = False) -> dict:
         total_steps = trainer.cfg.train.total_steps
         batches = iter(trainer.batches)
         trainer.fire("on_start")
-        while trainer.state.step < total_steps and not stop.requested():
+        signalled = int(max(over_ranks(stop.received, trainer.engine.device)))  # in setup: stop before any step
+        while trainer.state.step < total_steps and not signalled:
             trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
             step = trainer.state.step
             lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
             logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
-            loss, grad_norm = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs)
+            loss, grad_norm, signalled = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs,
+                                                             stop_signal=stop.received)  # any rank's signal
             trainer.state.step += 1
             trainer.state.tokens_seen += trainer.tokens_per_step
             trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
-        if trainer.state.step < total_steps:
-            trainer.metrics.log_event("stop", trainer.state.step, signal=stop.name)
+        stopped = signal_name(signalled) if trainer.state.step < total_steps else None
+        if stopped:
+            trainer.metrics.log_event("stop", trainer.state.step, signal=stopped)
             trainer.fire("on_stop")  # the checkpoint to resume from
         else:
             trainer.fire("on_end")
-        return finish(trainer, keep_engine, stopped=stop.name)
+        return finish(trainer, keep_engine, stopped=stopped)
 
 
 # --- setting a run up and closing it ------------------------------------------------------------------------

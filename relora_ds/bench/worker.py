@@ -69,7 +69,7 @@ def train_step(engine, batches: list[torch.Tensor]) -> torch.Tensor:
     from relora_ds.engine.train_module import train_step as trainer_step
 
     micro_batches = iter({"input_ids": ids, "labels": ids} for ids in batches)
-    loss, _ = trainer_step(engine, micro_batches, len(batches), step=engine.global_steps + 1, grad_norm=False)
+    loss, _, _ = trainer_step(engine, micro_batches, len(batches), step=engine.global_steps + 1, grad_norm=False)
     return loss
 
 

@@ -24,8 +24,8 @@ class CheckpointConfig:
               "compared with low-rank ones (relora-ds compare sets it); null: the switch, with at_switch")
     stop_signals: list[str] = setting(
         ["SIGTERM", "SIGUSR1"],
-        f"signals that end the run early, resumable: the step in flight finishes, a checkpoint is saved and the "
-        f"process exits with code {EXIT_STOPPED} (a scheduler's preemption, or its warning before the time limit: "
+        f"signals that end the run early, resumable: the ranks learn of one in the next step's all-reduce, stop "
+        f"after that step, save a checkpoint and exit with code {EXIT_STOPPED} (a scheduler's preemption, or its warning before the time limit: "
         f"sbatch --signal=USR1@600; --resume continues); []: the signals' usual action. Among: "
         f"{', '.join(STOP_SIGNALS)}")
 

@@ -68,14 +68,17 @@ class TrainEngine:
         self.ds.destroy()
 
     # --- a step ----------------------------------------------------------------------------------------------
-    def step(self, batches, *, lr: float, step: int, grad_norm: bool) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step at `lr` over grad_accum micro-batches (train_step); checks the adapters' moments
-        after the first step that makes them (ZeRO-0)."""
+    def step(self, batches, *, lr: float, step: int, grad_norm: bool,
+             stop_signal: int = 0) -> tuple[torch.Tensor, float | None, int]:
+        """One optimizer step at `lr` over grad_accum micro-batches (train_step): this rank's mean loss, the global
+        gradient norm (steps with grad_norm), and the largest `stop_signal` over the ranks (0: none; a signal number
+        relora_ds/stop.py recorded); checks the adapters' moments after the first step that makes them (ZeRO-0)."""
         runtime.set_lr(self.ds, lr)
-        loss, norm = train_step(self.ds, batches, self.grad_accum, step=step, grad_norm=grad_norm)
+        loss, norm, signalled = train_step(self.ds, batches, self.grad_accum, step=step, grad_norm=grad_norm,
+                                           stop_signal=stop_signal)
         if self.layout is not None and not self.layout.moments_checked:
             self.layout.check_moments(self.adapters())
-        return loss, norm
+        return loss, norm, signalled
 
     def evaluate(self, batches: list[dict]) -> dict:
         return evaluate(self.ds, batches)
@@ -92,17 +95,19 @@ class TrainEngine:
         release_memory()
 
 
-def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool,
+               stop_signal: int = 0) -> tuple[torch.Tensor, float | None, int]:
     """One optimizer step of the DeepSpeed `engine` over `grad_accum` micro-batches: (this rank's mean loss as a 0-dim
-    tensor on the device, the global gradient norm or None). `relora-ds train` and `relora-ds bench` both step
-    through this function.
+    tensor on the device, the global gradient norm or None, the largest `stop_signal` over the ranks). `relora-ds
+    train` and `relora-ds bench` both step through this function.
 
     The losses stay on the device (no sync per micro-batch); read the returned tensor only on the steps that log.
     grad_norm: also return the norm (it costs a sync; only on the steps that log). Non-finite values stop every rank
     at the same step with the same NonFiniteError: one all-reduced flag per step says whether any rank's loss is
-    non-finite, before the optimizer step (so nothing is stepped); the global gradient norm that DeepSpeed computes
-    in its step (ZeRO-1/2/3, bf16) is the same on every rank. No graph outlives the step (its backward hooks hold
-    the engine): the sum is of detached losses.
+    non-finite, before the optimizer step (so nothing is stepped), and the same all-reduce carries this rank's stop
+    signal (relora_ds/stop.py), so every rank learns of a signal any rank got, at no extra cost; the global gradient
+    norm that DeepSpeed computes in its step (ZeRO-1/2/3, bf16) is the same on every rank. No graph outlives the
+    step (its backward hooks hold the engine): the sum is of detached losses.
     """
     loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
     for micro in range(grad_accum):
@@ -112,8 +117,10 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) 
         del loss
         if micro < grad_accum - 1:
             engine.step()  # not a boundary: DeepSpeed accumulates
-    bad = (~torch.isfinite(loss_sum)).to(torch.float64).reshape(1)
-    if dist.all_reduce(bad, "max").item() > 0:  # the step's one sync; naming the ranks costs a second, once
+    flags = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float64),
+                         torch.tensor(float(stop_signal), dtype=torch.float64, device=loss_sum.device)])
+    bad, signalled = dist.all_reduce(flags, "max").tolist()  # the step's one sync
+    if bad > 0:  # naming the ranks costs a second sync, once
         bad_ranks = [r for r, flag in enumerate(over_ranks(float(not torch.isfinite(loss_sum)), engine.device)) if flag]
         raise NonFiniteError(f"training stopped at step {step}: the loss is not finite on rank(s) "
                              f"{', '.join(map(str, bad_ranks))}; nothing was stepped and the newest complete checkpoint "
@@ -127,7 +134,7 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool) 
     if norm is not None and not math.isfinite(norm):
         raise NonFiniteError(f"training stopped at step {step}: the gradient norm is {norm}; the newest complete "
                              f"checkpoint is kept (lower schedule.lr or set train.max_grad_norm)", step)
-    return loss_sum / grad_accum, norm if grad_norm else None
+    return loss_sum / grad_accum, norm if grad_norm else None, int(signalled)
 
 
 @torch.no_grad()

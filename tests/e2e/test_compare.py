@@ -103,10 +103,10 @@ def test_one_variant_a_diverged_one_and_the_epoch_warning(tmp_path, monkeypatch,
         trained.append(os.path.basename(cfg.train.output_dir))
         return real_train(cfg)
 
-    def nan_at_step_3(engine, batches, grad_accum, *, step, grad_norm):
-        if step == 3 and trained[-1] == "relora":
+    def nan_at_step_3(engine, batches, grad_accum, **kwargs):
+        if kwargs["step"] == 3 and trained[-1] == "relora":
             engine.module.model.norm.weight.data.fill_(float("nan"))
-        return real_step(engine, batches, grad_accum, step=step, grad_norm=grad_norm)
+        return real_step(engine, batches, grad_accum, **kwargs)
 
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(train_module, "train_step", nan_at_step_3)

@@ -1,5 +1,5 @@
-"""A stop signal (checkpoint.stop_signals) ends a run before its next step with a checkpoint, exit code 75 and a
-one-line message; the run resumed from that checkpoint continues exactly as if it had never stopped (one rank, fp32
+"""A stop signal (checkpoint.stop_signals) ends a run with a checkpoint, exit code 75 and a one-line message: the ranks
+learn of it in the next step's all-reduce, so a signal that comes after step k ends the run after step k + 1; the run resumed from that checkpoint continues exactly as if it had never stopped (one rank, fp32
 compute). A fresh run stopped before its first step writes no checkpoint. The signal handlers are the run's only
 while it trains."""
 
@@ -47,7 +47,7 @@ def test_a_signal_stops_at_a_checkpoint_and_the_resumed_run_matches_the_uninterr
     config("stopped").save(path)
     before = signal.getsignal(signal.SIGUSR1)
     with monkeypatch.context() as patch:
-        _signal_at(patch, "post_step", 6)  # between the restarts at 4 and 8, off the checkpoint.every grid
+        _signal_at(patch, "post_step", 5)  # stops after step 6: between the restarts at 4 and 8, off the grid
         assert main(["--config", path]) == EXIT_STOPPED
     assert signal.getsignal(signal.SIGUSR1) is before
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -90,7 +90,7 @@ def test_compare_stops_with_the_variant_and_the_same_command_continues_it(tmp_pa
     out = str(tmp_path / "cmp")
     command = ["compare", "--config", base, "--variants", "lora,relora", "--out", out]
     with monkeypatch.context() as patch:
-        _signal_at(patch, "post_step", 5)
+        _signal_at(patch, "post_step", 4)
         assert cli.main(command) == EXIT_STOPPED
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("stopped by SIGUSR1 after step 5 of 10: checkpoint ") and "variant lora" in message
