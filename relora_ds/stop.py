@@ -36,16 +36,38 @@ def check_names(names: list[str]) -> str | None:
     return None
 
 
+STOP_RECORD = "RELORA_DS_STOP_RECORD"  # environment: a file where a stopped command notes its signal (record_stop)
+
+
 class Stopped(Exception):
     """A run (or a command that trains) ended early by a stop signal, at a checkpoint. The command line prints this
     one line and exits with EXIT_STOPPED (relora_ds/train.py's run_guarded)."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def check_finished(summary: dict, total_steps: int, then: str) -> None:
     """Raise Stopped when trainer.train's `summary` is of a run a stop signal ended; `then`: how to go on."""
     if summary["stopped"] is not None:
         raise Stopped(f"stopped by {summary['stopped']} after step {summary['step']} of {total_steps}: checkpoint "
-                      f"{summary['checkpoint']}; {then} (exit code {EXIT_STOPPED})")
+                      f"{summary['checkpoint']}; {then} (exit code {EXIT_STOPPED})", summary["stopped"])
+
+
+def record_stop(stopped: Stopped) -> None:
+    """Write "SIGNAL message" to the file $RELORA_DS_STOP_RECORD names, when it names one (rank 0 calls this).
+
+    A job script learns from it that the run stopped on a signal, and on which, where an exit status cannot tell it:
+    torchrun reports a rank's 75 as a failure (1), and srun --kill-on-bad-exit may kill another node's launcher
+    while it exits, which makes srun's status that of the kill (launchers/slurm.sbatch reads the file)."""
+    import os
+
+    from relora_ds.files import atomic_write
+
+    path = os.environ.get(STOP_RECORD)
+    if path:
+        atomic_write(path, f"{stopped.signal_name} {stopped}\n")
 
 
 class StopSignals:

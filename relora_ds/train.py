@@ -69,7 +69,7 @@ def project_errors() -> tuple:
 
 def run_guarded(fn, args) -> int:
     from relora_ds import dist
-    from relora_ds.stop import EXIT_STOPPED, Stopped
+    from relora_ds.stop import EXIT_STOPPED, Stopped, record_stop
 
     try:
         return fn(args)
@@ -80,6 +80,7 @@ def run_guarded(fn, args) -> int:
     except Stopped as e:  # a stop signal ended a run at a checkpoint: not an error, resumable
         if dist.is_rank_zero():
             print(str(e), file=sys.stderr)
+            record_stop(e)
         return EXIT_STOPPED
 
 

@@ -88,8 +88,10 @@ def test_a_stop_signal_ends_a_launched_run_at_a_checkpoint(tmp_path, case):
     config = str(tmp_path / "run.yaml")
     cfg.save(config)
     ranks = ["--num_gpus", "2"] if script == "single_node.sh" else ["--nproc_per_node", "2"]
+    record = tmp_path / "stop-record"  # as launchers/slurm.sbatch passes it
     launcher = subprocess.Popen([os.path.join(ROOT, "launchers", script), *ranks, "--master_port", str(free_port()),
-                                 "--config", config], env=_env(), cwd=str(tmp_path), start_new_session=True)
+                                 "--config", config], env={**_env(), "RELORA_DS_STOP_RECORD": str(record)},
+                                cwd=str(tmp_path), start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not any(r.get("step", 0) >= 3 and "loss" in r for r in _records(out)):
@@ -113,6 +115,7 @@ def test_a_stop_signal_ends_a_launched_run_at_a_checkpoint(tmp_path, case):
     checkpoint.verify(tag_dir, checksums=True)
     assert checkpoint.read_state(tag_dir)["step"] == stop["step"]
     assert status == expected
+    assert record.read_text().startswith(f"{sig.name} stopped by {sig.name} after step {stop['step']} of 100000")
 
 
 def _training_processes(run_dir) -> list[int]:

@@ -46,12 +46,15 @@ def test_a_signal_stops_at_a_checkpoint_and_the_resumed_run_matches_the_uninterr
     path = str(tmp_path / "stopped.yaml")
     config("stopped").save(path)
     before = signal.getsignal(signal.SIGUSR1)
+    record = tmp_path / "stop-record"
     with monkeypatch.context() as patch:
         _signal_at(patch, "post_step", 5)  # stops after step 6: between the restarts at 4 and 8, off the grid
+        patch.setenv("RELORA_DS_STOP_RECORD", str(record))  # as launchers/slurm.sbatch sets it
         assert main(["--config", path]) == EXIT_STOPPED
     assert signal.getsignal(signal.SIGUSR1) is before
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("stopped by SIGUSR1 after step 6 of 10: checkpoint ") and "--resume" in message
+    assert record.read_text() == f"SIGUSR1 {message}\n"
 
     run_dir = str(tmp_path / "stopped")
     records = read_metrics(run_dir)

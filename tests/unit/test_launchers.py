@@ -202,7 +202,8 @@ def test_slurm_builds_hostfile_and_starts_one_no_ssh_launcher_per_node(files, sl
     with open(hostfile) as f:
         assert f.read() == "gpu01 slots=4\ngpu02 slots=4\n"
     per_node = script("multi_node_no_ssh.sh")
-    assert cmd == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash", per_node,
+    assert cmd == [f"RELORA_DS_STOP_RECORD={files['dir']}/.relora-ds/stop-4321",
+                   "srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash", per_node,
                    "--hostfile", hostfile, "--master_addr", "gpu01", "--master_port", "24321", "--",
                    "--config", files["run"], "--set", "train.output_dir=runs/x"]
     # What srun starts on the second node (SLURM_NODEID=1, GPUs visible there):
@@ -230,21 +231,30 @@ def test_slurm_with_torchrun_and_bad_input(files, slurm_env):
     assert "launchers not found in" in error("slurm.sbatch", "--config", files["run"], **missing)
 
 
-@pytest.mark.parametrize("status", [75, 0, 3])
-def test_slurm_requeues_a_run_stopped_at_a_checkpoint_and_only_that(files, slurm_env, status):
-    """Exit 75 (a stop signal ended the run at a checkpoint) requeues the job; the script exits with srun's status."""
+@pytest.mark.parametrize("record, status, requeued", [
+    ("SIGUSR1", 75, True),    # the time-limit warning: the ranks saved and exited 75
+    ("SIGUSR1", 137, True),   # the same, another node's launcher killed by srun --kill-on-bad-exit as it exited
+    ("SIGTERM", 1, False),    # preemption or scancel: SLURM's own business
+    (None, 75, False),        # no record, no requeue
+    (None, 0, False),
+])
+def test_slurm_requeues_a_run_the_time_limit_warning_stopped(files, slurm_env, record, status, requeued):
+    """The script reads the record a stopped run writes ($RELORA_DS_STOP_RECORD, which it sets for srun) and requeues
+    the job after SIGUSR1 only; it exits with srun's status."""
     bin_dir = files["dir"] / "bin"
     srun = bin_dir / "srun"
-    srun.write_text(f"#!/bin/sh\nexit {status}\n")
+    write = f'echo "{record} stopped by {record} after step 5" > "$RELORA_DS_STOP_RECORD"\n' if record else ""
+    srun.write_text(f"#!/bin/sh\n{write}exit {status}\n")
     srun.chmod(0o755)
     result = run("slurm.sbatch", "--config", files["run"], "--resume", "auto", dry=False, **slurm_env)
     assert result.returncode == status, result.stderr
-    requeued = bin_dir / "requeued"
-    if status == 75:
-        assert requeued.read_text() == "requeue 4321\n"
-        assert "the run stopped at a checkpoint (exit 75); requeueing job 4321" in result.stderr
+    log = bin_dir / "requeued"
+    if requeued:
+        assert log.read_text() == "requeue 4321\n"
+        assert "the run stopped at a checkpoint on SIGUSR1; requeueing job 4321" in result.stderr
     else:
-        assert not requeued.exists()
+        assert not log.exists()
+    assert f"RELORA_DS_STOP_RECORD={files['dir']}/.relora-ds/stop-4321 srun" in result.stderr
 
 
 def test_slurm_headers():
