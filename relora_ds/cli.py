@@ -135,7 +135,7 @@ def cmd_demo(args) -> int:
     import time
 
     from relora_ds.config import load_config
-    from relora_ds.stop import check_finished
+    from relora_ds.stop import StopSignals, check_finished
     from relora_ds.trainer import train
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -143,7 +143,8 @@ def cmd_demo(args) -> int:
     overrides = [f"train.output_dir={out}"] + list(args.overrides)
     cfg = load_config(os.path.join(here, "configs", "demo.yaml"), overrides)
     started = time.time()
-    summary = train(cfg)
+    with StopSignals(cfg.checkpoint.stop_signals) as stop:
+        summary = train(cfg, stop=stop)
     check_finished(summary, cfg.train.total_steps, "the demo did not finish")
     export_dir = os.path.join(out, "export")
     from relora_ds.tools.export import export

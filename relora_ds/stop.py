@@ -4,8 +4,8 @@ Schedulers warn a job before they end it: SLURM sends SIGTERM on preemption or c
 KillWait, 30 s by default), and `sbatch --signal=USR1@600` sends SIGUSR1 ten minutes before the time limit. A run
 that dies there loses every step since its last periodic checkpoint.
 
-While a run trains, the signals of checkpoint.stop_signals only record that they came (the handler sets a flag: no
-I/O in a handler). The launchers (launchers/_common.sh) start their command with SIGTERM, SIGUSR1 and SIGUSR2 ignored,
+While a command trains (relora_ds.train, compare, demo: they enter StopSignals and hand it to trainer.train), the
+signals of checkpoint.stop_signals only record that they came (the handler sets a flag: no I/O in a handler). The launchers (launchers/_common.sh) start their command with SIGTERM, SIGUSR1 and SIGUSR2 ignored,
 so that they outlive the step in flight and its checkpoint; a signal of those left out of the list gets its default
 action back in the training process.
 

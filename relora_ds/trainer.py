@@ -101,35 +101,37 @@ class Trainer:
                 c.load_state_dict(saved.get("callbacks", {}).get(c.name, {}))
 
 
-def train(cfg, *, keep_engine: bool = False) -> dict:
+def train(cfg, *, keep_engine: bool = False, stop: StopSignals | None = None) -> dict:
     """Run training as configured; returns a summary (final step, losses, eval results, paths, total_params and
     trainable_params of the final model; "stopped": the stop signal's name when one ended the run early, else None).
 
+    stop: the StopSignals (entered) whose signals end the run early at a checkpoint; the commands that train pass one
+    (checkpoint.stop_signals), a caller from Python may: without it the process's signals keep their own handling.
     The engine is destroyed before returning (its memory freed); keep_engine: it is returned as summary["engine"]
     instead, live (its DeepSpeed engine; the caller destroys it: tests that look at the trained model)."""
-    with StopSignals(cfg.checkpoint.stop_signals) as stop:  # a scheduler's signal ends the run at a checkpoint
-        trainer = setup(cfg)
-        total_steps = trainer.cfg.train.total_steps
-        batches = iter(trainer.batches)
-        trainer.fire("on_start")
-        signalled = int(max(over_ranks(stop.received, trainer.engine.device)))  # in setup: stop before any step
-        while trainer.state.step < total_steps and not signalled:
-            trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
-            step = trainer.state.step
-            lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
-            logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
-            loss, grad_norm, signalled = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs,
-                                                             stop_signal=stop.received)  # any rank's signal
-            trainer.state.step += 1
-            trainer.state.tokens_seen += trainer.tokens_per_step
-            trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
-        stopped = signal_name(signalled) if trainer.state.step < total_steps else None
-        if stopped:
-            trainer.metrics.log_event("stop", trainer.state.step, signal=stopped)
-            trainer.fire("on_stop")  # the checkpoint to resume from
-        else:
-            trainer.fire("on_end")
-        return finish(trainer, keep_engine, stopped=stopped)
+    stop = stop or StopSignals([])  # no signals: `received` stays 0
+    trainer = setup(cfg)
+    total_steps = trainer.cfg.train.total_steps
+    batches = iter(trainer.batches)
+    trainer.fire("on_start")
+    signalled = int(max(over_ranks(stop.received, trainer.engine.device)))  # in setup: stop before any step
+    while trainer.state.step < total_steps and not signalled:
+        trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
+        step = trainer.state.step
+        lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
+        logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
+        loss, grad_norm, signalled = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs,
+                                                         stop_signal=stop.received)  # any rank's signal
+        trainer.state.step += 1
+        trainer.state.tokens_seen += trainer.tokens_per_step
+        trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
+    stopped = signal_name(signalled) if trainer.state.step < total_steps else None
+    if stopped:
+        trainer.metrics.log_event("stop", trainer.state.step, signal=stopped)
+        trainer.fire("on_stop")  # the checkpoint to resume from
+    else:
+        trainer.fire("on_end")
+    return finish(trainer, keep_engine, stopped=stopped)
 
 
 # --- setting a run up and closing it ------------------------------------------------------------------------

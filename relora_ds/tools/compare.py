@@ -65,7 +65,7 @@ from relora_ds.errors import NonFiniteError
 from relora_ds.files import atomic_write
 from relora_ds.methods import METHODS
 from relora_ds.metrics import METRICS_FILE, read_records
-from relora_ds.stop import check_finished
+from relora_ds.stop import StopSignals, check_finished
 
 RESULT_FILE = "result.json"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "compare.json", "compare.md", "compare.png"
@@ -218,7 +218,8 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
     _say(f"compare: {name}: {VARIANTS[name].description} -> {out}")
     counts, error, diverged_at = {}, None, None
     try:
-        summary = trainer.train(cfg)
+        with StopSignals(cfg.checkpoint.stop_signals) as stop:
+            summary = trainer.train(cfg, stop=stop)
     except NonFiniteError as e:
         error, diverged_at = str(e), e.step
     else:

@@ -19,10 +19,12 @@ FIELDS = {"train.total_steps": 9, "train.eval_every": 0, "checkpoint.every": 0, 
 def _scenario(rank, world_size, directory, files, ds):
     from relora_ds import trainer
     from relora_ds.engine import checkpoint
+    from relora_ds.stop import StopSignals
 
     def run(name, **more):
-        return trainer.train(tiny_run_config(directory, *files, ds, **{
-            **FIELDS, "train.output_dir": os.path.join(directory, name), **more}))
+        with StopSignals(["SIGTERM"]) as stop:  # as the commands that train do
+            return trainer.train(tiny_run_config(directory, *files, ds, **{
+                **FIELDS, "train.output_dir": os.path.join(directory, name), **more}), stop=stop)
 
     reference = run("reference")
     fire = trainer.Trainer.fire

@@ -66,7 +66,7 @@ def test_compare_reports_the_variants_and_skips_finished_ones(tmp_path, monkeypa
 
     # The same command again trains nothing (each variant has its result.json) and rewrites the same report.
     mtimes = {n: os.stat(os.path.join(out, n, compare.RESULT_FILE)).st_mtime_ns for n in rows}
-    monkeypatch.setattr(trainer, "train", lambda cfg: pytest.fail(f"trained {cfg.train.output_dir} again"))
+    monkeypatch.setattr(trainer, "train", lambda cfg, **_: pytest.fail(f"trained {cfg.train.output_dir} again"))
     assert cli.main(["compare", "--config", base, "--variants", "full,lora,relora", "--out", out]) == 0
     assert {n: os.stat(os.path.join(out, n, compare.RESULT_FILE)).st_mtime_ns for n in rows} == mtimes
     assert read_report(out) == rows
@@ -99,9 +99,9 @@ def test_one_variant_a_diverged_one_and_the_epoch_warning(tmp_path, monkeypatch,
 
     trained, real_train, real_step = [], trainer.train, train_module.train_step
 
-    def train(cfg):
+    def train(cfg, **kwargs):
         trained.append(os.path.basename(cfg.train.output_dir))
-        return real_train(cfg)
+        return real_train(cfg, **kwargs)
 
     def nan_at_step_3(engine, batches, grad_accum, **kwargs):
         if kwargs["step"] == 3 and trained[-1] == "relora":

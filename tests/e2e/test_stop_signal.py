@@ -1,7 +1,7 @@
-"""A stop signal (checkpoint.stop_signals) ends a run with a checkpoint, exit code 75 and a one-line message: the ranks
+"""A stop signal (checkpoint.stop_signals, handled by the commands that train) ends a run with a checkpoint, exit code 75 and a one-line message: the ranks
 learn of it in the next step's all-reduce, so a signal that comes after step k ends the run after step k + 1; the run resumed from that checkpoint continues exactly as if it had never stopped (one rank, fp32
-compute). A fresh run stopped before its first step writes no checkpoint. The signal handlers are the run's only
-while it trains."""
+compute). A fresh run stopped before its first step writes no checkpoint. The signal handlers are the command's only
+while it trains; trainer.train from Python handles none unless given a StopSignals."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ import pytest
 
 from relora_ds import trainer
 from relora_ds.engine import checkpoint
-from relora_ds.stop import EXIT_STOPPED
+from relora_ds.stop import EXIT_STOPPED, StopSignals
 from relora_ds.train import main
 from tests.helpers.runs import read_metrics, tiny_run_config, write_corpus, write_ds_config
 
@@ -75,7 +75,8 @@ def test_a_fresh_run_stopped_before_its_first_step_saves_nothing(tmp_path, monke
     files = write_corpus(tmp_path)
     cfg = tiny_run_config(tmp_path, *files, write_ds_config(tmp_path), **FIELDS)
     _signal_at(monkeypatch, "on_start", 0, signal.SIGTERM)
-    summary = trainer.train(cfg)
+    with StopSignals(["SIGTERM"]) as stop:
+        summary = trainer.train(cfg, stop=stop)
     assert summary["stopped"] == "SIGTERM" and summary["step"] == 0 and summary["checkpoint"] is None
     assert not os.path.isdir(os.path.join(cfg.train.output_dir, "checkpoints"))
 
@@ -105,3 +106,20 @@ def test_compare_stops_with_the_variant_and_the_same_command_continues_it(tmp_pa
     assert result["status"] == "finished" and result["steps"] == 10
     records = read_metrics(os.path.join(out, "lora"))
     assert [r["step"] for r in records if r.get("event") == "resume"] == [5]
+
+
+def test_trainer_train_from_python_leaves_the_signals_alone(tmp_path, monkeypatch):
+    """Without a StopSignals, trainer.train sets no handler: the process's own stay while it trains."""
+    files = write_corpus(tmp_path)
+    cfg = tiny_run_config(tmp_path, *files, write_ds_config(tmp_path), **{**FIELDS, "train.total_steps": 7})
+    seen, fire = [], trainer.Trainer.fire
+
+    def fire_and_look(self, name, *args):
+        fire(self, name, *args)
+        if name == "post_step":
+            seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)))
+
+    monkeypatch.setattr(trainer.Trainer, "fire", fire_and_look)
+    own = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
+    assert trainer.train(cfg)["stopped"] is None
+    assert seen == [own] * 7
