@@ -5,16 +5,17 @@ KillWait, 30 s by default), and `sbatch --signal=USR1@600` sends SIGUSR1 ten min
 that dies there loses every step since its last periodic checkpoint.
 
 While a command trains (relora_ds.train, compare, demo: they enter StopSignals and hand it to trainer.train), the
-signals of checkpoint.stop_signals only record that they came (the handler sets a flag: no I/O in a handler). The launchers (launchers/_common.sh) start their command with SIGTERM, SIGUSR1 and SIGUSR2 ignored,
-so that they outlive the step in flight and its checkpoint; a signal of those left out of the list gets its default
-action back in the training process.
+signals of checkpoint.stop_signals only record that they came (the handler sets a flag: no I/O in a handler). The
+launchers (launchers/_common.sh) start their command with SIGTERM, SIGUSR1 and SIGUSR2 ignored, so that they outlive
+the ranks' last step and checkpoint; a signal of those left out of the list gets its default action back in the
+training process.
 
 Every rank must stop before the same step, though a scheduler's signal may reach the ranks at different moments (or
 one rank only). So each step carries this rank's `received` in the all-reduce it makes anyway (the check that every
 rank's loss is finite: TrainEngine.step), and the loop stops after the step in which any rank had one, before the next
 (and once before the first step, for a signal that came while the run was set up). It then saves a checkpoint and the
-process exits with EXIT_STOPPED, which tells a job script to requeue the run (launchers/slurm.sbatch does) rather than
-treat it as finished or failed.
+process exits with EXIT_STOPPED (resumable: neither finished nor failed); rank 0 also notes the signal in the file
+$RELORA_DS_STOP_RECORD names (record_stop), from which launchers/slurm.sbatch decides to requeue the job.
 """
 
 import signal

@@ -25,9 +25,9 @@ class CheckpointConfig:
     stop_signals: list[str] = setting(
         ["SIGTERM", "SIGUSR1"],
         f"signals that end the run early, resumable: the ranks learn of one in the next step's all-reduce, stop "
-        f"after that step, save a checkpoint and exit with code {EXIT_STOPPED} (a scheduler's preemption, or its warning before the time limit: "
-        f"sbatch --signal=USR1@600; --resume continues); []: the signals' usual action. Among: "
-        f"{', '.join(STOP_SIGNALS)}")
+        f"after that step, save a checkpoint and exit with code {EXIT_STOPPED} (a scheduler's preemption, or its "
+        f"warning before the time limit: sbatch --signal=USR1@600; --resume continues); []: the signals' usual "
+        f"action. Among: {', '.join(STOP_SIGNALS)}")
 
 
 class Checkpointing(Callback):
