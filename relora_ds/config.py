@@ -259,6 +259,7 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("log.peak_tflops", lg.peak_tflops)
     at_least("checkpoint.every", ck.every, 0)
     at_least("checkpoint.keep_last", ck.keep_last, 0)
+    positive("checkpoint.every_minutes", ck.every_minutes)
     at_least("checkpoint.reference_step", ck.reference_step, 0)
     if check_names(ck.stop_signals):
         errors.append(check_names(ck.stop_signals))

@@ -203,7 +203,7 @@ def setup(cfg) -> Trainer:
     mfu_per_tokens_per_s = model_flops / peak_flops / world if model_flops and peak_flops else None
     callbacks = [StepLogging(tokens_per_step, mfu_per_tokens_per_s, lambda v: mean_over_ranks(v, engine.device)),
                  Evaluation(eval_set, cfg.train.eval_every),
-                 Checkpointing(cfg.checkpoint, out, method.reference_step()),
+                 Checkpointing(cfg.checkpoint, out, method.reference_step(), lambda v: over_ranks(v, device)),
                  *method.callbacks(),
                  LossPlot(out),
                  MemoryEvents(phases, build_peak, resumed=start.resume, over_ranks=lambda v: over_ranks(v, device))]

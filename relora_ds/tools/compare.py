@@ -93,7 +93,7 @@ COMPARE_KEYS = ("train.output_dir", *COMPARE_SETS)
 SEED_KEY = "train.seed"  # set per run by --seeds
 # Fields that do not change what a variant computes: a finished result is reused whatever they say.
 NOT_COMPARED = ("log.", "checkpoint.every", "checkpoint.keep_last", "checkpoint.stop_signals", "train.output_dir",
-                "train.resume")
+                "train.resume")  # "checkpoint.every" covers checkpoint.every_minutes too (a prefix)
 
 
 # --- configs ----------------------------------------------------------------------------------------------------

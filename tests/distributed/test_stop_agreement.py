@@ -1,7 +1,7 @@
-"""A stop signal that reaches one rank stops every rank before the same step (2 gloo ranks, ZeRO-2): both save the
-one checkpoint, return the same step and the same signal, and the run resumed from it finishes with the losses of
-the uninterrupted run. Without the agreement over ranks the other rank would take the next step alone and hang in
-its collectives."""
+"""What one rank sees, every rank acts on (2 gloo ranks, ZeRO-2). A stop signal that reaches one rank stops every rank
+after the same step: both save the one checkpoint, return the same step and the same signal, and the run resumed from
+it finishes with the losses of the uninterrupted run. checkpoint.every_minutes goes by rank 0's clock alone. Without
+the agreement the other rank would take the next step, or a save, alone and hang in its collectives."""
 
 import os
 import signal
@@ -55,3 +55,24 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_checkpoint(tmp_path):
     for r in results:
         assert r["resumed_step"] == 9
         assert r["resumed"] == pytest.approx({s: v for s, v in r["reference"].items() if s > 5}, rel=1e-6)
+
+
+def _timed(rank, world_size, directory, files, ds):
+    from relora_ds import trainer
+    from relora_ds.callbacks import checkpointing
+
+    if rank == 1:  # rank 1's clock runs an hour a reading, rank 0's at its own pace: no timed save
+        clock = iter(range(0, 10**7, 3600))
+        checkpointing.time.monotonic = lambda: next(clock)
+    summary = trainer.train(tiny_run_config(directory, *files, ds, **{
+        **FIELDS, "train.output_dir": os.path.join(directory, "timed"), "checkpoint.every_minutes": 30,
+        "checkpoint.at_switch": False}))
+    names = os.listdir(os.path.join(directory, "timed", "checkpoints"))
+    return sorted(n for n in names if n.startswith("step_")), summary["step"]
+
+
+def test_timed_checkpoints_go_by_rank_zeros_clock(tmp_path):
+    files = write_corpus(tmp_path)
+    ds = write_ds_config(tmp_path, stage=2)
+    results = run_on_ranks(_timed, world_size=2, args=(str(tmp_path), files, ds), timeout=300)
+    assert results == [(["step_00000009"], 9)] * 2  # the final one only

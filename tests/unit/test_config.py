@@ -95,8 +95,8 @@ def test_unknown_keys_suggest_the_closest_name():
     assert errors_of("train.warmup_step=5") == [
         "unknown key 'train.warmup_step' (did you mean 'schedule.warmup_steps'?)"]
     [line] = errors_of("checkpoint.zzz=1")
-    assert line == ("unknown key 'checkpoint.zzz' (valid: every, keep_last, save_final, at_switch, reference_step, "
-                    "stop_signals)")
+    assert line == ("unknown key 'checkpoint.zzz' (valid: every, every_minutes, keep_last, save_final, at_switch, "
+                    "reference_step, stop_signals)")
 
 
 def test_wrong_types():
