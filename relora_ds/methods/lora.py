@@ -15,7 +15,7 @@ from relora_ds.relora import functional, quant
 from relora_ds.relora.layer import KERNELS
 from relora_ds.relora.reset import PRUNE_METHODS
 from relora_ds.model.families import target_modules_of
-from relora_ds.relora.wrap import is_target, relora_modules, wrap, wrap_one, wrap_targets
+from relora_ds.relora.wrap import is_target, wrap, wrap_one, wrap_targets
 
 
 @dataclass
@@ -140,10 +140,7 @@ class LoRA(Method):
         r = self.cfg.relora
         wrap(model, rank=r.rank, alpha=r.alpha, target_modules=target_modules_of(model, r.target_modules),
              dropout=r.dropout, trainable_scaling=r.trainable_scaling, kernels=r.kernels, seed=self.cfg.train.seed,
-             base_dtype=r.base_dtype)
-        if r.track_drift:
-            for layer in relora_modules(model).values():
-                layer.track_merge_residual()
+             base_dtype=r.base_dtype, track_drift=r.track_drift)
 
     @property
     def stores_weight(self) -> bool:
@@ -159,16 +156,14 @@ class LoRA(Method):
         if not self.stores_weight and param_dtype == torch.float32:
             return None
         settings = dict(rank=r.rank, alpha=r.alpha, dropout=r.dropout, trainable_scaling=r.trainable_scaling,
-                        kernels=r.kernels, seed=self.cfg.train.seed, base_dtype=r.base_dtype)
+                        kernels=r.kernels, seed=self.cfg.train.seed, base_dtype=r.base_dtype,
+                        track_drift=r.track_drift)
 
         def per_module(model, name, module) -> None:
             if is_target(name, module, target_modules_of(model, r.target_modules)):
                 wrap_one(model, name, **settings)
-                layer = model.get_submodule(name)
-                for parameter in layer.parameters():
+                for parameter in model.get_submodule(name).parameters():
                     parameter.data = parameter.data.to(param_dtype)
-                if r.track_drift:
-                    layer.track_merge_residual()
                 trim_heap()  # the Linear's W, freed: glibc keeps freed heap pages resident otherwise
 
         return per_module

@@ -39,26 +39,31 @@ def wrap_targets(model: nn.Module, target_modules, rank: int) -> list[str]:
 
 
 def wrap(model: nn.Module, *, rank: int, alpha: float, target_modules, dropout: float = 0.0,
-         trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0, base_dtype: str = "auto") -> list[str]:
+         trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0, base_dtype: str = "auto",
+         track_drift: bool = False) -> list[str]:
     """Replace every nn.Linear whose name matches `target_modules` (name patterns) with a ReLoRALinear.
 
     W (and bias) become frozen; A is drawn from `restart_generator(seed, 0, name)` so every rank
     wraps identically; B is zero, so the model's output is unchanged. All other parameters keep
     their requires_grad. base_dtype other than auto: W is stored in it (layer by layer, each Linear's W released
-    as soon as it is stored). Returns the wrapped module names, in model order.
+    as soon as it is stored). track_drift: each layer gets its `merge_residual` buffer (relora.track_drift). Returns
+    the wrapped module names, in model order.
     """
     targets = wrap_targets(model, target_modules, rank)
     for name in targets:
         wrap_one(model, name, rank=rank, alpha=alpha, dropout=dropout, trainable_scaling=trainable_scaling,
-                 kernels=kernels, seed=seed, base_dtype=base_dtype)
+                 kernels=kernels, seed=seed, base_dtype=base_dtype, track_drift=track_drift)
     return targets
 
 
 def wrap_one(model: nn.Module, name: str, *, rank: int, alpha: float, dropout: float = 0.0,
-             trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0, base_dtype: str = "auto") -> None:
+             trainable_scaling: bool = False, kernels: str = "auto", seed: int = 0, base_dtype: str = "auto",
+             track_drift: bool = False) -> None:
     """Replace the nn.Linear `name` of `model` with a ReLoRALinear, as `wrap` does each of its targets."""
     module = ReLoRALinear.from_linear(model.get_submodule(name), rank, alpha, dropout, trainable_scaling, kernels,
                                       generator=functional.restart_generator(seed, 0, name), base_dtype=base_dtype)
+    if track_drift:
+        module.track_merge_residual()
     _set_submodule(model, name, module)
 
 
