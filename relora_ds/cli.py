@@ -135,17 +135,14 @@ def cmd_demo(args) -> int:
     import time
 
     from relora_ds.config import load_config
-    from relora_ds.stop import StopSignals, check_finished
-    from relora_ds.trainer import train
+    from relora_ds.trainer import train_command
 
     here = os.path.dirname(os.path.abspath(__file__))
     out = args.output_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     overrides = [f"train.output_dir={out}"] + list(args.overrides)
     cfg = load_config(os.path.join(here, "configs", "demo.yaml"), overrides)
     started = time.time()
-    with StopSignals(cfg.checkpoint.stop_signals) as stop:
-        summary = train(cfg, stop=stop)
-    check_finished(summary, cfg.train.total_steps, "the demo did not finish")
+    summary = train_command(cfg, "the demo did not finish")
     export_dir = os.path.join(out, "export")
     from relora_ds.tools.export import export
 

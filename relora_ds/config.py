@@ -261,8 +261,8 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("checkpoint.keep_last", ck.keep_last, 0)
     positive("checkpoint.every_minutes", ck.every_minutes)
     at_least("checkpoint.reference_step", ck.reference_step, 0)
-    if check_names(ck.stop_signals):
-        errors.append(check_names(ck.stop_signals))
+    if error := check_names(ck.stop_signals):
+        errors.append(error)
     if ck.reference_step is not None and ck.reference_step >= t.total_steps:
         errors.append(f"checkpoint.reference_step ({ck.reference_step}) must be < train.total_steps ({t.total_steps})")
 

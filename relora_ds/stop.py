@@ -18,10 +18,12 @@ process exits with EXIT_STOPPED (resumable: neither finished nor failed); rank 0
 $RELORA_DS_STOP_RECORD names (record_stop), from which launchers/slurm.sbatch decides to requeue the job.
 """
 
+import os
 import signal
 import threading
 
 from relora_ds.errors import RunError
+from relora_ds.files import atomic_write
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")  # checkpoint.stop_signals may name these
 LAUNCHER_IGNORED = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # what launchers/_common.sh starts its command with ignored
@@ -62,10 +64,6 @@ def record_stop(stopped: Stopped) -> None:
     A job script learns from it that the run stopped on a signal, and on which, where an exit status cannot tell it:
     torchrun reports a rank's 75 as a failure (1), and srun --kill-on-bad-exit may kill another node's launcher
     while it exits, which makes srun's status that of the kill (launchers/slurm.sbatch reads the file)."""
-    import os
-
-    from relora_ds.files import atomic_write
-
     path = os.environ.get(STOP_RECORD)
     if path:
         atomic_write(path, f"{stopped.signal_name} {stopped}\n")
@@ -76,8 +74,8 @@ class StopSignals:
     none) instead of their usual action. The previous handlers come back on exit."""
 
     def __init__(self, names: list[str]):
-        if check_names(names):
-            raise RunError(check_names(names))
+        if error := check_names(names):
+            raise RunError(error)
         self.signals = [signal.Signals[n] for n in dict.fromkeys(names)]
         self.received = 0
         self._previous: dict = {}

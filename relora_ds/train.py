@@ -48,11 +48,8 @@ def run_train(args) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args)
     from relora_ds import trainer
-    from relora_ds.stop import StopSignals, check_finished
 
-    with StopSignals(cfg.checkpoint.stop_signals) as stop:  # a scheduler's signal ends the run at a checkpoint
-        summary = trainer.train(cfg, stop=stop)
-    check_finished(summary, cfg.train.total_steps, "run the same command with --resume to continue")
+    trainer.train_command(cfg, "run the same command with --resume to continue")
     return 0
 
 

@@ -30,7 +30,7 @@ from relora_ds.memory import PhaseMemory, fix_heap_threshold, returns_freed_host
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import CHECKPOINTING, describe, enable_activation_checkpointing, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
-from relora_ds.stop import StopSignals, signal_name
+from relora_ds.stop import StopSignals, check_finished, signal_name
 
 
 RESUME_CHOICES = (False, True, "auto")  # train.resume
@@ -132,6 +132,16 @@ def train(cfg, *, keep_engine: bool = False, stop: StopSignals | None = None) ->
     else:
         trainer.fire("on_end")
     return finish(trainer, keep_engine, stopped=stopped)
+
+
+def train_command(cfg, then: str) -> dict:
+    """`train` as the commands that train run it (relora_ds.train, compare, demo): the signals of
+    checkpoint.stop_signals end the run at a checkpoint, which then raises stop.Stopped (one line, exit code 75;
+    `then`: how to go on). Returns the summary of a run that was not stopped."""
+    with StopSignals(cfg.checkpoint.stop_signals) as stop:
+        summary = train(cfg, stop=stop)
+    check_finished(summary, cfg.train.total_steps, then)
+    return summary
 
 
 # --- setting a run up and closing it ------------------------------------------------------------------------

@@ -65,7 +65,6 @@ from relora_ds.errors import NonFiniteError
 from relora_ds.files import atomic_write
 from relora_ds.methods import METHODS
 from relora_ds.metrics import METRICS_FILE, read_records
-from relora_ds.stop import StopSignals, check_finished
 
 RESULT_FILE = "result.json"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "compare.json", "compare.md", "compare.png"
@@ -217,14 +216,11 @@ def run_variant(name: str, cfg: RunConfig, overrides: dict) -> dict:
         return done
     _say(f"compare: {name}: {VARIANTS[name].description} -> {out}")
     counts, error, diverged_at = {}, None, None
-    try:
-        with StopSignals(cfg.checkpoint.stop_signals) as stop:
-            summary = trainer.train(cfg, stop=stop)
+    try:  # a stop signal raises stop.Stopped: no result, so the next `compare` continues this variant
+        summary = trainer.train_command(cfg, f"variant {name} of compare; run the same command again to continue")
     except NonFiniteError as e:
         error, diverged_at = str(e), e.step
     else:
-        check_finished(summary, cfg.train.total_steps,  # no result: the next `compare` continues this variant
-                       f"variant {name} of compare; run the same command again to continue")
         counts = {k: summary[k] for k in ("total_params", "trainable_params", "optimizer_state_bytes")}
     gc.collect()  # a diverged run's engine was never destroyed: drop it before the next variant builds its own
     release_memory()
