@@ -153,7 +153,8 @@ def launch_and_stop(args, ranks: int, config_path: str, log_path: str, metrics_p
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    stop = [r for r in map(json.loads, open(metrics_path)) if r.get("event") == "stop"]
+    with open(metrics_path) as f:
+        stop = [r for r in map(json.loads, f) if r.get("event") == "stop"]
     if not stop:
         raise SystemExit(f"the run did not stop on SIG{args.stop_signal} (exit {status}); see {log_path}")
     return {"signal": stop[-1]["signal"], "step": stop[-1]["step"], "logged_step": logged, "exit_status": status,
@@ -266,14 +267,12 @@ def one_world(args, ranks: int, vocab_size: int) -> dict:
     import yaml
 
     config_path = os.path.join(directory, "run.yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump(run_config(args, directory, first_steps, ds_path, corpus), f)
+    with open(config_path, "w") as f:  # with --stop-signal a run meant to go on, ended by the signal after first_steps
+        yaml.safe_dump(run_config(args, directory, first_steps + (1000 if args.stop_signal else 0), ds_path, corpus), f)
     run_dir = os.path.join(directory, "run")
     started = time.time()
     stop = None
-    if args.stop_signal:  # a run meant to go on, ended by the signal after first_steps
-        with open(config_path, "w") as f:
-            yaml.safe_dump(run_config(args, directory, first_steps + 1000, ds_path, corpus), f)
+    if args.stop_signal:
         stop = launch_and_stop(args, ranks, config_path, os.path.join(directory, "run1.log"),
                                os.path.join(run_dir, "metrics.jsonl"), first_steps)
         first_steps, first_seconds = stop["step"], stop["run_seconds"]
