@@ -23,6 +23,7 @@ import yaml
 
 from relora_ds.callbacks.checkpointing import CheckpointConfig
 from relora_ds.data import DataConfig
+from relora_ds.data.mixture import mixture_errors
 from relora_ds.methods import METHODS
 from relora_ds.metrics import LogConfig
 from relora_ds.model.build import ModelConfig
@@ -250,6 +251,7 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("data.seq_len", d.seq_len, 8)
     at_least("data.num_workers", d.num_workers, 0)
     at_least("data.prefetch_batches", d.prefetch_batches, 1)
+    errors += mixture_errors(d)
     at_least("train.total_steps", t.total_steps, 1)
     at_least("train.seed", t.seed, 0)
     at_least("train.eval_every", t.eval_every, 0)
@@ -339,6 +341,12 @@ def _parse_override_value(text: str, annotation):
     return value
 
 
+def _union_members(annotation) -> tuple:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def _base_types(annotation) -> tuple:
     """(int,) for int, (str, NoneType) for str | None, (list,) for list[str]."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -388,9 +396,10 @@ def _convert(value, annotation, name: str):
         return float(value), None
     if str in allowed:
         return (value, None) if isinstance(value, str) else (None, expected)
-    if list in allowed:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value), None
+    if list in allowed:  # list[str], or list[dict] whose entries their owner checks (data.mixture)
+        item = next(typing.get_args(a)[0] for a in _union_members(annotation) if typing.get_origin(a) is list)
+        if isinstance(value, list) and all(isinstance(v, item) for v in value):
+            return copy.deepcopy(value), None
         return None, expected
     raise TypeError(f"{name}: unsupported annotation {annotation!r}")  # a bug in this file, not user input
 

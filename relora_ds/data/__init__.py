@@ -6,6 +6,7 @@
     pretokenize.py  tokenize + pack to disk (tokens-NNNNN.bin shards + manifest.json), --num-proc; check_manifest
     stream.py       sharded streams: the rule splitting a source across ranks/workers; one reader's packed batches
     workers.py      one rank's stream: its readers in turn, in-process or in DataLoader worker processes
+    mixture.py      data.mixture: weighted blends of packed datasets, row by row, resumable
     loader.py       PackedDataset, StreamingPackedDataset, DistributedBatches, eval_batches, iterate_tokens
     sample/         the shipped SOTU corpus (CC0) and its 8k byte-level BPE tokenizer
 """
@@ -26,6 +27,9 @@ class DataError(ValueError):
 @dataclass
 class DataConfig:
     source: str = setting("sotu", "'sotu' (shipped corpus), local file/dir/glob, hub name or pretokenized dir")
+    mixture: list[dict] = setting([], "several sources blended by weight, instead of data.source: a list of "
+                                      "{source, weight} (each may also set format, text_column, split, hub_config, "
+                                      "validation_source, validation_split; weights are normalized; docs/data.md)")
     format: str = setting("auto", "how to read the source", DATA_FORMATS)
     text_column: str = setting("text", "column holding the text")
     hub_config: str | None = setting(None, "datasets hub config name (e.g. 'en')")

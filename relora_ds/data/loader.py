@@ -15,6 +15,9 @@ rank r holds positions [(i*world + r)*mb, +mb) of that permutation; the tail tha
 global micro-batch (world*mb sequences) is skipped in that epoch. The position is two integers, so a
 resume continues on unseen data in O(1), without reading the batches before it.
 
+A mixture (data.mixture, mixture.py) blends packed datasets row by row by weight; its position is the global row
+count and each source's, also O(1) on resume.
+
 Streaming sources (data.streaming) have no random access. They are split across ranks (and data workers) by
 the one rule of stream.py: N = world_size x max(1, data.num_workers) readers, reader k taking the shards (files,
 hub shards) k, k+N, ... when their count is a multiple of N, else the records k, k+N, ...; each reader tokenizes
@@ -30,6 +33,7 @@ number of readers N (e.g. half the ranks with twice the data.num_workers: every 
 exactly, only which rank runs it changes); any other change is refused with a one-line DataError naming the rule.
 """
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -39,12 +43,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from relora_ds.data import DataError
+from relora_ds.data import DataError, mixture
 from relora_ds.data.pretokenize import MANIFEST_FILE, check_manifest, read_manifest, write_packed
 from relora_ds.data.sources import Source, file_format, resolve_source
 from relora_ds.data.stream import ShareBatches
 from relora_ds.data.tokenize import load_tokenizer, vocab_hash
 from relora_ds.data.workers import RankStream
+from relora_ds.dist import is_rank_zero
 
 
 class PackedDataset:
@@ -103,6 +108,10 @@ class PackedDataset:
         """LongTensor[len(indices), seq_len] of the given sequences."""
         return torch.from_numpy(self._rows(indices))
 
+    def head(self, count: int) -> torch.Tensor:
+        """The first `count` sequences in file order (fewer if there are fewer)."""
+        return self.get_batch(np.arange(min(count, len(self))))
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": [None] * len(self.shards)}
 
@@ -125,6 +134,11 @@ class StreamingPackedDataset:
                 return
             count += 1
             yield batch[0].tolist()
+
+    def head(self, count: int) -> torch.Tensor:
+        """The first `count` windows of the stream (fewer if there are fewer)."""
+        rows = list(self.windows(count))
+        return torch.tensor(rows, dtype=torch.long) if rows else torch.empty(0, self.seq_len, dtype=torch.long)
 
     def __repr__(self) -> str:
         return f"StreamingPackedDataset({self.name!r}, seq_len={self.seq_len})"
@@ -180,7 +194,12 @@ def dataset_from_config(data_cfg, tokenizer, *, split: str = "train", cache_dir:
     validation: data.validation_source if set (read with data.validation_split or 'validation'); else the
     'sotu' validation split; else, for a hub source with data.validation_split, that split; else, for a
     local directory, its files named validation*; else None.
+
+    data.mixture: a MixedDataset of its entries' datasets by the same rules; its held-out set is
+    data.validation_source if set, else the blend of the entries' held-out sets when every entry has one.
     """
+    if data_cfg.mixture:
+        return _mixture_from_config(data_cfg, tokenizer, split=split, cache_dir=cache_dir)
     common = dict(tokenizer=tokenizer, seq_len=data_cfg.seq_len, text_column=data_cfg.text_column,
                   hub_config=data_cfg.hub_config, streaming=data_cfg.streaming, cache_dir=cache_dir,
                   skip_bad_records=getattr(data_cfg, "skip_bad_records", False))
@@ -205,12 +224,29 @@ def dataset_from_config(data_cfg, tokenizer, *, split: str = "train", cache_dir:
     return None
 
 
+def _mixture_from_config(data_cfg, tokenizer, *, split: str, cache_dir: str | None):
+    if split == "validation" and data_cfg.validation_source:  # one held-out source for the whole blend
+        return dataset_from_config(dataclasses.replace(data_cfg, mixture=[]), tokenizer, split=split,
+                                   cache_dir=cache_dir)
+    entries = mixture.component_configs(data_cfg)
+    datasets = [dataset_from_config(entry, tokenizer, split=split, cache_dir=cache_dir) for entry, _ in entries]
+    names = [entry.source for entry, _ in entries]
+    missing = [name for name, ds in zip(names, datasets) if ds is None]
+    if missing:  # validation only: the training sets exist or raised
+        if is_rank_zero():
+            print(f"warning: data.mixture: no held-out set for {', '.join(missing)} (set data.validation_source, "
+                  f"or the entry's validation_source); no evaluation", flush=True)
+        return None
+    return mixture.MixedDataset(datasets, [weight for _, weight in entries], names)
+
+
 # --- batches -------------------------------------------------------------------------------------------------
 
 class DistributedBatches:
     """This rank's micro-batches; endless (wraps into new epochs / passes); resumable in O(1).
 
     Map-style data (PackedDataset): a seeded per-epoch permutation, read in place (the module docstring).
+    A mixture (MixedDataset): each global row from the component the blend picks (mixture.py).
     A stream (StreamingPackedDataset): this rank's readers, in this process or in `num_workers` worker processes
     with `prefetch_batches` prepared ahead (stream.py, workers.py). Call close() to stop the workers (also done
     when the object is collected and when the process exits).
@@ -223,6 +259,9 @@ class DistributedBatches:
         "per_rank", "turn", "source", "tokenizer", "seq_len", "shares": {reader index: reader state or null}}:
         `turn` is which of a rank's readers serves its next batch; a reader state is stream.py's
         {"epoch", "position", "buffer", "bad_records"}
+      mixture (a MixedDataset, mixture.py): {"kind": "mixture", "micro_step", "tokens_seen", "seed", "position",
+        "weights", "phase": {"position", "rows"}, "components": [{"source", "num_sequences", "rows"}]}: `position`
+        counts the global rows taken, `rows` each component's
     `tokens_seen` counts all ranks' tokens.
     """
 
@@ -238,6 +277,13 @@ class DistributedBatches:
         self.position = 0
         self._perm_epoch, self._perm = None, None
         self._stream = None
+        self._mixture = None
+        if isinstance(dataset, mixture.MixedDataset):
+            if start_step:
+                raise ValueError("start_step is not supported for a mixture; use load_state_dict")
+            self._mixture = mixture.MixtureOrder(dataset, seed=seed, micro_batch_size=micro_batch_size, rank=rank,
+                                                 world_size=world_size)
+            return
         if self.streaming:
             if start_step:
                 raise ValueError("start_step is not supported for a streaming dataset; use load_state_dict")
@@ -261,7 +307,10 @@ class DistributedBatches:
         return self
 
     def __next__(self) -> dict:
-        ids = next(self._stream) if self.streaming else self._next_indexed()
+        if self._mixture is not None:
+            ids = self._mixture.next_batch()
+        else:
+            ids = next(self._stream) if self.streaming else self._next_indexed()
         self.micro_step += 1
         self.tokens_seen += self.global_batch * self.dataset.seq_len
         return {"input_ids": ids, "labels": ids.clone()}
@@ -289,7 +338,14 @@ class DistributedBatches:
 
     # --- state ---------------------------------------------------------------------------------------------
 
+    @property
+    def kind(self) -> str:
+        return "stream" if self.streaming else "mixture" if self._mixture is not None else "indexed"
+
     def state_dict(self) -> dict:
+        if self._mixture is not None:
+            return {"kind": "mixture", "micro_step": self.micro_step, "tokens_seen": self.tokens_seen,
+                    "seed": self.seed, **self._mixture.state_dict()}
         if not self.streaming:
             return {"kind": "indexed", "micro_step": self.micro_step, "epoch": self.epoch,
                     "position": self.position, "tokens_seen": self.tokens_seen, "seed": self.seed,
@@ -316,11 +372,13 @@ class DistributedBatches:
         """Continue where `state` left off, in O(1). An empty dict is a no-op (fresh start)."""
         if not state:
             return
-        kind = "stream" if self.streaming else "indexed"
+        kind = self.kind
         if state.get("kind", kind) != kind:
-            raise DataError(f"data.streaming: the checkpoint's data position is of kind {state['kind']!r} but "
-                            f"this run's dataset is {kind!r}")
-        if self.streaming:
+            raise DataError(f"data: the checkpoint's data position is of kind {state['kind']!r} but this run's "
+                            f"dataset is {kind!r} (data.streaming and data.mixture must stay as they were)")
+        if self._mixture is not None:
+            self._mixture.load_state_dict(state)
+        elif self.streaming:
             self._load_stream_state(state)
         else:
             if state["num_sequences"] != len(self.dataset):
@@ -386,13 +444,7 @@ def eval_batches(dataset, *, micro_batch_size: int, max_batches: int, rank: int,
     if max_batches < 1:
         return []
     per_rank = max(1, max_batches // world_size)
-    needed = per_rank * world_size * micro_batch_size
-    if isinstance(dataset, StreamingPackedDataset):
-        rows = list(dataset.windows(needed))
-        tokens = torch.tensor(rows, dtype=torch.long) if rows else torch.empty(0, dataset.seq_len, dtype=torch.long)
-    else:
-        have = (len(dataset) // (world_size * micro_batch_size)) * world_size * micro_batch_size
-        tokens = dataset.get_batch(np.arange(min(needed, have)))
+    tokens = dataset.head(per_rank * world_size * micro_batch_size)
     available = tokens.shape[0] // (world_size * micro_batch_size)
     if available == 0:
         raise DataError(f"validation data: {tokens.shape[0]} packed sequences are fewer than one micro-batch per "

@@ -1,6 +1,7 @@
 """pretokenize.py + loader.py: the packed dataset on disk, the manifest check, the in-process cache,
 rank sharding, O(1) resume, epochs, streaming, eval batches, config roles."""
 
+import dataclasses
 import json
 import os
 import random
@@ -9,7 +10,7 @@ import types
 import pytest
 import torch
 
-from relora_ds.data import DataError, loader, pretokenize as pt, sources
+from relora_ds.data import DataConfig, DataError, loader, pretokenize as pt, sources
 from relora_ds.data.packing import pack_documents
 from relora_ds.data.tokenize import encode_batch, load_tokenizer, train_tokenizer
 
@@ -36,9 +37,7 @@ def _expected_windows(tok, texts, seq_len=SEQ):
 
 
 def _cfg(**kw):
-    base = dict(source="sotu", format="auto", text_column="text", hub_config=None, split="train", streaming=False,
-                validation_source=None, validation_split=None, tokenizer=None, seq_len=SEQ, num_workers=0)
-    return types.SimpleNamespace(**{**base, **kw})
+    return dataclasses.replace(DataConfig(), seq_len=SEQ, **kw)
 
 
 def test_pretokenize_writes_the_packed_tokens_and_a_manifest(tmp_path, corpus, tok):
@@ -188,7 +187,8 @@ def test_eval_batches_are_fixed_split_across_ranks_and_equal_in_count(tmp_path, 
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, shares[1]))
     capped = loader.eval_batches(ds, micro_batch_size=4, max_batches=1000, rank=0, world_size=1)
     assert len(capped) == len(ds) // 4
-    with pytest.raises(DataError, match=r"validation data: 0 packed sequences are fewer than one micro-batch per rank"):
+    with pytest.raises(DataError, match=rf"validation data: {len(ds)} packed sequences are fewer than one micro-batch "
+                                        r"per rank"):
         loader.eval_batches(ds, micro_batch_size=len(ds), max_batches=2, rank=0, world_size=2)
     streamed = loader.eval_batches(loader.build_dataset(corpus[0], tokenizer=tok, seq_len=SEQ, streaming=True),
                                    micro_batch_size=2, max_batches=5, rank=1, world_size=2)

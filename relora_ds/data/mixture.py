@@ -1,0 +1,202 @@
+"""Weighted mixtures of packed datasets (data.mixture): which source each training row comes from, resumable in O(1).
+
+    data:
+      mixture:
+        - {source: /data/web-packed, weight: 0.7}
+        - {source: /data/code, weight: 0.3, text_column: content}
+
+Each entry is a source read by the rules of data.source, with data.*'s format, text_column, split, hub_config,
+validation_source and validation_split unless the entry sets its own (`component_configs`). Weights are normalized;
+a weight may be 0 (a source dropped in a later phase of the run).
+
+The blend: the global rows of the run are numbered in the order the ranks take them (micro-step i, rank r, slot j:
+g = (i·world + r)·mb + j). Row g goes to the component whose share falls furthest behind its weight,
+w_d·(g − g₀ + 1) − (c_d − c₀_d), ties to the lower index (the greedy rule of Megatron-LM's blended datasets). Every
+prefix of the run then holds each component within one row of its weight; g₀ and c₀ are where the current weights
+took effect (0 for a fresh run). Component d's k-th row is position k mod n_d of the permutation
+numpy.random.default_rng([seed, d, k // n_d]).permutation(n_d): each component has epochs of its own.
+
+The position is (g, each component's row count, the phase's g₀ and c₀), so a resume continues in O(1) on any world
+size. A resume may change the weights (a new phase starts where it resumes, e.g. an annealing mix); the sources, in
+order, must stay the same.
+
+The held-out blend (`MixedDataset.head`) takes each component's held-out rows in file order by the same rule from 0.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from relora_ds.data import DATA_FORMATS, DataError
+
+# What an entry may set besides source and weight: data.* fields, each defaulting to data.*'s value.
+ENTRY_FIELDS = ("format", "text_column", "split", "hub_config", "validation_source", "validation_split")
+ENTRY_KEYS = ("source", "weight", *ENTRY_FIELDS)
+
+
+def mixture_errors(data_cfg) -> list[str]:
+    """Every problem with data.mixture, one line each (config.validate)."""
+    mixture = data_cfg.mixture
+    if not mixture:
+        return []
+    errors = []
+    if data_cfg.source != "sotu":
+        errors.append(f"data.source {data_cfg.source!r} and data.mixture: set one of them (a mixture names its "
+                      f"sources in its entries)")
+    if data_cfg.streaming:
+        errors.append("data.mixture: a mixture is read map-style (packed into the run's cache, or pretokenized); "
+                      "set data.streaming false")
+    weights = []
+    for i, entry in enumerate(mixture):
+        where = f"data.mixture[{i}]"  # each entry is a mapping (config's type check)
+        unknown = sorted(set(entry) - set(ENTRY_KEYS))
+        if unknown:
+            errors.append(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(ENTRY_KEYS)})")
+        source = entry.get("source")
+        if not isinstance(source, str) or not source.strip():
+            errors.append(f"{where}.source: expected a non-empty string, got {source!r}")
+        weight = entry.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            errors.append(f"{where}.weight: expected a finite number >= 0, got {weight!r}")
+        else:
+            weights.append(weight)
+        for key in ENTRY_FIELDS:
+            value = entry.get(key)
+            if key in entry and value is not None and not isinstance(value, str):
+                errors.append(f"{where}.{key}: expected a string, got {value!r}")
+        if isinstance(entry.get("format"), str) and entry["format"] not in DATA_FORMATS:
+            errors.append(f"{where}.format: must be one of {', '.join(DATA_FORMATS)}, got {entry['format']!r}")
+    if len(weights) == len(mixture) and not sum(weights) > 0:
+        errors.append(f"data.mixture: the weights must not all be 0, got {weights}")
+    return errors
+
+
+def component_configs(data_cfg) -> list[tuple[object, float]]:
+    """(a data config that reads the entry as data.source, its weight) for each entry of data.mixture."""
+    out = []
+    for entry in data_cfg.mixture:
+        fields = {key: entry[key] for key in ENTRY_FIELDS if key in entry}
+        out.append((dataclasses.replace(data_cfg, source=entry["source"], mixture=[], **fields),
+                    float(entry["weight"])))
+    return out
+
+
+def normalized(weights) -> list[float]:
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+def assign(weights: list[float], rows: list[int], phase_start: int, phase_rows: list[int], start: int,
+           count: int) -> list[tuple[int, int]]:
+    """(component, that component's row number) for global rows start .. start + count - 1, by the greedy rule
+    (module docstring); `rows` (each component's rows before `start`) is advanced in place."""
+    picks = []
+    components = range(len(weights))
+    for g in range(start, start + count):
+        t = g - phase_start + 1
+        d = max(components, key=lambda i: weights[i] * t - (rows[i] - phase_rows[i]))  # first maximum: lowest index
+        picks.append((d, rows[d]))
+        rows[d] += 1
+    return picks
+
+
+class MixedDataset:
+    """Packed datasets (loader.PackedDataset) with weights: the training blend's components, or a held-out blend."""
+
+    def __init__(self, components: list, weights: list[float], names: list[str]):
+        if len({c.seq_len for c in components}) != 1:
+            raise DataError(f"data.mixture: the sources have different seq_len ({[c.seq_len for c in components]})")
+        self.components, self.names = components, names
+        self.weights = normalized(weights)
+        self.seq_len = components[0].seq_len
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.components)
+
+    def describe(self) -> list[dict]:
+        return [{"source": name, "weight": w, "num_tokens": c.num_tokens}
+                for name, w, c in zip(self.names, self.weights, self.components)]
+
+    def head(self, count: int) -> torch.Tensor:
+        """The first `count` rows of the blend, each component's in file order; fewer when a component runs out."""
+        rows = [0] * len(self.components)
+        picks = assign(self.weights, rows, 0, [0] * len(rows), 0, count)
+        taken = next((g for g, (d, k) in enumerate(picks) if k >= len(self.components[d])), len(picks))
+        return read_rows(self.components, picks[:taken], self.seq_len, lambda d, k: k)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n!r}: {w:.3g}" for n, w in zip(self.names, self.weights))
+        return f"MixedDataset({{{parts}}}, seq_len={self.seq_len})"
+
+
+def read_rows(components: list, picks: list[tuple[int, int]], seq_len: int, position) -> torch.Tensor:
+    """LongTensor[len(picks), seq_len]: row `position(d, k)` of component d for each (d, k), in the picks' order."""
+    out = torch.empty(len(picks), seq_len, dtype=torch.long)
+    for d in sorted({d for d, _ in picks}):
+        slots = [i for i, (c, _) in enumerate(picks) if c == d]
+        positions = np.array([position(d, picks[i][1]) for i in slots], dtype=np.int64)
+        order = np.argsort(positions, kind="stable")  # sorted reads
+        out[torch.as_tensor(np.asarray(slots)[order])] = components[d].get_batch(positions[order])
+    return out
+
+
+class MixtureOrder:
+    """The training blend's position and this rank's micro-batches (DistributedBatches with a MixedDataset)."""
+
+    def __init__(self, dataset: MixedDataset, *, seed: int, micro_batch_size: int, rank: int, world_size: int):
+        self.dataset, self.seed, self.mb, self.rank, self.world = dataset, seed, micro_batch_size, rank, world_size
+        k = len(dataset.components)
+        self.position, self.rows = 0, [0] * k  # global rows taken, and of each component
+        self.phase_start, self.phase_rows = 0, [0] * k  # where the current weights took effect
+        self.weights = dataset.weights
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # component -> (epoch, its permutation)
+
+    def next_batch(self) -> torch.Tensor:
+        picks = assign(self.weights, self.rows, self.phase_start, self.phase_rows, self.position,
+                       self.world * self.mb)
+        self.position += self.world * self.mb
+        mine = picks[self.rank * self.mb:(self.rank + 1) * self.mb]
+        return read_rows(self.dataset.components, mine, self.dataset.seq_len, self._position)
+
+    def _position(self, d: int, k: int) -> int:
+        n = len(self.dataset.components[d])
+        epoch = k // n
+        if self._perms.get(d, (None,))[0] != epoch:
+            self._perms[d] = (epoch, np.random.default_rng([self.seed, d, epoch]).permutation(n))
+        return int(self._perms[d][1][k % n])
+
+    def state_dict(self) -> dict:
+        ds = self.dataset
+        return {"position": self.position, "weights": self.weights,
+                "phase": {"position": self.phase_start, "rows": list(self.phase_rows)},
+                "components": [{"source": name, "num_sequences": len(c), "rows": rows}
+                               for name, c, rows in zip(ds.names, ds.components, self.rows)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        ds = self.dataset
+        saved = state["components"]
+        if [c["source"] for c in saved] != ds.names:
+            raise DataError(f"data.mixture: the checkpoint's data position is for the sources "
+                            f"{[c['source'] for c in saved]} and this run has {ds.names}; a resume may change the "
+                            f"weights, not the sources or their order")
+        for c, component in zip(saved, ds.components):
+            if c["num_sequences"] != len(component):
+                raise DataError(f"data.mixture: the checkpoint's data position is for {c['num_sequences']} packed "
+                                f"sequences of {c['source']!r} but it now has {len(component)} (the source, "
+                                f"data.seq_len or data.tokenizer changed)")
+        self.position, self.rows = int(state["position"]), [int(c["rows"]) for c in saved]
+        if np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
+            self.phase_start, self.phase_rows = int(state["phase"]["position"]), list(state["phase"]["rows"])
+        else:  # new weights from here on
+            self.phase_start, self.phase_rows = self.position, list(self.rows)
+            if self.rank == 0:
+                print(f"data.mixture: the weights change from {_show(state['weights'])} to {_show(self.weights)} "
+                      f"at row {self.position} of the run", flush=True)
+        self._perms = {}
+
+
+def _show(weights) -> str:
+    return "[" + ", ".join(f"{w:.4g}" for w in weights) + "]"

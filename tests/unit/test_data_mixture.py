@@ -1,0 +1,203 @@
+"""mixture.py + loader.py: data.mixture blends packed datasets row by row by weight; every prefix of the run holds
+each source within a row of its weight, each source has epochs of its own, the ranks split the same global rows,
+a resume continues in O(1) on any world size, new weights start a new phase, and bad input is one line."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from relora_ds.config import ConfigError, load_config, validate
+from relora_ds.data import DataConfig, DataError, loader, mixture
+
+SEQ = 4
+
+
+class Rows:
+    """A packed dataset whose row i of component c is [c·10⁴ + i] * SEQ, so every row read names itself."""
+
+    def __init__(self, component: int, n: int):
+        self.component, self.n, self.seq_len = component, n, SEQ
+
+    def __len__(self):
+        return self.n
+
+    @property
+    def num_tokens(self):
+        return self.n * SEQ
+
+    def get_batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        assert len(idx) == 0 or int(idx.max()) < self.n
+        return (self.component * 10_000 + idx).unsqueeze(1).repeat(1, SEQ)
+
+
+def _blend(sizes=(50, 7, 30), weights=(5, 1, 2)):
+    return mixture.MixedDataset([Rows(c, n) for c, n in enumerate(sizes)], list(weights),
+                                [f"src{c}" for c in range(len(sizes))])
+
+
+def _batches(ds, *, mb=3, rank=0, world=1, seed=7):
+    return loader.DistributedBatches(ds, micro_batch_size=mb, rank=rank, world_size=world, seed=seed)
+
+
+def _take(batches, steps) -> list[int]:
+    return [int(row[0]) for _ in range(steps) for row in next(batches)["input_ids"]]
+
+
+def test_every_prefix_holds_each_source_within_a_row_of_its_weight():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        weights = mixture.normalized(list(rng.uniform(0, 1, size=int(rng.integers(1, 6)))))
+        rows = [0] * len(weights)
+        picks = mixture.assign(weights, rows, 0, [0] * len(weights), 0, 500)
+        counts = np.zeros(len(weights))
+        for g, (d, k) in enumerate(picks):
+            assert k == counts[d]  # the component's own row count
+            counts[d] += 1
+            assert np.all(np.abs(counts - np.array(weights) * (g + 1)) < 1.0 + 1e-9)
+        assert rows == counts.tolist()
+    assert [d for d, _ in mixture.assign([0.5, 0.5], [0, 0], 0, [0, 0], 0, 4)] == [0, 1, 0, 1]  # ties: lower first
+    assert {d for d, _ in mixture.assign([0.0, 1.0], [0, 0], 0, [0, 0], 0, 50)} == {1}  # weight 0: never
+
+
+def test_each_source_has_epochs_of_its_own_each_a_permutation():
+    batches = _batches(_blend(), mb=4)
+    seen = _take(batches, 70)  # 280 rows: 175, 35, 70 by weight
+    for component, n in enumerate((50, 7, 30)):
+        mine = [r - component * 10_000 for r in seen if r // 10_000 == component]
+        assert len(mine) == round(280 * (5, 1, 2)[component] / 8)
+        for epoch in range(len(mine) // n):
+            chunk = mine[epoch * n:(epoch + 1) * n]
+            assert sorted(chunk) == list(range(n))
+        assert mine[:n] != mine[n:2 * n]  # a new permutation each epoch
+    again = _take(_batches(_blend(), mb=4), 70)
+    assert again == seen
+    assert _take(_batches(_blend(), mb=4, seed=8), 70) != seen
+
+
+def test_the_ranks_split_the_global_rows_of_one_rank():
+    one = _take(_batches(_blend(), mb=6), 10)
+    ranks = [_batches(_blend(), mb=2, rank=r, world=3) for r in range(3)]
+    split = [row for _ in range(10) for r in ranks for row in _take(r, 1)]
+    assert split == one
+
+
+def test_a_resume_continues_exactly_on_any_world_size():
+    reference = _take(_batches(_blend(), mb=4), 12)
+    first = _batches(_blend(), mb=2, rank=0, world=2)
+    other = _batches(_blend(), mb=2, rank=1, world=2)
+    head = [row for _ in range(5) for b in (first, other) for row in _take(b, 1)]
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    assert state == other.state_dict() and state["kind"] == "mixture" and state["position"] == 20
+    assert state["tokens_seen"] == 20 * SEQ and state["micro_step"] == 5
+    resumed = _batches(_blend(), mb=4)  # one rank now, the same global rows per step
+    resumed.load_state_dict(state)
+    assert head + _take(resumed, 7) == reference
+
+
+def test_new_weights_on_resume_start_a_new_phase(capsys):
+    batches = _batches(_blend(weights=(1, 1, 0)), mb=5)
+    _take(batches, 4)
+    state = batches.state_dict()
+    resumed = _batches(_blend(weights=(0, 1, 3)), mb=5)
+    resumed.load_state_dict(state)
+    assert "data.mixture: the weights change from [0.5, 0.5, 0] to [0, 0.25, 0.75] at row 20" in capsys.readouterr().out
+    after = [r // 10_000 for r in _take(resumed, 8)]
+    assert after.count(0) == 0 and after.count(1) == 10 and after.count(2) == 30
+    later = resumed.state_dict()
+    assert later["phase"] == {"position": 20, "rows": [10, 10, 0]}
+    again = _batches(_blend(weights=(0, 1, 3)), mb=5)
+    again.load_state_dict(later)  # the same weights: the phase carries on
+    assert capsys.readouterr().out == "" and again.state_dict()["phase"] == later["phase"]
+
+
+def test_a_resume_refuses_other_sources_sizes_or_kinds():
+    state = _batches(_blend()).state_dict()
+    renamed = _blend()
+    renamed.names = ["src0", "other", "src2"]
+    with pytest.raises(DataError, match=r"data.mixture: the checkpoint's data position is for the sources \['src0', "
+                                        r"'src1', 'src2'\] and this run has \['src0', 'other', 'src2'\]; a resume "
+                                        r"may change the weights, not the sources or their order"):
+        _batches(renamed).load_state_dict(state)
+    with pytest.raises(DataError, match=r"is for 7 packed sequences of 'src1' but it now has 8"):
+        _batches(_blend(sizes=(50, 8, 30))).load_state_dict(state)
+    with pytest.raises(DataError, match=r"data: the checkpoint's data position is of kind 'mixture' but this run's "
+                                        r"dataset is 'indexed' \(data.streaming and data.mixture must stay"):
+        _batches(Rows(0, 50)).load_state_dict(state)
+    with pytest.raises(DataError, match=r"of kind 'indexed' but this run's dataset is 'mixture'"):
+        _batches(_blend()).load_state_dict(_batches(Rows(0, 50)).state_dict())
+
+
+def test_held_out_blend_takes_each_source_in_file_order_until_one_runs_out():
+    ds = _blend(sizes=(9, 4, 40), weights=(1, 1, 2))
+    rows = [int(r[0]) for r in ds.head(100)]
+    assert [r // 10_000 for r in rows[:8]] == [2, 0, 1, 2, 2, 0, 1, 2]
+    for component in range(3):
+        assert [r % 10_000 for r in rows if r // 10_000 == component] == list(range(len(
+            [r for r in rows if r // 10_000 == component])))
+    assert len(rows) == 18 and rows.count(10_003) == 1  # the 19th row would be source 1's fifth of four
+    batches = loader.eval_batches(ds, micro_batch_size=2, max_batches=10, rank=1, world_size=2)
+    assert [int(b["input_ids"][0, 0]) for b in batches] == [rows[2], rows[6], rows[10], rows[14]]
+
+
+def test_config_builds_the_blend_and_its_held_out_sets(tmp_path, capsys):
+    from relora_ds.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(None)
+    for name, column in (("a", "text"), ("b", "content")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for split, n in (("train", 30), ("validation", 6)):
+            lines = [json.dumps({column: f"{name} {split} document {i} " * 8}) for i in range(n)]
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    data = dataclasses.replace(DataConfig(), seq_len=16, mixture=[
+        {"source": str(tmp_path / "a"), "weight": 3}, {"source": str(tmp_path / "b"), "weight": 1,
+                                                       "text_column": "content"}])
+    cache = str(tmp_path / "cache")
+    train = loader.dataset_from_config(data, tok, cache_dir=cache)
+    assert isinstance(train, mixture.MixedDataset) and train.weights == [0.75, 0.25]
+    assert [d["source"] for d in train.describe()] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert len(train.components[1]) > 0 and train.num_tokens == sum(c.num_tokens for c in train.components)
+    held_out = loader.dataset_from_config(data, tok, split="validation", cache_dir=cache)
+    assert isinstance(held_out, mixture.MixedDataset)
+    assert {"a validation" in tok.decode(r.tolist()) for r in held_out.head(8)} == {True, False}
+
+    single = dataclasses.replace(data, validation_source=str(tmp_path / "a" / "validation.jsonl"))
+    one = loader.dataset_from_config(single, tok, split="validation", cache_dir=cache)
+    assert isinstance(one, loader.PackedDataset)
+
+    (tmp_path / "b" / "validation.jsonl").unlink()
+    assert loader.dataset_from_config(data, tok, split="validation", cache_dir=cache) is None
+    assert f"warning: data.mixture: no held-out set for {tmp_path / 'b'}" in capsys.readouterr().out
+
+
+def test_bad_mixtures_are_one_line_each():
+    def problems(value, *more):
+        try:
+            return validate(load_config(None, [f"data.mixture={value}", *more]))
+        except ConfigError as e:
+            return str(e).splitlines()
+
+    assert problems("[{source: a, weight: 1}]") == []
+    assert problems("[{source: a, weight: 2}, {source: b, weight: 0}]") == []
+    assert problems("[{source: a, weight: -1}]") == ["data.mixture[0].weight: expected a finite number >= 0, got -1"]
+    assert problems("[{source: a, weight: .nan}]") == ["data.mixture[0].weight: expected a finite number >= 0, got nan"]
+    assert problems("[{source: a}]") == ["data.mixture[0].weight: expected a finite number >= 0, got None"]
+    assert problems("[{source: '', weight: 1}]") == ["data.mixture[0].source: expected a non-empty string, got ''"]
+    assert problems("[{source: a, weight: 1, colum: x}]") == [
+        "data.mixture[0]: unknown key(s) colum (allowed: source, weight, format, text_column, split, hub_config, "
+        "validation_source, validation_split)"]
+    assert problems("[{source: a, weight: 1, format: xml}]") == [
+        "data.mixture[0].format: must be one of auto, json, text, parquet, hub, pretokenized, got 'xml'"]
+    assert problems("[{source: a, weight: 1, split: 3}]") == ["data.mixture[0].split: expected a string, got 3"]
+    assert problems("[{source: a, weight: 0}]") == ["data.mixture: the weights must not all be 0, got [0]"]
+    assert problems("[{source: a, weight: 1}]", "data.streaming=true") == [
+        "data.mixture: a mixture is read map-style (packed into the run's cache, or pretokenized); set "
+        "data.streaming false"]
+    assert problems("[{source: a, weight: 1}]", "data.source=b") == [
+        "data.source 'b' and data.mixture: set one of them (a mixture names its sources in its entries)"]
+    with pytest.raises(ConfigError, match=r"data.mixture: expected list\[dict\], got list \['a'\]"):
+        load_config(None, ["data.mixture=[a]"])
