@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("demo", help="CPU demo: tiny LLaMA on the shipped SOTU corpus, warm start -> ReLoRA")
-    p.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<time>)")
+    p.add_argument("--output-dir", "--output_dir", default=None, help="run directory (default runs/demo-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of relora_ds/configs/demo.yaml (repeatable)")
     p.set_defaults(fn=cmd_demo)

@@ -30,6 +30,13 @@ def test_every_option_of_every_subcommand_has_help():
                 assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
 
 
+def test_train_and_demo_take_both_spellings_of_the_run_directory():
+    parser = cli.build_parser()
+    for command in (["train", "--config", "x.yaml"], ["demo"]):
+        for flag in ("--output-dir", "--output_dir"):
+            assert parser.parse_args([*command, flag, "runs/x"]).output_dir == "runs/x", (command, flag)
+
+
 def test_python_m_help_runs():
     result = subprocess.run([sys.executable, "-m", "relora_ds", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
