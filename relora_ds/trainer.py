@@ -186,8 +186,8 @@ def setup(cfg) -> Trainer:
     batches = data_loader.DistributedBatches(train_set, micro_batch_size=micro_bs, rank=rank, world_size=world,
                                              seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                                              prefetch_batches=cfg.data.prefetch_batches)
-    eval_set = (data_loader.eval_batches(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
-                                         rank=rank, world_size=world) if val_set is not None else [])
+    eval_sets = data_loader.held_out_sets(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
+                                          rank=rank, world_size=world)
 
     device = runtime.device()
     phases = PhaseMemory(device)
@@ -213,7 +213,7 @@ def setup(cfg) -> Trainer:
     peak_flops = peak_flops_per_device(cfg, ds_config, engine.device)
     mfu_per_tokens_per_s = model_flops / peak_flops / world if model_flops and peak_flops else None
     callbacks = [StepLogging(tokens_per_step, mfu_per_tokens_per_s, lambda v: mean_over_ranks(v, engine.device)),
-                 Evaluation(eval_set, cfg.train.eval_every),
+                 Evaluation(eval_sets, cfg.train.eval_every),
                  Checkpointing(cfg.checkpoint, out, method.reference_step(), lambda v: over_ranks(v, device)),
                  *method.callbacks(),
                  LossPlot(out),

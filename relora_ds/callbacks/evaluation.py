@@ -1,4 +1,11 @@
-"""Held-out evaluation: at step 0 of a fresh run, every train.eval_every steps, and after the last step."""
+"""Held-out evaluation: at step 0 of a fresh run, every train.eval_every steps, and after the last step.
+
+One held-out set logs its loss and perplexity. A mixture's sources' held-out sets (data.mixture) are evaluated one by
+one: each logs `loss_<name>`, and `loss` is their mean weighted by the mixture's weights (the expected held-out loss
+of a row drawn as training draws it), `perplexity` its exp.
+"""
+
+import math
 
 from relora_ds.callbacks.base import Callback
 
@@ -6,12 +13,22 @@ from relora_ds.callbacks.base import Callback
 class Evaluation(Callback):
     name = "eval"
 
-    def __init__(self, batches: list[dict], every: int):
-        self.batches, self.every = batches, every
+    def __init__(self, sets: list[tuple[str | None, float, list[dict]]], every: int):
+        """sets: (name, weight, this rank's batches) of each held-out set (loader.held_out_sets); name None: the only
+        one."""
+        self.sets, self.every = [s for s in sets if s[2]], every
+
+    def _evaluate(self, engine) -> dict:
+        results = [(name, weight, engine.evaluate(batches)) for name, weight, batches in self.sets]
+        if len(results) == 1 and results[0][0] is None:
+            return results[0][2]
+        loss = sum(weight * result["loss"] for _, weight, result in results)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                **{f"loss_{name}": result["loss"] for name, _, result in results}}
 
     def _run(self, trainer) -> None:
-        if self.batches:
-            trainer.event("eval", lambda: trainer.engine.evaluate(self.batches))
+        if self.sets:
+            trainer.event("eval", lambda: self._evaluate(trainer.engine))
 
     def pre_step(self, trainer) -> None:
         if trainer.state.step == 0 and self.every > 0:

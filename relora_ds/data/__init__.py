@@ -28,8 +28,9 @@ class DataError(ValueError):
 class DataConfig:
     source: str = setting("sotu", "'sotu' (shipped corpus), local file/dir/glob, hub name or pretokenized dir")
     mixture: list[dict] = setting([], "several sources blended by weight, instead of data.source: a list of "
-                                      "{source, weight} (each may also set format, text_column, split, hub_config, "
-                                      "validation_source, validation_split; weights are normalized; docs/data.md)")
+                                      "{source, weight} (each may also set name, format, text_column, split, "
+                                      "hub_config, validation_source, validation_split; weights are normalized; "
+                                      "docs/data.md)")
     format: str = setting("auto", "how to read the source", DATA_FORMATS)
     text_column: str = setting("text", "column holding the text")
     hub_config: str | None = setting(None, "datasets hub config name (e.g. 'en')")

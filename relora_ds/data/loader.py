@@ -196,7 +196,7 @@ def dataset_from_config(data_cfg, tokenizer, *, split: str = "train", cache_dir:
     local directory, its files named validation*; else None.
 
     data.mixture: a MixedDataset of its entries' datasets by the same rules; its held-out set is
-    data.validation_source if set, else the blend of the entries' held-out sets when every entry has one.
+    data.validation_source if set, else a MixedDataset of the entries' held-out sets when every entry has one.
     """
     if data_cfg.mixture:
         return _mixture_from_config(data_cfg, tokenizer, split=split, cache_dir=cache_dir)
@@ -229,15 +229,16 @@ def _mixture_from_config(data_cfg, tokenizer, *, split: str, cache_dir: str | No
         return dataset_from_config(dataclasses.replace(data_cfg, mixture=[]), tokenizer, split=split,
                                    cache_dir=cache_dir)
     entries = mixture.component_configs(data_cfg)
-    datasets = [dataset_from_config(entry, tokenizer, split=split, cache_dir=cache_dir) for entry, _ in entries]
-    names = [entry.source for entry, _ in entries]
-    missing = [name for name, ds in zip(names, datasets) if ds is None]
+    datasets = [dataset_from_config(entry, tokenizer, split=split, cache_dir=cache_dir) for entry, _, _ in entries]
+    names = [name for _, _, name in entries]
+    missing = [entry.source for (entry, _, _), ds in zip(entries, datasets) if ds is None]
     if missing:  # validation only: the training sets exist or raised
         if is_rank_zero():
             print(f"warning: data.mixture: no held-out set for {', '.join(missing)} (set data.validation_source, "
                   f"or the entry's validation_source); no evaluation", flush=True)
         return None
-    return mixture.MixedDataset(datasets, [weight for _, weight in entries], names)
+    return mixture.MixedDataset(datasets, [weight for _, weight, _ in entries], names,
+                                [entry.source for entry, _, _ in entries])
 
 
 # --- batches -------------------------------------------------------------------------------------------------
@@ -435,6 +436,17 @@ def _readers_changed(state: dict, world: int, num_workers: int, readers: int) ->
             f"max(1, data.num_workers {state['num_workers']})) but this run has {readers} (world size {world} x "
             f"max(1, data.num_workers {num_workers})); a stream resumes only onto the same number of readers, "
             f"each continuing its own share (README, Data){hint}")
+
+
+def held_out_sets(dataset, **kwargs) -> list[tuple[str | None, float, list[dict]]]:
+    """(name, weight, eval_batches(...)) of each held-out set: one (None, 1.0, ...) for a single dataset, one per
+    source for a mixture's held-out sets (`max_batches` each); [] without a dataset. kwargs: eval_batches'."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, mixture.MixedDataset):
+        return [(name, weight, eval_batches(part, **kwargs))
+                for name, weight, part in zip(dataset.names, dataset.weights, dataset.components)]
+    return [(None, 1.0, eval_batches(dataset, **kwargs))]
 
 
 def eval_batches(dataset, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int) -> list[dict]:

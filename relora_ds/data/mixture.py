@@ -20,20 +20,36 @@ The position is (g, each component's row count, the phase's g₀ and c₀), so a
 size. A resume may change the weights (a new phase starts where it resumes, e.g. an annealing mix); the sources, in
 order, must stay the same.
 
-The held-out blend (`MixedDataset.head`) takes each component's held-out rows in file order by the same rule from 0.
+Held-out: data.validation_source when set; else each entry's own held-out set, evaluated one by one, each logged as
+`loss_<name>` beside their mean weighted by the mixture's weights (callbacks/evaluation.py). An entry's name is its
+`name`, else its source's last path part without extensions.
 """
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import torch
 
 from relora_ds.data import DATA_FORMATS, DataError
 
-# What an entry may set besides source and weight: data.* fields, each defaulting to data.*'s value.
+# What an entry may set besides source, weight and name: data.* fields, each defaulting to data.*'s value.
 ENTRY_FIELDS = ("format", "text_column", "split", "hub_config", "validation_source", "validation_split")
-ENTRY_KEYS = ("source", "weight", *ENTRY_FIELDS)
+ENTRY_KEYS = ("source", "weight", "name", *ENTRY_FIELDS)
+NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a name goes into metric keys (loss_<name>)
+EXTENSIONS = (".gz", ".jsonl", ".json", ".txt", ".text", ".parquet")
+
+
+def entry_name(entry: dict) -> str:
+    """The entry's `name`, else the last part of its source without extensions ('/data/code.jsonl.gz' -> 'code',
+    'HuggingFaceFW/fineweb-edu' -> 'fineweb-edu')."""
+    if entry.get("name") is not None:
+        return entry["name"]
+    name = str(entry.get("source", "")).rstrip("/").rsplit("/", 1)[-1]
+    while name.lower().endswith(EXTENSIONS):
+        name = name[:name.rfind(".")]
+    return name
 
 
 def mixture_errors(data_cfg) -> list[str]:
@@ -70,16 +86,26 @@ def mixture_errors(data_cfg) -> list[str]:
             errors.append(f"{where}.format: must be one of {', '.join(DATA_FORMATS)}, got {entry['format']!r}")
     if len(weights) == len(mixture) and not sum(weights) > 0:
         errors.append(f"data.mixture: the weights must not all be 0, got {weights}")
+    if errors:  # the names come from the entries
+        return errors
+    names = [entry_name(entry) for entry in mixture]
+    bad = [n for n in names if not NAME.fullmatch(n)]
+    if bad:
+        errors.append(f"data.mixture: the name(s) {', '.join(map(repr, bad))} are not made of letters, digits, "
+                      f"'_', '.' and '-'; give the entry a name")
+    elif len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        errors.append(f"data.mixture: several entries are named {', '.join(map(repr, twice))}; give each a name")
     return errors
 
 
-def component_configs(data_cfg) -> list[tuple[object, float]]:
-    """(a data config that reads the entry as data.source, its weight) for each entry of data.mixture."""
+def component_configs(data_cfg) -> list[tuple[object, float, str]]:
+    """(a data config that reads the entry as data.source, its weight, its name) for each entry of data.mixture."""
     out = []
     for entry in data_cfg.mixture:
         fields = {key: entry[key] for key in ENTRY_FIELDS if key in entry}
         out.append((dataclasses.replace(data_cfg, source=entry["source"], mixture=[], **fields),
-                    float(entry["weight"])))
+                    float(entry["weight"]), entry_name(entry)))
     return out
 
 
@@ -103,12 +129,13 @@ def assign(weights: list[float], rows: list[int], phase_start: int, phase_rows: 
 
 
 class MixedDataset:
-    """Packed datasets (loader.PackedDataset) with weights: the training blend's components, or a held-out blend."""
+    """Datasets with weights and names: the training blend's packed components (loader.PackedDataset), or the
+    entries' held-out sets. `sources` are the entries' source strings (what a resume checks), `names` their names."""
 
-    def __init__(self, components: list, weights: list[float], names: list[str]):
+    def __init__(self, components: list, weights: list[float], names: list[str], sources: list[str]):
         if len({c.seq_len for c in components}) != 1:
             raise DataError(f"data.mixture: the sources have different seq_len ({[c.seq_len for c in components]})")
-        self.components, self.names = components, names
+        self.components, self.names, self.sources = components, names, sources
         self.weights = normalized(weights)
         self.seq_len = components[0].seq_len
 
@@ -117,15 +144,8 @@ class MixedDataset:
         return sum(c.num_tokens for c in self.components)
 
     def describe(self) -> list[dict]:
-        return [{"source": name, "weight": w, "num_tokens": c.num_tokens}
-                for name, w, c in zip(self.names, self.weights, self.components)]
-
-    def head(self, count: int) -> torch.Tensor:
-        """The first `count` rows of the blend, each component's in file order; fewer when a component runs out."""
-        rows = [0] * len(self.components)
-        picks = assign(self.weights, rows, 0, [0] * len(rows), 0, count)
-        taken = next((g for g, (d, k) in enumerate(picks) if k >= len(self.components[d])), len(picks))
-        return read_rows(self.components, picks[:taken], self.seq_len, lambda d, k: k)
+        return [{"name": name, "source": source, "weight": w, "num_tokens": c.num_tokens}
+                for name, source, w, c in zip(self.names, self.sources, self.weights, self.components)]
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n!r}: {w:.3g}" for n, w in zip(self.names, self.weights))
@@ -173,14 +193,14 @@ class MixtureOrder:
         return {"position": self.position, "weights": self.weights,
                 "phase": {"position": self.phase_start, "rows": list(self.phase_rows)},
                 "components": [{"source": name, "num_sequences": len(c), "rows": rows}
-                               for name, c, rows in zip(ds.names, ds.components, self.rows)]}
+                               for name, c, rows in zip(ds.sources, ds.components, self.rows)]}
 
     def load_state_dict(self, state: dict) -> None:
         ds = self.dataset
         saved = state["components"]
-        if [c["source"] for c in saved] != ds.names:
+        if [c["source"] for c in saved] != ds.sources:
             raise DataError(f"data.mixture: the checkpoint's data position is for the sources "
-                            f"{[c['source'] for c in saved]} and this run has {ds.names}; a resume may change the "
+                            f"{[c['source'] for c in saved]} and this run has {ds.sources}; a resume may change the "
                             f"weights, not the sources or their order")
         for c, component in zip(saved, ds.components):
             if c["num_sequences"] != len(component):

@@ -1,5 +1,6 @@
-"""A run on data.mixture trains on both sources, evaluates on their held-out blend, logs the mixture, and the run
-resumed from a checkpoint matches the uninterrupted one exactly; resumed with new weights it logs the new phase."""
+"""A run on data.mixture trains on both sources, evaluates each source's held-out set and their weighted mean, logs the
+mixture, and the run resumed from a checkpoint matches the uninterrupted one exactly; resumed with new weights it
+logs the new phase."""
 
 import json
 import os
@@ -42,9 +43,14 @@ def test_a_mixture_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     reference = trainer.train(config("reference"))
     records = read_metrics(str(tmp_path / "reference"))
     data = [r for r in records if r.get("event") == "data"]
-    assert [(d["source"], d["weight"]) for d in data[0]["mixture"]] == [(plain, 0.75), (upper, 0.25)]
+    assert [(d["name"], d["source"], d["weight"]) for d in data[0]["mixture"]] == [
+        ("plain", plain, 0.75), ("upper", upper, 0.25)]
     assert all(d["num_tokens"] > 0 for d in data[0]["mixture"])
-    assert [r["step"] for r in records if r.get("event") == "eval"] == [0, 4, 8]
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    for r in evals:  # each source's held-out loss, and their mean by the mixture's weights
+        assert r["loss"] == pytest.approx(0.75 * r["loss_plain"] + 0.25 * r["loss_upper"], rel=1e-12)
+        assert r["loss_plain"] != r["loss_upper"]
     state = checkpoint.read_state(os.path.join(str(tmp_path / "reference"), "checkpoints", checkpoint.tag_for(8)))
     rows = [c["rows"] for c in state["data"]["components"]]
     assert rows == [12, 4]  # 8 steps x 2 rows, 3 : 1

@@ -28,6 +28,9 @@ class Rows:
     def num_tokens(self):
         return self.n * SEQ
 
+    def head(self, count):
+        return self.get_batch(range(min(count, self.n)))
+
     def get_batch(self, indices):
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         assert len(idx) == 0 or int(idx.max()) < self.n
@@ -35,8 +38,9 @@ class Rows:
 
 
 def _blend(sizes=(50, 7, 30), weights=(5, 1, 2)):
-    return mixture.MixedDataset([Rows(c, n) for c, n in enumerate(sizes)], list(weights),
-                                [f"src{c}" for c in range(len(sizes))])
+    names = [f"src{c}" for c in range(len(sizes))]
+    return mixture.MixedDataset([Rows(c, n) for c, n in enumerate(sizes)], list(weights), names,
+                                [f"/data/{n}" for n in names])
 
 
 def _batches(ds, *, mb=3, rank=0, world=1, seed=7):
@@ -117,12 +121,13 @@ def test_new_weights_on_resume_start_a_new_phase(capsys):
 def test_a_resume_refuses_other_sources_sizes_or_kinds():
     state = _batches(_blend()).state_dict()
     renamed = _blend()
-    renamed.names = ["src0", "other", "src2"]
-    with pytest.raises(DataError, match=r"data.mixture: the checkpoint's data position is for the sources \['src0', "
-                                        r"'src1', 'src2'\] and this run has \['src0', 'other', 'src2'\]; a resume "
-                                        r"may change the weights, not the sources or their order"):
+    renamed.sources = ["/data/src0", "/data/other", "/data/src2"]
+    with pytest.raises(DataError, match=r"data.mixture: the checkpoint's data position is for the sources "
+                                        r"\['/data/src0', '/data/src1', '/data/src2'\] and this run has "
+                                        r"\['/data/src0', '/data/other', '/data/src2'\]; a resume may change the "
+                                        r"weights, not the sources or their order"):
         _batches(renamed).load_state_dict(state)
-    with pytest.raises(DataError, match=r"is for 7 packed sequences of 'src1' but it now has 8"):
+    with pytest.raises(DataError, match=r"is for 7 packed sequences of '/data/src1' but it now has 8"):
         _batches(_blend(sizes=(50, 8, 30))).load_state_dict(state)
     with pytest.raises(DataError, match=r"data: the checkpoint's data position is of kind 'mixture' but this run's "
                                         r"dataset is 'indexed' \(data.streaming and data.mixture must stay"):
@@ -131,16 +136,33 @@ def test_a_resume_refuses_other_sources_sizes_or_kinds():
         _batches(_blend()).load_state_dict(_batches(Rows(0, 50)).state_dict())
 
 
-def test_held_out_blend_takes_each_source_in_file_order_until_one_runs_out():
-    ds = _blend(sizes=(9, 4, 40), weights=(1, 1, 2))
-    rows = [int(r[0]) for r in ds.head(100)]
-    assert [r // 10_000 for r in rows[:8]] == [2, 0, 1, 2, 2, 0, 1, 2]
-    for component in range(3):
-        assert [r % 10_000 for r in rows if r // 10_000 == component] == list(range(len(
-            [r for r in rows if r // 10_000 == component])))
-    assert len(rows) == 18 and rows.count(10_003) == 1  # the 19th row would be source 1's fifth of four
-    batches = loader.eval_batches(ds, micro_batch_size=2, max_batches=10, rank=1, world_size=2)
-    assert [int(b["input_ids"][0, 0]) for b in batches] == [rows[2], rows[6], rows[10], rows[14]]
+def test_a_mixtures_held_out_sets_are_evaluated_one_by_one_and_weighted():
+    from relora_ds.callbacks.evaluation import Evaluation
+
+    held_out = _blend(sizes=(8, 4, 12), weights=(1, 1, 2))
+    sets = loader.held_out_sets(held_out, micro_batch_size=2, max_batches=10, rank=1, world_size=2)
+    assert [(name, weight) for name, weight, _ in sets] == [("src0", 0.25), ("src1", 0.25), ("src2", 0.5)]
+    firsts = [[int(b["input_ids"][0, 0]) for b in batches] for _, _, batches in sets]
+    assert firsts == [[2, 6], [10_002], [20_002, 20_006, 20_010]]  # each source's own rows, in file order
+
+    class Engine:  # the loss of a batch: its source's index + 1
+        def evaluate(self, batches):
+            return {"loss": float(int(batches[0]["input_ids"][0, 0]) // 10_000 + 1), "perplexity": 0.0}
+
+    result = Evaluation(sets, every=1)._evaluate(Engine())
+    assert result == {"loss": 0.25 * 1 + 0.25 * 2 + 0.5 * 3, "perplexity": pytest.approx(np.exp(2.25)),
+                      "loss_src0": 1.0, "loss_src1": 2.0, "loss_src2": 3.0}
+    single = loader.held_out_sets(Rows(0, 8), micro_batch_size=2, max_batches=2, rank=0, world_size=1)
+    assert [(name, weight, len(b)) for name, weight, b in single] == [(None, 1.0, 2)]
+    assert Evaluation(single, every=1)._evaluate(Engine()) == {"loss": 1.0, "perplexity": 0.0}
+    assert loader.held_out_sets(None, micro_batch_size=2, max_batches=2, rank=0, world_size=1) == []
+
+
+def test_entry_names_default_to_the_sources_last_part():
+    assert [mixture.entry_name({"source": s}) for s in ("/data/code.jsonl.gz", "HuggingFaceFW/fineweb-edu",
+                                                        "data/web-packed/", "books.parquet", "sotu")] == \
+        ["code", "fineweb-edu", "web-packed", "books", "sotu"]
+    assert mixture.entry_name({"source": "/data/a.jsonl", "name": "web"}) == "web"
 
 
 def test_config_builds_the_blend_and_its_held_out_sets(tmp_path, capsys):
@@ -159,11 +181,13 @@ def test_config_builds_the_blend_and_its_held_out_sets(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     train = loader.dataset_from_config(data, tok, cache_dir=cache)
     assert isinstance(train, mixture.MixedDataset) and train.weights == [0.75, 0.25]
-    assert [d["source"] for d in train.describe()] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [(d["name"], d["source"]) for d in train.describe()] == [("a", str(tmp_path / "a")),
+                                                                    ("b", str(tmp_path / "b"))]
     assert len(train.components[1]) > 0 and train.num_tokens == sum(c.num_tokens for c in train.components)
     held_out = loader.dataset_from_config(data, tok, split="validation", cache_dir=cache)
-    assert isinstance(held_out, mixture.MixedDataset)
-    assert {"a validation" in tok.decode(r.tolist()) for r in held_out.head(8)} == {True, False}
+    assert isinstance(held_out, mixture.MixedDataset) and held_out.names == ["a", "b"]
+    assert [tok.decode(c.head(1)[0].tolist()).split()[:2] for c in held_out.components] == [
+        ["a", "validation"], ["b", "validation"]]
 
     single = dataclasses.replace(data, validation_source=str(tmp_path / "a" / "validation.jsonl"))
     one = loader.dataset_from_config(single, tok, split="validation", cache_dir=cache)
@@ -188,8 +212,8 @@ def test_bad_mixtures_are_one_line_each():
     assert problems("[{source: a}]") == ["data.mixture[0].weight: expected a finite number >= 0, got None"]
     assert problems("[{source: '', weight: 1}]") == ["data.mixture[0].source: expected a non-empty string, got ''"]
     assert problems("[{source: a, weight: 1, colum: x}]") == [
-        "data.mixture[0]: unknown key(s) colum (allowed: source, weight, format, text_column, split, hub_config, "
-        "validation_source, validation_split)"]
+        "data.mixture[0]: unknown key(s) colum (allowed: source, weight, name, format, text_column, split, "
+        "hub_config, validation_source, validation_split)"]
     assert problems("[{source: a, weight: 1, format: xml}]") == [
         "data.mixture[0].format: must be one of auto, json, text, parquet, hub, pretokenized, got 'xml'"]
     assert problems("[{source: a, weight: 1, split: 3}]") == ["data.mixture[0].split: expected a string, got 3"]
@@ -197,6 +221,11 @@ def test_bad_mixtures_are_one_line_each():
     assert problems("[{source: a, weight: 1}]", "data.streaming=true") == [
         "data.mixture: a mixture is read map-style (packed into the run's cache, or pretokenized); set "
         "data.streaming false"]
+    assert problems("[{source: x/a.jsonl, weight: 1}, {source: y/a, weight: 1}]") == [
+        "data.mixture: several entries are named 'a'; give each a name"]
+    assert problems("[{source: x/a.jsonl, weight: 1}, {source: y/a, weight: 1, name: code}]") == []
+    assert problems("[{source: 'x/*.jsonl', weight: 1}]") == [
+        "data.mixture: the name(s) '*' are not made of letters, digits, '_', '.' and '-'; give the entry a name"]
     assert problems("[{source: a, weight: 1}]", "data.source=b") == [
         "data.source 'b' and data.mixture: set one of them (a mixture names its sources in its entries)"]
     with pytest.raises(ConfigError, match=r"data.mixture: expected list\[dict\], got list \['a'\]"):
