@@ -119,12 +119,14 @@ def assign(weights: list[float], rows: list[int], phase_start: int, phase_rows: 
     """(component, that component's row number) for global rows start .. start + count - 1, by the greedy rule
     (module docstring); `rows` (each component's rows before `start`) is advanced in place."""
     picks = []
-    components = range(len(weights))
+    taken = [r - p for r, p in zip(rows, phase_rows)]  # rows since the weights took effect
     for g in range(start, start + count):
         t = g - phase_start + 1
-        d = max(components, key=lambda i: weights[i] * t - (rows[i] - phase_rows[i]))  # first maximum: lowest index
+        deficits = [w * t - c for w, c in zip(weights, taken)]
+        d = deficits.index(max(deficits))  # the first maximum: the lowest index
         picks.append((d, rows[d]))
         rows[d] += 1
+        taken[d] += 1
     return picks
 
 
