@@ -24,6 +24,7 @@ import yaml
 from relora_ds.callbacks.checkpointing import CheckpointConfig
 from relora_ds.data import DataConfig
 from relora_ds.data.mixture import mixture_errors
+from relora_ds.data.skip import skip_errors
 from relora_ds.methods import METHODS
 from relora_ds.metrics import LogConfig
 from relora_ds.model.build import ModelConfig
@@ -252,6 +253,7 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("data.num_workers", d.num_workers, 0)
     at_least("data.prefetch_batches", d.prefetch_batches, 1)
     errors += mixture_errors(d)
+    errors += skip_errors(d.skip, t.total_steps)
     at_least("train.total_steps", t.total_steps, 1)
     at_least("train.seed", t.seed, 0)
     at_least("train.eval_every", t.eval_every, 0)

@@ -16,11 +16,12 @@ import torch
 from relora_ds import dist, hardware, methods
 from relora_ds.callbacks.base import StepResult
 from relora_ds.callbacks.checkpointing import Checkpointing
+from relora_ds.callbacks.data_skip import DataSkip
 from relora_ds.callbacks.evaluation import Evaluation
 from relora_ds.callbacks.logging import StepLogging
 from relora_ds.callbacks.memory import MemoryEvents
 from relora_ds.callbacks.plots import LossPlot
-from relora_ds.data import loader as data_loader
+from relora_ds.data import loader as data_loader, skip
 from relora_ds.data.mixture import MixedDataset
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import ds_config as dsc, run_dir, runtime
@@ -215,6 +216,7 @@ def setup(cfg) -> Trainer:
     callbacks = [StepLogging(tokens_per_step, mfu_per_tokens_per_s, lambda v: mean_over_ranks(v, engine.device)),
                  Evaluation(eval_sets, cfg.train.eval_every),
                  Checkpointing(cfg.checkpoint, out, method.reference_step(), lambda v: over_ranks(v, device)),
+                 DataSkip(skip.parse(cfg.data.skip), grad_accum, tokens_per_step),  # after the switch's checkpoint
                  *method.callbacks(),
                  LossPlot(out),
                  MemoryEvents(phases, build_peak, resumed=start.resume, over_ranks=lambda v: over_ranks(v, device))]

@@ -1,2 +1,2 @@
-"""The trainer's callbacks (base.py: the hooks): evaluation, checkpoints, memory events, metrics and plots. The
-warm-start switch and ReLoRA's restarts are the methods' own (relora_ds/methods/hooks.py)."""
+"""The trainer's callbacks (base.py: the hooks): evaluation, checkpoints, memory events, metrics, plots and
+data.skip. The warm-start switch and ReLoRA's restarts are the methods' own (relora_ds/methods/hooks.py)."""

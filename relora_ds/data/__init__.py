@@ -7,6 +7,7 @@
     stream.py       sharded streams: the rule splitting a source across ranks/workers; one reader's packed batches
     workers.py      one rank's stream: its readers in turn, in-process or in DataLoader worker processes
     mixture.py      data.mixture: weighted blends of packed datasets, row by row, resumable
+    skip.py         data.skip: the steps whose data is passed over
     loader.py       PackedDataset, StreamingPackedDataset, DistributedBatches, eval_batches, iterate_tokens
     sample/         the shipped SOTU corpus (CC0) and its 8k byte-level BPE tokenizer
 """
@@ -45,3 +46,5 @@ class DataConfig:
                                  "each its own share; 0: in the training process")
     prefetch_batches: int = setting(16, "micro-batches the data workers prepare ahead of the step (data.num_workers > 0)")
     skip_bad_records: bool = setting(False, "count and log bad records instead of stopping")
+    skip: list[str] = setting([], "STEP:STEPS entries: after step STEP, pass over the data of the next STEPS steps "
+                                  "without training on it (a loss spike's batches; relora_ds/data/skip.py)")

@@ -263,7 +263,8 @@ class DistributedBatches:
       mixture (a MixedDataset, mixture.py): {"kind": "mixture", "micro_step", "tokens_seen", "seed", "position",
         "weights", "phase": {"position", "rows"}, "components": [{"source", "num_sequences", "rows"}]}: `position`
         counts the global rows taken, `rows` each component's
-    `tokens_seen` counts all ranks' tokens.
+    `tokens_seen` counts all ranks' tokens; every kind also holds "skipped", the steps after which data.skip passed
+    over data (skip()).
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, rank: int, world_size: int, seed: int,
@@ -279,6 +280,7 @@ class DistributedBatches:
         self._perm_epoch, self._perm = None, None
         self._stream = None
         self._mixture = None
+        self.skipped: list[int] = []  # the steps after which data.skip passed over data
         if isinstance(dataset, mixture.MixedDataset):
             if start_step:
                 raise ValueError("start_step is not supported for a mixture; use load_state_dict")
@@ -311,21 +313,33 @@ class DistributedBatches:
         if self._mixture is not None:
             ids = self._mixture.next_batch()
         else:
-            ids = next(self._stream) if self.streaming else self._next_indexed()
+            ids = next(self._stream) if self.streaming else self.dataset.get_batch(self._next_indices())
         self.micro_step += 1
         self.tokens_seen += self.global_batch * self.dataset.seq_len
         return {"input_ids": ids, "labels": ids.clone()}
 
-    def _next_indexed(self) -> torch.Tensor:
+    def _next_indices(self) -> np.ndarray:
         if self.position + self.global_batch > len(self.dataset):
             self.epoch, self.position = self.epoch + 1, 0
         if self._perm_epoch != self.epoch:
             self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
             self._perm_epoch = self.epoch
         mine = self.position + self.rank * self.mb
-        indices = np.sort(self._perm[mine:mine + self.mb])  # sorted reads; the order inside a batch is irrelevant
         self.position += self.global_batch
-        return self.dataset.get_batch(indices)
+        return np.sort(self._perm[mine:mine + self.mb])  # sorted reads; the order inside a batch is irrelevant
+
+    def skip(self, micro_batches: int, at_step: int) -> None:
+        """Pass over this rank's next `micro_batches` (every rank alike) without handing them out: map-style data
+        and mixtures move their position without reading, a stream reads and drops them. `micro_step` and
+        `tokens_seen` do not count them; `at_step` goes into `skipped`, part of the state (data.skip)."""
+        for _ in range(micro_batches):
+            if self._mixture is not None:
+                self._mixture.skip()
+            elif self.streaming:
+                next(self._stream)
+            else:
+                self._next_indices()
+        self.skipped.append(at_step)
 
     def close(self) -> None:
         if self._stream is not None:
@@ -346,11 +360,11 @@ class DistributedBatches:
     def state_dict(self) -> dict:
         if self._mixture is not None:
             return {"kind": "mixture", "micro_step": self.micro_step, "tokens_seen": self.tokens_seen,
-                    "seed": self.seed, **self._mixture.state_dict()}
+                    "seed": self.seed, "skipped": self.skipped, **self._mixture.state_dict()}
         if not self.streaming:
             return {"kind": "indexed", "micro_step": self.micro_step, "epoch": self.epoch,
                     "position": self.position, "tokens_seen": self.tokens_seen, "seed": self.seed,
-                    "num_sequences": len(self.dataset)}
+                    "num_sequences": len(self.dataset), "skipped": self.skipped}
         return self.merge_states(_gather(self.local_state_dict(), self.world))
 
     def local_state_dict(self) -> dict:
@@ -359,8 +373,9 @@ class DistributedBatches:
             return self.state_dict()
         ds = self.dataset
         return {"kind": "stream", "micro_step": self.micro_step, "tokens_seen": self.tokens_seen, "seed": self.seed,
-                "world_size": self.world, "num_workers": self.num_workers, "source": ds.source.identity(),
-                "tokenizer": vocab_hash(ds.tokenizer), "seq_len": ds.seq_len, **self._stream.local_state()}
+                "skipped": self.skipped, "world_size": self.world, "num_workers": self.num_workers,
+                "source": ds.source.identity(), "tokenizer": vocab_hash(ds.tokenizer), "seq_len": ds.seq_len,
+                **self._stream.local_state()}
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
@@ -390,6 +405,7 @@ class DistributedBatches:
             self._perm_epoch = None
         self.micro_step, self.tokens_seen = state["micro_step"], state["tokens_seen"]
         self.seed = state.get("seed", self.seed)
+        self.skipped = list(state.get("skipped", []))
 
     def _load_stream_state(self, state: dict) -> None:
         ds, stream = self.dataset, self._stream

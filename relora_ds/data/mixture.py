@@ -176,11 +176,15 @@ class MixtureOrder:
         self.weights = dataset.weights
         self._perms: dict[int, tuple[int, np.ndarray]] = {}  # component -> (epoch, its permutation)
 
-    def next_batch(self) -> torch.Tensor:
+    def skip(self) -> list[tuple[int, int]]:
+        """Move on by one global micro-batch; returns its picks, unread (data.skip reads none)."""
         picks = assign(self.weights, self.rows, self.phase_start, self.phase_rows, self.position,
                        self.world * self.mb)
         self.position += self.world * self.mb
-        mine = picks[self.rank * self.mb:(self.rank + 1) * self.mb]
+        return picks
+
+    def next_batch(self) -> torch.Tensor:
+        mine = self.skip()[self.rank * self.mb:(self.rank + 1) * self.mb]
         return read_rows(self.dataset.components, mine, self.dataset.seq_len, self._position)
 
     def _position(self, d: int, k: int) -> int:

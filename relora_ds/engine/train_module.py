@@ -124,8 +124,8 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool,
         bad_ranks = [r for r, flag in enumerate(over_ranks(float(not torch.isfinite(loss_sum)), engine.device)) if flag]
         raise NonFiniteError(f"training stopped at step {step}: the loss is not finite on rank(s) "
                              f"{', '.join(map(str, bad_ranks))}; nothing was stepped and the newest complete checkpoint "
-                             f"is kept (lower schedule.lr, or check relora.prune_ratio / schedule.restart_warmup_steps)",
-                             step)
+                             f"is kept (lower schedule.lr, or check relora.prune_ratio / schedule.restart_warmup_steps; "
+                             f"to pass over the data around step {step} on resume: data.skip)", step)
     if grad_norm:
         norm = runtime.step_with_grad_norm(engine)
     else:
