@@ -21,8 +21,7 @@ from relora_ds.callbacks.evaluation import Evaluation
 from relora_ds.callbacks.logging import StepLogging
 from relora_ds.callbacks.memory import MemoryEvents
 from relora_ds.callbacks.plots import LossPlot
-from relora_ds.data import loader as data_loader, skip
-from relora_ds.data.mixture import MixedDataset
+from relora_ds.data import loader as data_loader, mixture, skip
 from relora_ds.data.tokenize import load_tokenizer
 from relora_ds.engine import ds_config as dsc, run_dir, runtime
 from relora_ds.engine.train_module import mean_over_ranks, optimizer_bytes, over_ranks, start_engine
@@ -230,8 +229,8 @@ def setup(cfg) -> Trainer:
                           **({"universal": True} if start.universal else {}))  # written on another world size
     if train_tokens:
         metrics.log_event("data", trainer.state.step, train_tokens=train_tokens)
-    if isinstance(train_set, MixedDataset):
-        metrics.log_event("data", trainer.state.step, mixture=train_set.describe())
+    if (sources := mixture.described(train_set)) is not None:
+        metrics.log_event("data", trainer.state.step, mixture=sources)
     return trainer
 
 

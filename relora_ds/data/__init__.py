@@ -6,7 +6,7 @@
     pretokenize.py  tokenize + pack to disk (tokens-NNNNN.bin shards + manifest.json), --num-proc; check_manifest
     stream.py       sharded streams: the rule splitting a source across ranks/workers; one reader's packed batches
     workers.py      one rank's stream: its readers in turn, in-process or in DataLoader worker processes
-    mixture.py      data.mixture: weighted blends of packed datasets, row by row, resumable
+    mixture.py      data.mixture: weighted blends of sources, row by row, resumable (packed, or each stream reader's)
     skip.py         data.skip: the steps whose data is passed over
     loader.py       PackedDataset, StreamingPackedDataset, DistributedBatches, eval_batches, iterate_tokens
     sample/         the shipped SOTU corpus (CC0) and its 8k byte-level BPE tokenizer

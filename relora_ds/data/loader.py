@@ -16,7 +16,8 @@ global micro-batch (world*mb sequences) is skipped in that epoch. The position i
 resume continues on unseen data in O(1), without reading the batches before it.
 
 A mixture (data.mixture, mixture.py) blends packed datasets row by row by weight; its position is the global row
-count and each source's, also O(1) on resume.
+count and each source's, also O(1) on resume. A streamed mixture is a stream whose every reader blends its shares of
+the sources (mixture.MixedSource, MixedShareBatches).
 
 Streaming sources (data.streaming) have no random access. They are split across ranks (and data workers) by
 the one rule of stream.py: N = world_size x max(1, data.num_workers) readers, reader k taking the shards (files,
@@ -231,6 +232,14 @@ def _mixture_from_config(data_cfg, tokenizer, *, split: str, cache_dir: str | No
     entries = mixture.component_configs(data_cfg)
     datasets = [dataset_from_config(entry, tokenizer, split=split, cache_dir=cache_dir) for entry, _, _ in entries]
     names = [name for _, _, name in entries]
+    packed = [name for name, ds in zip(names, datasets) if isinstance(ds, PackedDataset)]
+    if data_cfg.streaming and packed:
+        raise DataError(f"data.mixture: with data.streaming every entry is read as a stream, and "
+                        f"{', '.join(packed)} is a pretokenized dataset; stream its raw files, or set data.streaming "
+                        f"false to read every entry map-style")
+    if split == "train" and data_cfg.streaming:  # every rank's readers blend their shares of the sources
+        source = mixture.MixedSource([ds.source for ds in datasets], [weight for _, weight, _ in entries], names)
+        return StreamingPackedDataset(source, tokenizer=tokenizer, seq_len=data_cfg.seq_len)
     missing = [entry.source for (entry, _, _), ds in zip(entries, datasets) if ds is None]
     if missing:  # validation only: the training sets exist or raised
         if is_rank_zero():
@@ -427,6 +436,10 @@ class DistributedBatches:
                             f"(rank {self.rank}); save it with state_dict() on every rank, not local_state_dict()")
         same_split = state["per_rank"] == stream.per_rank
         stream.load_local_state(state["shares"], state["turn"] if same_split else 0)
+        saved = next((share["weights"] for share in state["shares"].values() if share and "weights" in share), None)
+        if saved is not None and not np.allclose(saved, ds.source.weights, rtol=0, atol=1e-12) and self.rank == 0:
+            print(f"data.mixture: the weights change from {mixture.show(saved)} to {mixture.show(ds.source.weights)} "
+                  f"from here on, in every reader's own rows", flush=True)
 
 
 def _gather(local: dict, world: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Weighted mixtures of packed datasets (data.mixture): which source each training row comes from, resumable in O(1).
+"""Weighted mixtures of sources (data.mixture): which source each training row comes from, resumable in O(1).
 
     data:
       mixture:
@@ -20,6 +20,12 @@ The position is (g, each component's row count, the phase's g₀ and c₀), so a
 size. A resume may change the weights (a new phase starts where it resumes, e.g. an annealing mix); the sources, in
 order, must stay the same.
 
+With data.streaming every entry is a stream (stream.py) and the blend is each reader's own: a reader (of the
+N = world size × max(1, data.num_workers)) reads its share of every source and fills each of its micro-batches row
+by row by the same greedy rule over its own rows (`MixedShareBatches`), so each reader's rows, and each micro-batch,
+hold each source within a row or two of its weight, and the run's within N rows. Its state is its rows, its phase and
+each source's reader state; it resumes onto the same N, like any stream.
+
 Held-out: data.validation_source when set; else each entry's own held-out set, evaluated one by one, each logged as
 `loss_<name>` beside their mean weighted by the mixture's weights (callbacks/evaluation.py). An entry's name is its
 `name`, else its source's last path part without extensions.
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from relora_ds.data import DATA_FORMATS, DataError
+from relora_ds.data.stream import ShareBatches
 
 # What an entry may set besides source, weight and name: data.* fields, each defaulting to data.*'s value.
 ENTRY_FIELDS = ("format", "text_column", "split", "hub_config", "validation_source", "validation_split")
@@ -61,9 +68,6 @@ def mixture_errors(data_cfg) -> list[str]:
     if data_cfg.source != "sotu":
         errors.append(f"data.source {data_cfg.source!r} and data.mixture: set one of them (a mixture names its "
                       f"sources in its entries)")
-    if data_cfg.streaming:
-        errors.append("data.mixture: a mixture is read map-style (packed into the run's cache, or pretokenized); "
-                      "set data.streaming false")
     weights = []
     for i, entry in enumerate(mixture):
         where = f"data.mixture[{i}]"  # each entry is a mapping (config's type check)
@@ -219,10 +223,80 @@ class MixtureOrder:
         else:  # new weights from here on
             self.phase_start, self.phase_rows = self.position, list(self.rows)
             if self.rank == 0:
-                print(f"data.mixture: the weights change from {_show(state['weights'])} to {_show(self.weights)} "
+                print(f"data.mixture: the weights change from {show(state['weights'])} to {show(self.weights)} "
                       f"at row {self.position} of the run", flush=True)
         self._perms = {}
 
 
-def _show(weights) -> str:
+def show(weights) -> str:
     return "[" + ", ".join(f"{w:.4g}" for w in weights) + "]"
+
+
+class MixedSource:
+    """The entries' stream sources (sources.Source) with weights and names: what a rank's readers read with
+    data.streaming (workers.RankStream, one MixedShareBatches per reader)."""
+
+    def __init__(self, sources: list, weights: list[float], names: list[str]):
+        self.sources, self.names, self.weights = sources, names, normalized(weights)
+        self.name = "mixture of " + ", ".join(names)
+        self.kind = "hub" if any(src.kind == "hub" for src in sources) else "files"  # workers: a hub needs its lock reset
+        self.skip_bad_records = any(src.skip_bad_records for src in sources)
+
+    def identity(self) -> str:
+        """The entries' identities, in order; not the weights, which a resume may change."""
+        return "mixture:" + ",".join(src.identity() for src in self.sources)
+
+    def describe(self) -> list[dict]:
+        return [{"name": name, "source": src.name, "weight": w}
+                for name, src, w in zip(self.names, self.sources, self.weights)]
+
+
+class MixedShareBatches:
+    """One reader's micro-batches of a MixedSource, each with the reader's state after it: its share of every source
+    (stream.ShareBatches, one window at a time), row by row by the greedy rule over the reader's own rows.
+
+    state: {"position": the reader's rows handed out, "rows": each source's, "weights",
+            "phase": {"position", "rows"}, "shares": [each source's ShareBatches state]}"""
+
+    def __init__(self, src: MixedSource, *, tokenizer, seq_len: int, micro_batch_size: int, reader: int = 0,
+                 readers: int = 1, state: dict | None = None):
+        k = len(src.sources)
+        state = state or {"position": 0, "rows": [0] * k, "weights": src.weights,
+                          "phase": {"position": 0, "rows": [0] * k}, "shares": [None] * k}
+        self.src, self.mb, self.state = src, micro_batch_size, state
+        self.parts = [ShareBatches(part, tokenizer=tokenizer, seq_len=seq_len, micro_batch_size=1, reader=reader,
+                                   readers=readers, state=share) for part, share in zip(src.sources, state["shares"])]
+
+    def __iter__(self):
+        position, rows, shares = self.state["position"], list(self.state["rows"]), list(self.state["shares"])
+        phase_start, phase_rows = self.state["phase"]["position"], list(self.state["phase"]["rows"])
+        if not np.allclose(self.state["weights"], self.src.weights, rtol=0, atol=1e-12):  # new weights from here on
+            phase_start, phase_rows = position, list(rows)
+        windows = [iter(part) for part in self.parts]
+        while True:
+            picks = assign(self.src.weights, rows, phase_start, phase_rows, position, self.mb)
+            position += self.mb
+            batch = []
+            for d, _ in picks:
+                window, shares[d] = next(windows[d])
+                batch.append(window)
+            yield torch.cat(batch), {"position": position, "rows": list(rows), "weights": self.src.weights,
+                                     "phase": {"position": phase_start, "rows": list(phase_rows)},
+                                     "shares": list(shares)}
+
+
+def described(dataset) -> list[dict] | None:
+    """Each source's name, source and weight (and tokens, map-style) of a training mixture; None for one source."""
+    if isinstance(dataset, MixedDataset):
+        return dataset.describe()
+    source = getattr(dataset, "source", None)  # a stream (loader.StreamingPackedDataset)
+    return source.describe() if isinstance(source, MixedSource) else None
+
+
+def jsonable_share(state: dict | None) -> dict | None:
+    """A reader's state (stream.ShareBatches' or MixedShareBatches') with its token buffers as lists (JSON)."""
+    if state is None:
+        return None
+    if "shares" in state:
+        return {**state, "shares": [jsonable_share(share) for share in state["shares"]]}
+    return {**state, "buffer": np.asarray(state["buffer"]).tolist()}

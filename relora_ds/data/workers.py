@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from relora_ds.data import DataError
+from relora_ds.data.mixture import MixedShareBatches, MixedSource, jsonable_share
 from relora_ds.data.sources import _one_line
 from relora_ds.data.stream import ShareBatches
 
@@ -70,6 +71,12 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
         os._exit(1)
 
 
+def reader_batches(src, **kwargs):
+    """One reader's (micro-batch, state) iterator: stream.ShareBatches of a source, mixture.MixedShareBatches of a
+    data.mixture's sources."""
+    return MixedShareBatches(src, **kwargs) if isinstance(src, MixedSource) else ShareBatches(src, **kwargs)
+
+
 class _Readers(torch.utils.data.IterableDataset):
     """The rank's readers for the DataLoader: worker j runs reader (j + turn) mod W from its saved state."""
 
@@ -87,9 +94,9 @@ class _Readers(torch.utils.data.IterableDataset):
                 import fsspec.asyn
 
                 fsspec.asyn.reset_lock()  # a forked copy of the parent's event loop lock would hang
-            for batch, state in ShareBatches(self.src, tokenizer=self.tokenizer, seq_len=self.seq_len,
-                                             micro_batch_size=self.mb, reader=reader, readers=self.readers,
-                                             state=self.states[local]):
+            for batch, state in reader_batches(self.src, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                                               micro_batch_size=self.mb, reader=reader, readers=self.readers,
+                                               state=self.states[local]):
                 yield batch.numpy(), state  # pickled through the pipe: cheaper than a shared-memory file per batch
         except DataError as e:
             yield _Failure(str(e))
@@ -143,9 +150,9 @@ class RankStream:
 
     def _start(self) -> Iterator:
         if self.num_workers == 0:
-            return iter(ShareBatches(self.src, tokenizer=self.tokenizer, seq_len=self.seq_len,
-                                     micro_batch_size=self.mb, reader=self.first, readers=self.readers,
-                                     state=self.states[0]))
+            return iter(reader_batches(self.src, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                                       micro_batch_size=self.mb, reader=self.first, readers=self.readers,
+                                       state=self.states[0]))
         readers = _Readers(self.src, tokenizer=self.tokenizer, seq_len=self.seq_len, micro_batch_size=self.mb,
                            rank=self.rank, readers=self.readers, first=self.first, states=list(self.states),
                            turn=self.turn)
@@ -165,8 +172,7 @@ class RankStream:
     def local_state(self) -> dict:
         """JSON: {"readers", "per_rank", "turn", "shares": {reader index: its state or None}}."""
         return {"readers": self.readers, "per_rank": self.per_rank, "turn": self.turn,
-                "shares": {str(self.first + j): s and {**s, "buffer": np.asarray(s["buffer"]).tolist()}
-                           for j, s in enumerate(self.states)}}
+                "shares": {str(self.first + j): jsonable_share(s) for j, s in enumerate(self.states)}}
 
     def load_local_state(self, shares: dict, turn: int) -> None:
         """Continue every reader of this rank from `shares` (reader index -> state) with reader `turn` next."""

@@ -68,3 +68,28 @@ def test_a_mixture_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     assert "data.mixture: the weights change from [0.75, 0.25] to [0.5, 0.5] at row 8" in capsys.readouterr().out
     state = checkpoint.read_state(os.path.join(str(tmp_path / "annealed"), "checkpoints", checkpoint.tag_for(8)))
     assert [c["rows"] for c in state["data"]["components"]] == [10, 6]  # 6 and 2 before, then 4 of each
+
+
+def test_a_streamed_mixture_with_data_workers_resumes_exactly(tmp_path):
+    plain, upper = _sources(tmp_path)
+    ds = write_ds_config(tmp_path, stage=2)
+
+    def config(name, **more):
+        mix = f"[{{source: {plain}, weight: 3}}, {{source: {upper}, weight: 1}}]"
+        return tiny_run_config(tmp_path, "unused", "unused", ds, **{
+            "data.source": "sotu", "data.validation_source": "null", "data.mixture": mix, "data.streaming": True,
+            "data.num_workers": 2, "train.total_steps": 6, "train.eval_every": 0, "checkpoint.every": 3,
+            "relora.warm_start_steps": 2, "relora.reset_every": 2,
+            "log.every": 1, "train.output_dir": str(tmp_path / name), **more})
+
+    reference = trainer.train(config("reference"))
+    run_dir = str(tmp_path / "reference")
+    data = [r for r in read_metrics(run_dir) if r.get("event") == "data"]
+    assert [(d["name"], d["weight"]) for d in data[0]["mixture"]] == [("plain", 0.75), ("upper", 0.25)]
+    state = checkpoint.read_state(os.path.join(run_dir, "checkpoints", checkpoint.tag_for(6)))["data"]
+    assert state["kind"] == "stream" and sorted(state["shares"]) == ["0", "1"]
+    assert [state["shares"][k]["rows"] for k in ("0", "1")] == [[5, 1], [5, 1]]  # 3 batches of 2 rows per reader
+    shutil.copytree(os.path.join(run_dir, "checkpoints", checkpoint.tag_for(3)),
+                    tmp_path / "resumed" / "checkpoints" / checkpoint.tag_for(3))
+    resumed = trainer.train(config("resumed", **{"train.resume": True}))
+    assert resumed["losses"] == {s: reference["losses"][s] for s in range(4, 7)}

@@ -218,9 +218,7 @@ def test_bad_mixtures_are_one_line_each():
         "data.mixture[0].format: must be one of auto, json, text, parquet, hub, pretokenized, got 'xml'"]
     assert problems("[{source: a, weight: 1, split: 3}]") == ["data.mixture[0].split: expected a string, got 3"]
     assert problems("[{source: a, weight: 0}]") == ["data.mixture: the weights must not all be 0, got [0]"]
-    assert problems("[{source: a, weight: 1}]", "data.streaming=true") == [
-        "data.mixture: a mixture is read map-style (packed into the run's cache, or pretokenized); set "
-        "data.streaming false"]
+    assert problems("[{source: a, weight: 1}]", "data.streaming=true") == []
     assert problems("[{source: x/a.jsonl, weight: 1}, {source: y/a, weight: 1}]") == [
         "data.mixture: several entries are named 'a'; give each a name"]
     assert problems("[{source: x/a.jsonl, weight: 1}, {source: y/a, weight: 1, name: code}]") == []
@@ -230,3 +228,85 @@ def test_bad_mixtures_are_one_line_each():
         "data.source 'b' and data.mixture: set one of them (a mixture names its sources in its entries)"]
     with pytest.raises(ConfigError, match=r"data.mixture: expected list\[dict\], got list \['a'\]"):
         load_config(None, ["data.mixture=[a]"])
+
+
+def _stream_sources(tmp_path):
+    """Two local corpora of 4 files each (whole files per reader with 2 or 4 readers), train and validation: every
+    word of source a is 'alpha', of b 'beta', so a row's text names its source."""
+    for name, word in (("a", "alpha"), ("b", "beta")):
+        (tmp_path / name).mkdir(exist_ok=True)
+        for i in range(4):
+            lines = [json.dumps({"text": f"{word} " * (j % 5 + 6 + i)}) for j in range(30)]
+            (tmp_path / name / f"train-{i}.jsonl").write_text("\n".join(lines) + "\n")
+        (tmp_path / name / "validation.jsonl").write_text(json.dumps({"text": f"{name} held out " * 40}) + "\n")
+    return dataclasses.replace(DataConfig(), seq_len=8, streaming=True, mixture=[
+        {"source": str(tmp_path / "a"), "weight": 3}, {"source": str(tmp_path / "b"), "weight": 1}])
+
+
+def _sources_of(tok, batch) -> list[str]:
+    letters = [set(tok.decode(row.tolist()).replace("</s>", "").replace(" ", "")) for row in batch]
+    assert all(ls <= set("alph") or ls <= set("beta") for ls in letters), letters  # one source per row
+    return ["a" if ls <= set("alph") else "b" for ls in letters]
+
+
+def test_a_streamed_mixture_blends_each_readers_rows_and_resumes_exactly(tmp_path, capsys):
+    from relora_ds.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(None)
+    data = _stream_sources(tmp_path)
+    train = loader.dataset_from_config(data, tok)
+    assert isinstance(train, loader.StreamingPackedDataset) and isinstance(train.source, mixture.MixedSource)
+    assert mixture.described(train) == [{"name": "a", "source": str(tmp_path / "a"), "weight": 0.75},
+                                        {"name": "b", "source": str(tmp_path / "b"), "weight": 0.25}]
+
+    def make(workers=0, d=data):
+        return loader.DistributedBatches(loader.dataset_from_config(d, tok), micro_batch_size=4, rank=0,
+                                         world_size=1, seed=0, num_workers=workers)
+
+    batches = make()
+    seen = [next(batches)["input_ids"] for _ in range(12)]
+    assert [_sources_of(tok, batch) for batch in seen[:2]] == [["a", "a", "b", "a"], ["a", "a", "b", "a"]]
+    assert sum(_sources_of(tok, batch).count("a") for batch in seen) == 36  # 48 rows at 0.75
+    state = json.loads(json.dumps(batches.state_dict()))
+    share = state["shares"]["0"]
+    assert share["position"] == 48 and share["rows"] == [36, 12] and len(share["shares"]) == 2
+    after = [next(batches)["input_ids"] for _ in range(4)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, next(resumed)["input_ids"]) for x in after)
+    with make(workers=2) as two:  # 2 readers in 2 workers: each its own blend, resumable the same way
+        first = [next(two)["input_ids"] for _ in range(6)]
+        two_state = json.loads(json.dumps(two.state_dict()))
+        later = [next(two)["input_ids"] for _ in range(4)]
+    assert [_sources_of(tok, batch) for batch in first] == [["a", "a", "b", "a"]] * 6
+    assert not torch.equal(first[0], first[1])  # the two readers' shares (whole files each)
+    with make(workers=2) as again:
+        again.load_state_dict(two_state)
+        assert all(torch.equal(x, next(again)["input_ids"]) for x in later)
+
+    annealed = make(d=dataclasses.replace(data, mixture=[{**data.mixture[0], "weight": 1},
+                                                         {**data.mixture[1], "weight": 1}]))
+    annealed.load_state_dict(state)
+    assert "data.mixture: the weights change from [0.75, 0.25] to [0.5, 0.5]" in capsys.readouterr().out
+    next(annealed)
+    new_phase = annealed.state_dict()["shares"]["0"]
+    assert new_phase["phase"] == {"position": 48, "rows": [36, 12]} and new_phase["rows"] == [38, 14]
+
+    held_out = loader.dataset_from_config(data, tok, split="validation")
+    assert isinstance(held_out, mixture.MixedDataset) and held_out.names == ["a", "b"]
+    sets = loader.held_out_sets(held_out, micro_batch_size=1, max_batches=2, rank=0, world_size=1)
+    assert [tok.decode(batches[0]["input_ids"][0].tolist()).split()[0] for _, _, batches in sets] == ["a", "b"]
+
+
+def test_a_streamed_mixture_refuses_a_pretokenized_entry(tmp_path):
+    from relora_ds.data import pretokenize
+    from relora_ds.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(None)
+    data = _stream_sources(tmp_path)
+    pretokenize.pretokenize(str(tmp_path / "b"), str(tmp_path / "b-packed"), tokenizer=tok, seq_len=8)
+    mixed = dataclasses.replace(data, mixture=[data.mixture[0], {"source": str(tmp_path / "b-packed"), "weight": 1}])
+    with pytest.raises(DataError, match=r"data.mixture: with data.streaming every entry is read as a stream, and "
+                                        r"b-packed is a pretokenized dataset; stream its raw files, or set "
+                                        r"data.streaming false"):
+        loader.dataset_from_config(mixed, tok)
