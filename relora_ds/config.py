@@ -258,6 +258,7 @@ def validate(cfg: RunConfig) -> list[str]:
     at_least("train.seed", t.seed, 0)
     at_least("train.eval_every", t.eval_every, 0)
     at_least("train.eval_batches", t.eval_batches, 1)
+    at_least("train.nonfinite_rewinds", t.nonfinite_rewinds, 0)
     positive("train.max_grad_norm", t.max_grad_norm)
     at_least("log.every", lg.every, 1)
     positive("log.peak_tflops", lg.peak_tflops)

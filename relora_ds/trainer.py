@@ -7,6 +7,7 @@ DeepSpeed is one object, the TrainEngine (relora_ds/engine/train_module.py); the
 restart layout, and holds no method names.
 """
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from relora_ds.callbacks.memory import MemoryEvents
 from relora_ds.callbacks.plots import LossPlot
 from relora_ds.data import loader as data_loader, mixture, skip
 from relora_ds.data.tokenize import load_tokenizer
-from relora_ds.engine import ds_config as dsc, run_dir, runtime
+from relora_ds.engine import checkpoint, ds_config as dsc, run_dir, runtime
 from relora_ds.engine.train_module import mean_over_ranks, optimizer_bytes, over_ranks, start_engine
-from relora_ds.errors import RunError
+from relora_ds.errors import NonFiniteError, RunError
 from relora_ds.fields import setting
 from relora_ds.memory import PhaseMemory, fix_heap_threshold, returns_freed_host_memory
 from relora_ds.metrics import Metrics
@@ -53,6 +54,9 @@ class TrainConfig:
         "none", "full: recompute each decoder layer's activations in the backward pass instead of keeping them "
                 "(less memory, about one more forward of compute); selective: recompute only each layer's MLP; none: "
                 "keep them", CHECKPOINTING)
+    nonfinite_rewinds: int = setting(
+        0, "on a non-finite loss or gradient norm, go back to the newest checkpoint and pass over the data from it to "
+           "the failed step (a data.skip entry), at most this many times in one command; 0: stop with the error")
 
 
 @dataclass
@@ -114,18 +118,24 @@ def train(cfg, *, keep_engine: bool = False, stop: StopSignals | None = None) ->
     trainer = setup(cfg)
     total_steps = trainer.cfg.train.total_steps
     batches = iter(trainer.batches)
-    trainer.fire("on_start")
-    signalled = int(max(over_ranks(stop.received, trainer.engine.device)))  # in setup: stop before any step
-    while trainer.state.step < total_steps and not signalled:
-        trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
-        step = trainer.state.step
-        lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
-        logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
-        loss, grad_norm, signalled = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs,
-                                                         stop_signal=stop.received)  # any rank's signal
-        trainer.state.step += 1
-        trainer.state.tokens_seen += trainer.tokens_per_step
-        trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
+    try:
+        trainer.fire("on_start")
+        signalled = int(max(over_ranks(stop.received, trainer.engine.device)))  # in setup: stop before any step
+        while trainer.state.step < total_steps and not signalled:
+            trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
+            step = trainer.state.step
+            lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
+            logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
+            loss, grad_norm, signalled = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs,
+                                                             stop_signal=stop.received)  # any rank's signal
+            trainer.state.step += 1
+            trainer.state.tokens_seen += trainer.tokens_per_step
+            trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
+    except NonFiniteError:  # the same step on every rank: free the run, so that a rewind can build it again
+        trainer.batches.close()
+        trainer.metrics.close()
+        trainer.engine.destroy()
+        raise
     stopped = signal_name(signalled) if trainer.state.step < total_steps else None
     if stopped:
         trainer.metrics.log_event("stop", trainer.state.step, signal=stopped)
@@ -140,9 +150,42 @@ def train_command(cfg, then: str) -> dict:
     checkpoint.stop_signals end the run at a checkpoint, which then raises stop.Stopped (one line, exit code 75;
     `then`: how to go on). Returns the summary of a run that was not stopped."""
     with StopSignals(cfg.checkpoint.stop_signals) as stop:
-        summary = train(cfg, stop=stop)
+        summary = train_rewinding(cfg, stop)
     check_finished(summary, cfg.train.total_steps, then)
     return summary
+
+
+def train_rewinding(cfg, stop: StopSignals | None = None) -> dict:
+    """`train`, going back after a non-finite loss or gradient norm at most train.nonfinite_rewinds times: to the
+    newest checkpoint, passing over the data from it to the failed step (`rewound`); then the NonFiniteError."""
+    for rewind in range(cfg.train.nonfinite_rewinds + 1):
+        try:
+            return train(cfg, stop=stop)
+        except NonFiniteError as e:
+            if rewind == cfg.train.nonfinite_rewinds:
+                raise
+            cfg = rewound(cfg, e, rewind + 1)
+
+
+def rewound(cfg, error: NonFiniteError, rewind: int):
+    """The config that resumes the run from its newest checkpoint (step c) and, after step c, passes over the data
+    of every step the failed run trained on from there, the failed step included, and what data.skip passed over in
+    between (`error`: a NonFiniteError at step k); the error itself when there is no checkpoint to go back to."""
+    newest = run_dir.newest_checkpoint(cfg.train.output_dir)
+    if newest is None:
+        raise error
+    start = checkpoint.read_state(newest)["step"]
+    skips = skip.parse(cfg.data.skip)
+    steps = skips.pop(start, 0) + (error.step - start) + sum(n for s, n in skips.items() if start < s < error.step)
+    skips[start] = steps
+    if dist.is_rank_zero():
+        print(f"{error}\nrewind {rewind} of {cfg.train.nonfinite_rewinds} (train.nonfinite_rewinds): back to the "
+              f"checkpoint of step {start}, passing over the data of {steps} steps after it (data.skip {start}:{steps})",
+              flush=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.skip = [f"{s}:{n}" for s, n in sorted(skips.items())]
+    cfg.train.resume = True
+    return cfg
 
 
 # --- setting a run up and closing it ------------------------------------------------------------------------
