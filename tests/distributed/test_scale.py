@@ -151,7 +151,8 @@ def test_sharded_build_and_memory_bounded_switch(tmp_path):
 
 
 def nan_on_one_rank(rank, world_size, directory):
-    """A loss that is NaN on rank 1 only, at step 3: both ranks must stop in that step with the same message."""
+    """A loss that is NaN on rank 1 only, at step 3: both ranks must stop in that step with the same message; with
+    train.nonfinite_rewinds both go back to the checkpoint of step 2 together and finish the run."""
     from relora_ds import trainer
     from relora_ds.engine import checkpoint, train_module
     from relora_ds.errors import NonFiniteError
@@ -174,11 +175,16 @@ def nan_on_one_rank(rank, world_size, directory):
     try:
         trainer.train(cfg)
     except NonFiniteError as e:
-        return {"message": str(e), "tags": checkpoint.complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))}
-    return {"message": None}
+        result = {"message": str(e), "tags": checkpoint.complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))}
+    else:
+        return {"message": None}
+    calls["n"] = 0  # the same failure in a run that may rewind once
+    cfg.train.output_dir, cfg.train.nonfinite_rewinds = os.path.join(directory, "rewound"), 1
+    summary = trainer.train_rewinding(cfg)
+    return {**result, "rewound": (summary["step"], sorted(summary["losses"]))}
 
 
-def test_nan_on_one_rank_stops_every_rank_in_that_step(tmp_path):
+def test_nan_on_one_rank_stops_every_rank_in_that_step_or_rewinds_them_together(tmp_path):
     from tests.helpers.runs import write_corpus, write_ds_config
     from tests.helpers.spawn import run_on_ranks
 
@@ -191,3 +197,4 @@ def test_nan_on_one_rank_stops_every_rank_in_that_step(tmp_path):
     message = messages.pop()
     assert message.startswith("training stopped at step 3: the loss is not finite on rank(s) 1;"), message
     assert results[0]["tags"] == ["step_00000002"]  # the last complete checkpoint is kept, nothing after it
+    assert [r["rewound"] for r in results] == [(8, list(range(3, 9)))] * 2  # both went back to step 2 and finished
