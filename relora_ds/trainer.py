@@ -180,8 +180,8 @@ def rewound(cfg, error: NonFiniteError, rewind: int):
     skips[start] = steps
     if dist.is_rank_zero():
         print(f"{error}\nrewind {rewind} of {cfg.train.nonfinite_rewinds} (train.nonfinite_rewinds): back to the "
-              f"checkpoint of step {start}, passing over the data of {steps} steps after it (data.skip {start}:{steps})",
-              flush=True)
+              f"checkpoint of step {start}, passing over the data of {steps} steps after it "
+              f"(data.skip {start}:{steps})", flush=True)
     cfg = copy.deepcopy(cfg)
     cfg.data.skip = [f"{s}:{n}" for s, n in sorted(skips.items())]
     cfg.train.resume = True

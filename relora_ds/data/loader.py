@@ -437,7 +437,7 @@ class DistributedBatches:
         same_split = state["per_rank"] == stream.per_rank
         stream.load_local_state(state["shares"], state["turn"] if same_split else 0)
         saved = next((share["weights"] for share in state["shares"].values() if share and "weights" in share), None)
-        if saved is not None and not np.allclose(saved, ds.source.weights, rtol=0, atol=1e-12) and self.rank == 0:
+        if saved is not None and not mixture.same_weights(saved, ds.source.weights) and self.rank == 0:
             print(f"data.mixture: the weights change from {mixture.show(saved)} to {mixture.show(ds.source.weights)} "
                   f"from here on, in every reader's own rows", flush=True)
 

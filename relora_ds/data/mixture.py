@@ -218,7 +218,7 @@ class MixtureOrder:
                                 f"sequences of {c['source']!r} but it now has {len(component)} (the source, "
                                 f"data.seq_len or data.tokenizer changed)")
         self.position, self.rows = int(state["position"]), [int(c["rows"]) for c in saved]
-        if np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
+        if same_weights(state["weights"], self.weights):
             self.phase_start, self.phase_rows = int(state["phase"]["position"]), list(state["phase"]["rows"])
         else:  # new weights from here on
             self.phase_start, self.phase_rows = self.position, list(self.rows)
@@ -232,6 +232,11 @@ def show(weights) -> str:
     return "[" + ", ".join(f"{w:.4g}" for w in weights) + "]"
 
 
+def same_weights(saved, now) -> bool:
+    """Whether a saved state's (normalized) weights are this run's: else a new phase starts."""
+    return bool(np.allclose(saved, now, rtol=0, atol=1e-12))
+
+
 class MixedSource:
     """The entries' stream sources (sources.Source) with weights and names: what a rank's readers read with
     data.streaming (workers.RankStream, one MixedShareBatches per reader)."""
@@ -239,8 +244,7 @@ class MixedSource:
     def __init__(self, sources: list, weights: list[float], names: list[str]):
         self.sources, self.names, self.weights = sources, names, normalized(weights)
         self.name = "mixture of " + ", ".join(names)
-        self.kind = "hub" if any(src.kind == "hub" for src in sources) else "files"  # workers: a hub needs its lock reset
-        self.skip_bad_records = any(src.skip_bad_records for src in sources)
+        self.kind = "hub" if any(src.kind == "hub" for src in sources) else "files"  # a hub's workers reset a lock
 
     def identity(self) -> str:
         """The entries' identities, in order; not the weights, which a resume may change."""
@@ -270,7 +274,7 @@ class MixedShareBatches:
     def __iter__(self):
         position, rows, shares = self.state["position"], list(self.state["rows"]), list(self.state["shares"])
         phase_start, phase_rows = self.state["phase"]["position"], list(self.state["phase"]["rows"])
-        if not np.allclose(self.state["weights"], self.src.weights, rtol=0, atol=1e-12):  # new weights from here on
+        if not same_weights(self.state["weights"], self.src.weights):  # new weights from here on
             phase_start, phase_rows = position, list(rows)
         windows = [iter(part) for part in self.parts]
         while True:

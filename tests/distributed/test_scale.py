@@ -175,7 +175,8 @@ def nan_on_one_rank(rank, world_size, directory):
     try:
         trainer.train(cfg)
     except NonFiniteError as e:
-        result = {"message": str(e), "tags": checkpoint.complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))}
+        tags = checkpoint.complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))
+        result = {"message": str(e), "tags": tags}
     else:
         return {"message": None}
     calls["n"] = 0  # the same failure in a run that may rewind once
