@@ -5,9 +5,9 @@
         uint16 rows), for a global micro-batch of 8, 512 and 4096 rows (world size × micro-batch size 8: one
         rank, 64 ranks, 512 ranks): one source, and a mixture of 3 sources (0.5 / 0.3 / 0.2), whose every rank
         runs the blend's greedy pick over the whole global micro-batch (mixture.assign)
-    (b) an epoch's permutation of n rows (numpy's default_rng(...).permutation, what a single source and each
-        mixture source build once per epoch, on every rank): seconds and bytes at n = 1 M, 10 M and 100 M rows
-        (100 M rows of 2048 tokens: 205 B tokens)
+    (b) an epoch's permutation of n rows (relora_ds.data.epoch_permutation: numpy's default_rng(...).permutation
+        order held as uint32; what a single source and each mixture source build once per epoch, on every rank):
+        seconds and bytes at n = 1 M, 10 M and 100 M rows (100 M rows of 2048 tokens: 205 B tokens)
 
 The packed datasets hold random tokens (the order does not read them), written straight as token files with a
 manifest. Medians of --repeats.
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from relora_ds.data import loader, mixture  # noqa: E402
+from relora_ds.data import epoch_permutation, loader, mixture  # noqa: E402
 from relora_ds.data.pretokenize import MANIFEST_FILE  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,7 +78,7 @@ def per_step_ms(dataset, world: int, steps: int) -> float:
 
 def permutation_cost(n: int) -> tuple[float, int]:
     began = time.perf_counter()
-    perm = np.random.default_rng([0, 0]).permutation(n)
+    perm = epoch_permutation([0, 0], n)
     return time.perf_counter() - began, perm.nbytes
 
 
@@ -133,7 +133,7 @@ def markdown(r: dict) -> str:
              "| data | world size | global micro-batch (rows) | ms per micro-step (rank 0) |", "|---|---|---|---|"]
     lines += [f"| {s['data']} | {s['world_size']} | {s['global_rows']} | {s['ms_per_micro_step']:.3f} |"
               for s in r["per_step"]]
-    lines += ["", "| rows in the epoch | permutation: seconds | GiB (int64) |", "|---|---|---|"]
+    lines += ["", "| rows in the epoch | permutation: seconds | GiB (uint32) |", "|---|---|---|"]
     lines += [f"| {p['rows']:,} | {p['seconds']:.2f} | {p['gib']:.2f} |" for p in r["permutation"]]
     return "\n".join(lines) + "\n"
 

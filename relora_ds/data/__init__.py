@@ -15,6 +15,8 @@
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from relora_ds.fields import setting
 
 DATA_FORMATS = ("auto", "json", "text", "parquet", "hub", "pretokenized")  # data.format
@@ -23,6 +25,12 @@ SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 
 class DataError(ValueError):
     """Bad data input; the message is one line naming the file/field and what is expected."""
+
+
+def epoch_permutation(seed: list[int], n: int) -> np.ndarray:
+    """numpy.random.default_rng(seed).permutation(n), held as uint32 below 2**32 rows: the same order (the shuffle's
+    draws depend on n, not on the dtype) in half the memory of int64 (0.37 GiB at 100 M rows)."""
+    return np.random.default_rng(seed).permutation(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64))
 
 
 @dataclass

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from relora_ds.data import DataError, mixture
+from relora_ds.data import DataError, epoch_permutation, mixture
 from relora_ds.data.pretokenize import MANIFEST_FILE, check_manifest, read_manifest, write_packed
 from relora_ds.data.sources import Source, file_format, resolve_source
 from relora_ds.data.stream import ShareBatches
@@ -331,7 +331,7 @@ class DistributedBatches:
         if self.position + self.global_batch > len(self.dataset):
             self.epoch, self.position = self.epoch + 1, 0
         if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
+            self._perm = epoch_permutation([self.seed, self.epoch], len(self.dataset))
             self._perm_epoch = self.epoch
         mine = self.position + self.rank * self.mb
         self.position += self.global_batch

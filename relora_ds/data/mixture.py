@@ -38,7 +38,7 @@ import re
 import numpy as np
 import torch
 
-from relora_ds.data import DATA_FORMATS, DataError
+from relora_ds.data import DATA_FORMATS, DataError, epoch_permutation
 from relora_ds.data.stream import ShareBatches
 
 # What an entry may set besides source, weight and name: data.* fields, each defaulting to data.*'s value.
@@ -195,7 +195,7 @@ class MixtureOrder:
         n = len(self.dataset.components[d])
         epoch = k // n
         if self._perms.get(d, (None,))[0] != epoch:
-            self._perms[d] = (epoch, np.random.default_rng([self.seed, d, epoch]).permutation(n))
+            self._perms[d] = (epoch, epoch_permutation([self.seed, d, epoch], n))
         return int(self._perms[d][1][k % n])
 
     def state_dict(self) -> dict:

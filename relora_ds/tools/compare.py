@@ -90,9 +90,10 @@ DEFAULT_VARIANTS = ("full", "lora", "lora_warm", "relora")  # the paper's Table 
 COMPARE_SETS = {"train.resume": "auto", "checkpoint.at_switch": True, "checkpoint.save_final": True}
 COMPARE_KEYS = ("train.output_dir", *COMPARE_SETS)
 SEED_KEY = "train.seed"  # set per run by --seeds
-# Fields that do not change what a variant computes: a finished result is reused whatever they say.
+# Fields that do not change what a variant computes: a finished result is reused whatever they say. data.skip is
+# among them because a rewind (train.nonfinite_rewinds) adds its entries to a variant's config.yaml.
 NOT_COMPARED = ("log.", "checkpoint.every", "checkpoint.keep_last", "checkpoint.stop_signals", "train.output_dir",
-                "train.resume")  # "checkpoint.every" covers checkpoint.every_minutes too (a prefix)
+                "train.resume", "data.skip")  # "checkpoint.every" covers checkpoint.every_minutes too (a prefix)
 
 
 # --- configs ----------------------------------------------------------------------------------------------------

@@ -211,3 +211,14 @@ def test_dataset_from_config_roles(tmp_path, corpus, tok):
     explicit = loader.dataset_from_config(_cfg(source=str(data_dir), validation_source=corpus[0]), tok,
                                           split="validation", cache_dir=cache)
     assert len(explicit) == len(train)
+
+
+def test_epoch_permutation_is_numpys_order_in_half_the_memory():
+    """Saved map-style positions index this order: it must stay numpy's permutation(n), whatever the dtype."""
+    import numpy as np
+
+    from relora_ds.data import epoch_permutation
+
+    for seed, n in (([42, 0], 1), ([42, 3], 97), ([7, 1, 2], 65_537), ([0, 5], 1_000_003)):
+        perm = epoch_permutation(seed, n)
+        assert perm.dtype == np.uint32 and np.array_equal(perm, np.random.default_rng(seed).permutation(n))
