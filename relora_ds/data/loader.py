@@ -472,10 +472,15 @@ def held_out_sets(dataset, **kwargs) -> list[tuple[str | None, float, list[dict]
     source for a mixture's held-out sets (`max_batches` each); [] without a dataset. kwargs: eval_batches'."""
     if dataset is None:
         return []
-    if isinstance(dataset, mixture.MixedDataset):
-        return [(name, weight, eval_batches(part, **kwargs))
-                for name, weight, part in zip(dataset.names, dataset.weights, dataset.components)]
-    return [(None, 1.0, eval_batches(dataset, **kwargs))]
+    if not isinstance(dataset, mixture.MixedDataset):
+        return [(None, 1.0, eval_batches(dataset, **kwargs))]
+    sets = []
+    for name, weight, part in zip(dataset.names, dataset.weights, dataset.components):
+        try:
+            sets.append((name, weight, eval_batches(part, **kwargs)))
+        except DataError as e:
+            raise DataError(f"data.mixture {name!r}: {e}") from None
+    return sets
 
 
 def eval_batches(dataset, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int) -> list[dict]:

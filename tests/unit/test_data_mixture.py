@@ -156,6 +156,9 @@ def test_a_mixtures_held_out_sets_are_evaluated_one_by_one_and_weighted():
     assert [(name, weight, len(b)) for name, weight, b in single] == [(None, 1.0, 2)]
     assert Evaluation(single, every=1)._evaluate(Engine()) == {"loss": 1.0, "perplexity": 0.0}
     assert loader.held_out_sets(None, micro_batch_size=2, max_batches=2, rank=0, world_size=1) == []
+    with pytest.raises(DataError, match=r"data.mixture 'src1': validation data: 4 packed sequences are fewer than one "
+                                        r"micro-batch per rank \(micro_batch_size 5 x world_size 1\)"):
+        loader.held_out_sets(held_out, micro_batch_size=5, max_batches=2, rank=0, world_size=1)
 
 
 def test_entry_names_default_to_the_sources_last_part():
