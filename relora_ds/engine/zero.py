@@ -80,7 +80,9 @@ def check_zero3_weight(param: torch.Tensor, name: str) -> None:
     if hasattr(param.ds_tensor, "ds_quant_scale"):
         raise ValueError(f"relora restart: {name} is quantized (zero_quantized_nontrainable_weights), "
                          "which the restart does not support")
-    if str(getattr(param.ds_tensor, "final_location", None)).endswith("nvme"):
+    # DeepSpeed marks a partition it keeps in memory 'not-nvme' (stage3.py, offload_param cpu) and a swapped one
+    # OffloadDeviceEnum.nvme (a str enum): only the latter is refused.
+    if getattr(param.ds_tensor, "final_location", None) == "nvme":
         raise ValueError(f"relora restart: {name} is offloaded to NVMe, which the restart does not support")
 
 

@@ -27,10 +27,12 @@ def test_resume_matrix_one_rank(corpus, tmp_path, stage, bf16):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_matrix_with_the_optimizer_offloaded(corpus, tmp_path, stage):
-    """ZeRO-Offload (offload_optimizer: cpu), how one device holds the fp32 masters and Adam moments in host memory:
-    the restart merges and prunes them there, the run resumes exactly at the restart and one step after it, and its
+    """ZeRO-Offload (offload_optimizer: cpu; on ZeRO-3 offload_param: cpu too), how one device holds the fp32 masters
+    and Adam moments (and ZeRO-3's parameters) in host memory: the restart merges and prunes them there, the run resumes exactly at the restart and one step after it, and its
     losses are the plain run's (ZeRO-3: within 1e-6)."""
     offload = {"offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    if stage == 3:  # and the parameters' partitions (DeepSpeed marks them 'not-nvme', once taken for NVMe)
+        offload["offload_param"] = {"device": "cpu", "pin_memory": False}
     ds = write_ds_config(tmp_path, stage=stage, zero=offload)
     results = resume_matrix(str(tmp_path), ds, f"zero{stage}_offload", *corpus, points=("restart", "after_restart"))
     assert_resumed_exactly(results)

@@ -42,6 +42,21 @@ def test_unsupported_settings_are_one_line_errors(engine, setting):
     assert str(e.value).startswith(setting) and "\n" not in str(e.value)
 
 
+def test_a_zero3_partition_in_memory_passes_and_one_on_nvme_is_refused():
+    """DeepSpeed marks the partitions of offload_param cpu 'not-nvme': once taken for NVMe by a suffix match."""
+    import types
+
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    def param(location):
+        return types.SimpleNamespace(ds_tensor=types.SimpleNamespace(final_location=location))
+
+    for location in (None, "not-nvme", OffloadDeviceEnum.cpu):
+        zero.check_zero3_weight(param(location), "w")
+    with pytest.raises(ValueError, match="relora restart: w is offloaded to NVMe"):
+        zero.check_zero3_weight(param(OffloadDeviceEnum.nvme), "w")
+
+
 def test_supported_settings_pass():
     zero.check_engine_settings(FakeEngine(stage=3))
     zero.check_engine_settings(FakeEngine(stage=1))
