@@ -333,7 +333,7 @@ def check_engine_settings(engine) -> None:
                           "weights are not supported by the ReLoRA restart; set them to false")
     for what, offload in (("offload_param", engine.zero_offload_param()),
                           ("offload_optimizer", engine.zero_offload_optimizer())):
-        if offload is not None and str(getattr(offload, "device", "")).endswith("nvme"):
+        if offload is not None and getattr(offload, "device", None) == "nvme":  # OffloadDeviceEnum is a str enum
             raise LayoutError(f"zero_optimization.{what}.device nvme: NVMe offload is not supported by the ReLoRA "
                               f"restart; use \"cpu\" or no offload")
 
