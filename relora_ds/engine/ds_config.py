@@ -64,6 +64,17 @@ def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloaded(config: dict) -> tuple[bool, bool]:
+    """(the optimizer, the parameters) offloaded to CPU memory by zero_optimization.offload_optimizer /
+    offload_param (the latter only on ZeRO-3, where DeepSpeed reads it)."""
+    zero = config.get("zero_optimization", {}) or {}
+
+    def to_cpu(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() == "cpu"
+
+    return to_cpu("offload_optimizer"), to_cpu("offload_param") and zero_stage(config) == 3
+
+
 def precision(config: dict) -> str:
     """'bf16', 'fp16' or 'fp32'."""
     if config.get("bf16", {}).get("enabled", False):

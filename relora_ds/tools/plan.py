@@ -17,6 +17,8 @@ The terms, per rank, in bytes (N ranks, p = 2 in bf16 and 4 in fp32, T the train
   each layer's input plus one layer recomputed; the logits in fp32.
 - runtime: what the process holds besides (torch, DeepSpeed, transformers, the communication backend, the
   allocator), measured: RUNTIME_BASELINE, from the rehearsals named there.
+- host: on a CUDA device, what zero_optimization.offload_optimizer / offload_param (cpu) keep in CPU memory instead
+  (`_states`, `_params_offloaded`); not in the total. On the CPU accelerator offload moves nothing.
 Phases: the build (whole in fp32, partitioned on ZeRO-3, or module by module with a stored W), the full-rank warm
 start (when the method has one), the low-rank steps, the restart (one layer's merge in fp32 on top), the checkpoint,
 the resume (the build again, or the engine with the pages of the memory-mapped checkpoint it copies in) and the export
@@ -76,6 +78,7 @@ class Components:
     activations: float = 0.0
     transient: float = 0.0
     runtime: float = RUNTIME_BASELINE
+    host: float = 0.0  # offloaded to CPU memory on a CUDA device (zero_optimization.offload_*); not in the total
 
     @property
     def total(self) -> float:
@@ -151,7 +154,7 @@ def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointi
 
 
 def _states(c: Components, trainable: int, largest: int, p: int, stage: int, precision: str, n: int,
-            foreach: bool) -> float:
+            foreach: bool, offload_optimizer: bool = False) -> float:
     """Parameters, gradients, masters, moments and the optimizer step's temporaries of `trainable` parameters (the
     largest of them `largest`), as DeepSpeed 0.19 lays them out:
     - gradients: ZeRO-0 the module's (bf16: BF16_Optimizer's fp32 accumulators too); ZeRO-1/2 the module's and the
@@ -159,7 +162,10 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
       reduced partition besides; ZeRO-3 the rank's partition (module gradients are freed as they are reduced);
     - at the step, a bf16 run's fp32 gradient of the partition, and AdamW's temporaries: one partition's worth with
       foreach (torch's default on CUDA), two of the largest tensor without (on CPU). Returns those step temporaries'
-      bytes (in c.transient)."""
+      bytes (in c.transient).
+    offload_optimizer (a CUDA device with zero_optimization.offload_optimizer cpu): the masters, moments and the rank's
+    fp32 gradient partition are in host memory (c.host), and the step runs there (DeepSpeedCPUAdam, in place: no
+    temporaries on the device); the device keeps the parameters, the module's gradients and the reduction bucket."""
     shard = n if stage >= 1 else 1
     c.parameters = trainable * p / (n if stage >= 3 else 1)
     if stage == 0:
@@ -173,7 +179,19 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
     c.moments = trainable * 8 / shard
     step_grad = trainable * 4 / shard if precision == "bf16" and stage >= 1 else 0
     c.transient = step_grad + (trainable * 4 / shard if foreach else 2 * 4 * largest)
+    if offload_optimizer:
+        partition = trainable * p / n if stage >= 2 else 0.0  # the reduced gradient partition, fp32 on the host
+        c.host += c.masters + c.moments + trainable * 4 / shard
+        c.gradients -= partition
+        c.masters = c.moments = c.transient = 0.0
     return c.transient
+
+
+def _params_offloaded(c: Components) -> Components:
+    """`c` with ZeRO-3's parameter partitions, the frozen W's included, in host memory (offload_param cpu on a CUDA
+    device): the device holds only the gathered parameters (zero3_buffers)."""
+    return Components(**{**c.__dict__, "parameters": 0.0, "frozen_w": 0.0,
+                         "host": c.host + c.parameters + c.frozen_w})
 
 
 def engine_gradients(trainable: int, p: int, stage: int, precision: str, n: int) -> float:
@@ -216,6 +234,8 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     w_bytes = p if base_dtype == "auto" else WEIGHT_BYTES[base_dtype]  # bytes per wrapped weight as held
     plan = Plan(ranks, stage, precision, base_dtype, checkpointing, micro_batch, accelerator)
     foreach = accelerator == "cuda"
+    # Offload moves memory off a CUDA device; on the CPU accelerator it is the same memory (and not counted apart).
+    offload_optimizer, offload_param = dsc.offloaded(ds_config) if accelerator == "cuda" else (False, False)
     heap_returns = returns_freed_host_memory(stage, method.stores_weight, accelerator == "cuda")
     runtime = RUNTIME_BASELINE if accelerator == "cpu" else 0.0
     held_per_saved = ACTIVATION_HELD_PER_SAVED if accelerator == "cpu" else 1.0
@@ -236,22 +256,22 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         build.transient = 4 * counts.largest
     else:
         build.parameters = counts.total * 4
-    plan.phases["build"] = build
+    plan.phases["build"] = build = _params_offloaded(build) if offload_param else build
     if not wrapped or method.switch_step > 0:
         full = Components(runtime=runtime)
         step_temporaries = _states(full, counts.total, counts.largest_trainable_full, p, stage, precision, ranks,
-                                   foreach)
+                                   foreach, offload_optimizer)
         full.activations = activation_bytes(counts, tokens, p, 0, checkpointing, held_per_saved)
         full.transient += zero3_buffers(ds_config, p, counts.total)
-        plan.phases["full-rank steps"] = full
+        plan.phases["full-rank steps"] = _params_offloaded(full) if offload_param else full
     if wrapped:
         frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
         low = Components(frozen_w=frozen / shard, runtime=runtime)
         step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
-                                   foreach)
+                                   foreach, offload_optimizer)
         low.activations = activation_bytes(counts, tokens, p, rank, checkpointing, held_per_saved)
         low.transient += zero3_buffers(ds_config, p, low_rank_trainable)
-        plan.phases["low-rank steps"] = low
+        plan.phases["low-rank steps"] = low = _params_offloaded(low) if offload_param else low
         restart = Components(**{**low.__dict__, "activations": 0.0})
         restart.transient += 3 * 4 * counts.largest - (step_temporaries if heap_returns else 0)  # one layer's merge
         plan.phases["restart"] = restart
@@ -292,15 +312,16 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     return plan
 
 
-CHANGES = ("activation checkpointing", "micro-batch", "base_dtype", "stage", "ranks")
+CHANGES = ("activation checkpointing", "micro-batch", "base_dtype", "stage", "offload (CUDA)", "ranks")
 
 
 def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes: float, counts: Counts,
                  accelerator: str = "cpu"):
     """(what to change, its plan) for the first change that fits `device_bytes`, tried in order of what it costs:
     activation checkpointing selective, then full (a recompute), a smaller micro-batch (utilisation), relora.base_dtype int8 (a
-    rounding of W, low-rank methods on ZeRO-0/1/2), the next ZeRO stage (communication), more ranks (hardware, up to
-    1024). None when nothing does."""
+    rounding of W, low-rank methods on ZeRO-0/1/2), the next ZeRO stage (communication), on a CUDA device the
+    optimizer offloaded to CPU memory, then the parameters too (ZeRO-3; PCIe traffic each step), more ranks (hardware,
+    up to 1024). None when nothing does."""
     import copy
 
     from relora_ds import methods
@@ -337,6 +358,20 @@ def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes
         if (plan := fits(c, d, ranks)):
             return f"zero_optimization.stage: {next_stage}" + (" (with relora.base_dtype auto)" if c is not cfg
                                                                 else ""), plan
+    if accelerator == "cuda":  # offload: the host's memory for the device's, at the cost of PCIe traffic
+        zero = {**ds_config.get("zero_optimization", {}), "stage": max(stage, 2),
+                "offload_optimizer": {"device": "cpu"}}
+        if (plan := fits(cfg, {**ds_config, "zero_optimization": zero}, ranks)):
+            return (f"zero_optimization.offload_optimizer.device: cpu"
+                    + (" (with zero_optimization.stage: 2)" if stage < 2 else "")), plan
+        c = cfg
+        if cfg.relora.base_dtype != "auto":
+            c = copy.deepcopy(cfg)
+            c.relora.base_dtype = "auto"
+        zero = {**zero, "stage": 3, "offload_param": {"device": "cpu"}}
+        if (plan := fits(c, {**ds_config, "zero_optimization": zero}, ranks)):
+            return ("zero_optimization.offload_optimizer and offload_param.device: cpu (with zero_optimization.stage: "
+                    "3" + (", relora.base_dtype auto" if c is not cfg else "") + ")"), plan
     n = ranks
     while n < 1024:
         n *= 2
@@ -348,17 +383,22 @@ def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes
 def render(plan: Plan, device_bytes: float | None = None, fix=None) -> str:
     """The plan as a table (GiB per rank), and the verdict against `device_bytes`."""
     columns = ("parameters", "frozen_w", "gradients", "masters", "moments", "activations", "transient", "runtime")
+    host = any(c.host for c in plan.phases.values())
     lines = [f"per-rank memory, GiB: {plan.ranks} rank{'s' * (plan.ranks > 1)} of {plan.accelerator}, ZeRO-{plan.stage} "
              f"{plan.precision}, base_dtype {plan.base_dtype}, activation checkpointing {plan.checkpointing}, "
              f"micro-batch {plan.micro_batch}", "",
-             "| phase | " + " | ".join(c.replace("_", " ") for c in columns) + " | total |",
-             "|---|" + "---|" * (len(columns) + 1)]
+             "| phase | " + " | ".join(c.replace("_", " ") for c in columns) + " | total |"
+             + (" host (offloaded) |" if host else ""),
+             "|---|" + "---|" * (len(columns) + 1 + host)]
     for name, c in plan.phases.items():
         lines.append(f"| {name} | " + " | ".join(f"{getattr(c, k) / GIB:.2f}" for k in columns)
-                     + f" | **{c.total / GIB:.2f}** |")
+                     + f" | **{c.total / GIB:.2f}** |" + (f" {c.host / GIB:.2f} |" if host else ""))
     lines.append("")
     if plan.accelerator == "cuda":
         lines.append("runtime: the CUDA context and the caching allocator's slack are not counted (not measured yet)")
+    if host:
+        lines.append("host (offloaded): CPU memory per rank that zero_optimization.offload_* takes off the device; not in "
+                     "the total, and not measured yet")
     if device_bytes is not None:
         if plan.peak <= device_bytes:
             lines.append(f"fits: peak {plan.peak / GIB:.2f} GiB of {device_bytes / GIB:.2f} GiB")

@@ -2,6 +2,8 @@
 cheapest fix is the first that fits; bad sizes are one line. (How close it comes to measured peaks is a benchmark:
 benchmarks/plan_check.py.)"""
 
+import copy
+
 import pytest
 
 from relora_ds import cli
@@ -156,6 +158,48 @@ def test_the_cheapest_fix_is_the_first_that_fits(counts):
     change, fixed = planner.cheapest_fit(short, _ds(2, micro=1), 1, VOCAB, (int8 + plain) / 2, counts)
     assert change == "relora.base_dtype: int8" and fixed.peak == int8
     assert planner.cheapest_fit(cfg, ds, 1, VOCAB, 0.1 * GIB, counts) is None  # below the runtime: nothing fits
+
+
+def _offload(ds, optimizer=True, param=False):
+    zero = {**ds["zero_optimization"], **({"offload_optimizer": {"device": "cpu"}} if optimizer else {}),
+            **({"offload_param": {"device": "cpu"}} if param else {})}
+    return {**ds, "zero_optimization": zero}
+
+
+def test_offload_moves_the_optimizer_and_parameters_to_the_host_on_cuda(counts):
+    t = counts.total - counts.wrapped + counts.adapters
+    plain = planner.make_plan(_cfg(), _ds(2), 1, VOCAB, counts, "cuda").phases["low-rank steps"]
+    off = planner.make_plan(_cfg(), _offload(_ds(2)), 1, VOCAB, counts, "cuda").phases["low-rank steps"]
+    # masters 4t, moments 8t and the fp32 gradient partition 4t on the host; the bf16 partition (2t) and the step's
+    # temporaries (fp32 gradient 4t, foreach AdamW 4t) leave the device
+    assert (off.masters, off.moments, off.host) == (0, 0, 16 * t)
+    assert off.gradients == plain.gradients - 2 * t and off.transient == plain.transient - 8 * t
+    assert off.parameters == plain.parameters and off.frozen_w == plain.frozen_w
+    cpu_plain = planner.make_plan(_cfg(), _ds(2), 1, VOCAB, counts, "cpu")
+    cpu_off = planner.make_plan(_cfg(), _offload(_ds(2)), 1, VOCAB, counts, "cpu")
+    assert cpu_off.phases == cpu_plain.phases  # the CPU accelerator's host is its device: nothing moves
+    z3 = planner.make_plan(_cfg(), _offload(_ds(3), param=True), 2, VOCAB, counts, "cuda").phases["low-rank steps"]
+    assert (z3.parameters, z3.frozen_w) == (0, 0)
+    assert z3.host == 2 * t / 2 + 2 * counts.wrapped / 2 + (4 + 8 + 4) * t / 2  # partitions, W's too, and the optimizer
+
+
+def test_on_one_gpu_the_cheapest_fix_may_be_offload(counts):
+    short = _cfg()
+    short.data.seq_len = 64
+    short.train.activation_checkpointing = "full"
+    ds = _ds(2, micro=1)
+    plain = planner.make_plan(short, ds, 1, VOCAB, counts, "cuda").peak
+    offloaded = planner.make_plan(short, _offload(ds), 1, VOCAB, counts, "cuda").peak
+    int8_short = copy.deepcopy(short)
+    int8_short.relora.base_dtype = "int8"
+    int8 = planner.make_plan(int8_short, ds, 1, VOCAB, counts, "cuda").peak
+    budget = (plain + offloaded) / 2
+    assert offloaded < budget < plain and int8 > budget  # int8 W, tried before, does not fit; offload does
+    change, fixed = planner.cheapest_fit(short, ds, 1, VOCAB, budget, counts, "cuda")
+    assert change == "zero_optimization.offload_optimizer.device: cpu" and fixed.peak == offloaded
+    assert "host (offloaded)" in planner.render(fixed, budget)
+    on_cpu = planner.cheapest_fit(short, ds, 1, VOCAB, budget, counts, "cpu")
+    assert on_cpu is None or "offload" not in on_cpu[0]  # the CPU accelerator's host is its device
 
 
 def _run(tmp_path, capsys, *args):
