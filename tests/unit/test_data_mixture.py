@@ -63,6 +63,12 @@ def test_every_prefix_holds_each_source_within_a_row_of_its_weight():
             counts[d] += 1
             assert np.all(np.abs(counts - np.array(weights) * (g + 1)) < 1.0 + 1e-9)
         assert rows == counts.tolist()
+    # A step's rows: within two of its share by the rule, within 0.8 as measured (docs/data.md).
+    for weights in ([0.7, 0.3], [0.5, 0.3, 0.2], [0.9, 0.05, 0.05]):
+        picks = [d for d, _ in mixture.assign(weights, [0] * len(weights), 0, [0] * len(weights), 0, 8000)]
+        for start in range(0, 8000, 8):
+            step = picks[start:start + 8]
+            assert all(abs(step.count(d) - w * 8) <= 0.8 + 1e-9 for d, w in enumerate(weights)), (weights, start)
     assert [d for d, _ in mixture.assign([0.5, 0.5], [0, 0], 0, [0, 0], 0, 4)] == [0, 1, 0, 1]  # ties: lower first
     assert {d for d, _ in mixture.assign([0.0, 1.0], [0, 0], 0, [0, 0], 0, 50)} == {1}  # weight 0: never
 
