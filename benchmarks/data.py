@@ -56,6 +56,7 @@ from relora_ds.data import pretokenize as pt  # noqa: E402
 from relora_ds.data.sources import resolve_source  # noqa: E402
 from relora_ds.hardware import host, package_versions  # noqa: E402
 from relora_ds.data.tokenize import Encoder, encode_documents, load_tokenizer  # noqa: E402
+from relora_ds.files import atomic_write  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"pipeline_2_workers_vs_tokenizer": 1.6, "pretokenize_2_vs_1": 1.7, "resume_10000_vs_10": 1.2}
@@ -414,12 +415,9 @@ def main(argv=None) -> int:
     text = markdown(record)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-data-cpu{'-' + args.tag if args.tag else ''}")
-        with open(stem + ".json", "w") as f:
-            json.dump(record, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(text + "\n")
+        atomic_write(stem + ".json", json.dumps(record, indent=2))
+        atomic_write(stem + ".md", text + "\n")
         print(f"written: {stem}.json, {stem}.md")
     return 0
 

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from relora_ds.data import epoch_permutation, loader, mixture  # noqa: E402
 from relora_ds.data.pretokenize import MANIFEST_FILE  # noqa: E402
+from relora_ds.files import atomic_write  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEQ = 256
@@ -110,12 +111,9 @@ def main(argv=None) -> int:
               "repeats": args.repeats, "command": "python benchmarks/data_order.py " + " ".join(argv or sys.argv[1:]),
               "per_step": steps, "permutation": perms}
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{result['date']}-data-order-cpu")
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(result))
+        atomic_write(stem + ".json", json.dumps(result, indent=2))
+        atomic_write(stem + ".md", markdown(result))
         print(f"wrote {stem}.json and .md")
     for path in paths:
         for name in os.listdir(path):
