@@ -345,6 +345,7 @@ def _parse_override_value(text: str, annotation):
 
 
 def _union_members(annotation) -> tuple:
+    """(str, NoneType) for str | None; (annotation,) for anything that is not a union."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return typing.get_args(annotation)
     return (annotation,)
@@ -352,16 +353,13 @@ def _union_members(annotation) -> tuple:
 
 def _base_types(annotation) -> tuple:
     """(int,) for int, (str, NoneType) for str | None, (list,) for list[str]."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return tuple(a for arg in typing.get_args(annotation) for a in _base_types(arg))
-    origin = typing.get_origin(annotation)
-    return (origin,) if origin is not None else (annotation,)
+    return tuple(typing.get_origin(a) or a for a in _union_members(annotation))
 
 
 def _type_name(annotation) -> str:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
-        return " or ".join(names) + " or null"
+    members = _union_members(annotation)
+    if len(members) > 1:
+        return " or ".join(_type_name(a) for a in members if a is not type(None)) + " or null"
     if typing.get_origin(annotation) is list:
         return f"list[{typing.get_args(annotation)[0].__name__}]"
     return annotation.__name__
