@@ -1,10 +1,17 @@
-"""Stand-ins in single-process unit tests: DeepSpeed objects, and output streams that are or are not a terminal.
+"""Stand-ins in single-process unit tests: DeepSpeed objects, output streams that are or are not a terminal, and a
+packed dataset whose rows name themselves.
 
     engine = FakeEngine(optimizer, stage=2)        # what zero.layout_for and check_engine_settings read
     monkeypatch.setattr(sys, "stderr", Terminal())  # progress draws a bar there; Redirected(): plain lines
+    Rows(1, 40).get_batch([3])                     # [[10003, 10003, 10003, 10003]]
 """
 
 import io
+
+import numpy as np
+import torch
+
+SEQ = 4  # Rows' sequence length
 
 
 class Terminal(io.StringIO):
@@ -52,3 +59,25 @@ class FakeEngine:
 
     def zero_offload_optimizer(self):
         return None
+
+
+class Rows:
+    """A packed dataset whose row i of component c is [c·10⁴ + i] * SEQ, so every row read names itself."""
+
+    def __init__(self, component: int, n: int):
+        self.component, self.n, self.seq_len = component, n, SEQ
+
+    def __len__(self):
+        return self.n
+
+    @property
+    def num_tokens(self):
+        return self.n * SEQ
+
+    def head(self, count):
+        return self.get_batch(range(min(count, self.n)))
+
+    def get_batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        assert len(idx) == 0 or int(idx.max()) < self.n
+        return (self.component * 10_000 + idx).unsqueeze(1).repeat(1, SEQ)

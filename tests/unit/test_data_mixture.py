@@ -11,30 +11,7 @@ import torch
 
 from relora_ds.config import ConfigError, load_config, validate
 from relora_ds.data import DataConfig, DataError, loader, mixture
-
-SEQ = 4
-
-
-class Rows:
-    """A packed dataset whose row i of component c is [c·10⁴ + i] * SEQ, so every row read names itself."""
-
-    def __init__(self, component: int, n: int):
-        self.component, self.n, self.seq_len = component, n, SEQ
-
-    def __len__(self):
-        return self.n
-
-    @property
-    def num_tokens(self):
-        return self.n * SEQ
-
-    def head(self, count):
-        return self.get_batch(range(min(count, self.n)))
-
-    def get_batch(self, indices):
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        assert len(idx) == 0 or int(idx.max()) < self.n
-        return (self.component * 10_000 + idx).unsqueeze(1).repeat(1, SEQ)
+from tests.helpers.fakes import SEQ, Rows
 
 
 def _blend(sizes=(50, 7, 30), weights=(5, 1, 2)):

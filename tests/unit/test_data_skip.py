@@ -11,9 +11,8 @@ from relora_ds.callbacks.data_skip import DataSkip
 from relora_ds.config import ConfigError, load_config, validate
 from relora_ds.data import loader, mixture, skip
 from relora_ds.data.tokenize import load_tokenizer
-from tests.unit.test_data_mixture import Rows
+from tests.helpers.fakes import Rows
 
-SEQ = 4
 
 
 def _ids(batches, n) -> list:
