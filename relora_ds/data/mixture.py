@@ -218,13 +218,10 @@ class MixtureOrder:
                                 f"sequences of {c['source']!r} but it now has {len(component)} (the source, "
                                 f"data.seq_len or data.tokenizer changed)")
         self.position, self.rows = int(state["position"]), [int(c["rows"]) for c in saved]
-        if same_weights(state["weights"], self.weights):
-            self.phase_start, self.phase_rows = int(state["phase"]["position"]), list(state["phase"]["rows"])
-        else:  # new weights from here on
-            self.phase_start, self.phase_rows = self.position, list(self.rows)
-            if self.rank == 0:
-                print(f"data.mixture: the weights change from {show(state['weights'])} to {show(self.weights)} "
-                      f"at row {self.position} of the run", flush=True)
+        self.phase_start, self.phase_rows = resumed_phase(state, self.weights, self.position, self.rows)
+        if not same_weights(state["weights"], self.weights) and self.rank == 0:
+            print(f"data.mixture: the weights change from {show(state['weights'])} to {show(self.weights)} "
+                  f"at row {self.position} of the run", flush=True)
         self._perms = {}
 
 
@@ -235,6 +232,14 @@ def show(weights) -> str:
 def same_weights(saved, now) -> bool:
     """Whether a saved state's (normalized) weights are this run's: else a new phase starts."""
     return bool(np.allclose(saved, now, rtol=0, atol=1e-12))
+
+
+def resumed_phase(state: dict, weights: list[float], position: int, rows: list[int]) -> tuple[int, list[int]]:
+    """(g₀, c₀) after a resume from `state` (its "weights" and "phase"): the saved phase with the same weights, else a
+    new one from here (`position`, `rows`)."""
+    if same_weights(state["weights"], weights):
+        return int(state["phase"]["position"]), list(state["phase"]["rows"])
+    return position, list(rows)
 
 
 class MixedSource:
@@ -273,9 +278,7 @@ class MixedShareBatches:
 
     def __iter__(self):
         position, rows, shares = self.state["position"], list(self.state["rows"]), list(self.state["shares"])
-        phase_start, phase_rows = self.state["phase"]["position"], list(self.state["phase"]["rows"])
-        if not same_weights(self.state["weights"], self.src.weights):  # new weights from here on
-            phase_start, phase_rows = position, list(rows)
+        phase_start, phase_rows = resumed_phase(self.state, self.src.weights, position, rows)
         windows = [iter(part) for part in self.parts]
         while True:
             picks = assign(self.src.weights, rows, phase_start, phase_rows, position, self.mb)
