@@ -5,11 +5,11 @@ measured per-rank peak of each phase, and their ratio.
     python benchmarks/plan_check.py            # every scale result; writes results/<date>-plan-check.{json,md}
     python benchmarks/plan_check.py benchmarks/results/2026-12-07-scale-1b-zero2-bf16-int8.json
 
-Measured phases map to the plan's: build and the steps before any step (the engine made) → build; steps up to the
-warm start → full-rank steps; later steps, resumed ones too → low-rank steps; restart, checkpoint (resumed too),
-resume, export. The peak of a phase is the largest measured over its rows. Records without their DeepSpeed JSON
-(written before scale.py kept it), "-before" records (a bug's measurement, kept beside its fix) and resumes on another
-number of ranks are skipped. A benchmark, not a test.
+Measured phases map to the plan's: build and the steps before any step (the engine made) → build; steps up to the warm
+start → full-rank steps; later steps, resumed ones too → low-rank steps; a checkpoint up to the warm start (the switch's
+reference) → full-rank checkpoint; restart, checkpoint (resumed too), resume, export. The peak of a phase is the largest
+measured over its rows. Records without their DeepSpeed JSON (written before scale.py kept it), "-before" records (a
+bug's measurement, kept beside its fix) and resumes on another number of ranks are skipped. A benchmark, not a test.
 """
 
 import datetime
@@ -21,6 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from relora_ds.config import RunConfig  # noqa: E402
+from relora_ds.files import atomic_write  # noqa: E402
 from relora_ds.memory import GIB  # noqa: E402
 from relora_ds.tools.plan import make_plan  # noqa: E402
 
@@ -34,7 +35,7 @@ def plan_phase(row: dict, warm_start: int) -> str | None:
     if phase == "steps (resumed)":
         return "low-rank steps"
     if phase.startswith("checkpoint"):
-        return "checkpoint"
+        return "full-rank checkpoint" if phase == "checkpoint" and step <= warm_start else "checkpoint"
     return phase if phase in ("restart", "resume") else None
 
 
@@ -89,10 +90,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     stem = os.path.join(ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-plan-check")
-    with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
+    atomic_write(stem + ".json", json.dumps(rows, indent=1))
+    atomic_write(stem + ".md", text)
     return 0
 
 

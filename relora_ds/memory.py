@@ -107,6 +107,49 @@ def trim_heap() -> None:
         pass
 
 
+def heap_bytes():
+    """A torch dispatch mode that tracks the peak of the bytes this process has allocated (glibc's mallinfo2: heap
+    chunks in use plus mmapped blocks) above what it held on entry, sampled after every torch op. It sees every
+    allocation, however a tensor came by its storage (DeepSpeed moves gradients by assigning `.data`), and Python's
+    objects besides; not work memory a kernel frees within one op. glibc only (Linux).
+
+        with heap_bytes() as heap:
+            work()
+        heap.peak, heap.live        # bytes
+    """
+    import ctypes
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+
+    def allocated() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    class HeapBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.start = allocated()
+            self.peak = 0
+
+        @property
+        def live(self) -> int:
+            return allocated() - self.start
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return HeapBytes()
+
+
 def returns_freed_host_memory(zero_stage: int, stores_weight: bool, cuda: bool) -> bool:
     """Whether a run calls `fix_heap_threshold` (its freed host tensors returned to the OS at once): CPU ranks on
     ZeRO-3 (the gather/free churn) or with a stored W (each matmul's dequantized copy). The trainer acts on it and

@@ -8,7 +8,8 @@ that makes it fit.
 The terms, per rank, in bytes (N ranks, p = 2 in bf16 and 4 in fp32, T the trainable parameters of the phase):
 - parameters: T·p, and the frozen W of the wrapped layers as stored (relora.base_dtype: auto = p, int8/fp8 = 1 plus
   4 per row); ZeRO-3 divides both by N.
-- gradients: T·p (ZeRO-2/3: / N), and an fp32 gradient of the rank's partition while the optimizer steps.
+- gradients: ZeRO-0 T·p; ZeRO-1/2 DeepSpeed's reduce bucket (allocated whole at reduce_bucket_size) and the rank's
+  partition, or at the step its fp32 partition, whichever peaks higher (`_states`); ZeRO-3 T·p / N.
 - masters: an fp32 copy of T (all but ZeRO-0 fp32, where torch's AdamW steps the parameters themselves); ZeRO-1+: / N.
 - moments: Adam's two, 8 bytes per trainable parameter; ZeRO-1+: / N; and the optimizer step's fp32 temporaries
   (torch's foreach AdamW: one more of the partition).
@@ -19,10 +20,10 @@ The terms, per rank, in bytes (N ranks, p = 2 in bf16 and 4 in fp32, T the train
   allocator), measured: RUNTIME_BASELINE, from the rehearsals named there.
 - host: on a CUDA device, what zero_optimization.offload_optimizer / offload_param (cpu) keep in CPU memory instead
   (`_states`, `_params_offloaded`); not in the total. On the CPU accelerator offload moves nothing.
-Phases: the build (whole in fp32, partitioned on ZeRO-3, or module by module with a stored W), the full-rank warm
-start (when the method has one), the low-rank steps, the restart (one layer's merge in fp32 on top), the checkpoint,
-the resume (the build again, or the engine with the pages of the memory-mapped checkpoint it copies in) and the export
-(its own process, one tensor at a time).
+Phases: the build (whole in fp32, partitioned on ZeRO-3, or module by module with a stored W; then the engine made over
+it), the full-rank warm start (when the method has one) and a checkpoint between its steps, the low-rank steps, the
+restart (one layer's merge in fp32 on top), the checkpoint, the resume (the build again, or the engine with the pages of
+the memory-mapped checkpoint it copies in) and the export (its own process, one tensor at a time).
 """
 
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ EXPORT_BASELINE = 0.5 * GIB
 # saved tensors (1.49 and 1.43). On CUDA 1: no GPU run yet.
 ACTIVATION_HELD_PER_SAVED = 1.5
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "fp8": 1}
+
+
+PHASES = ("build", "full-rank steps", "full-rank checkpoint", "low-rank steps", "restart", "checkpoint", "resume",
+          "export")
 
 
 class PlanError(RunError):
@@ -153,37 +158,60 @@ def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointi
     return tokens * (held_per_saved * layers + 12 * counts.vocab)
 
 
+# DeepSpeed's reduction bucket of ZeRO-1/2 (elements) when the JSON sets none.
+REDUCE_BUCKET_DEFAULT = 5e8
+
+
 def _states(c: Components, trainable: int, largest: int, p: int, stage: int, precision: str, n: int,
-            foreach: bool, offload_optimizer: bool = False) -> float:
-    """Parameters, gradients, masters, moments and the optimizer step's temporaries of `trainable` parameters (the
-    largest of them `largest`), as DeepSpeed 0.19 lays them out:
-    - gradients: ZeRO-0 the module's (bf16: BF16_Optimizer's fp32 accumulators too); ZeRO-1/2 the module's and the
-      reduction bucket they are copied into (whole while the reduce_bucket_size holds them), ZeRO-2 the rank's
-      reduced partition besides; ZeRO-3 the rank's partition (module gradients are freed as they are reduced);
-    - at the step, a bf16 run's fp32 gradient of the partition, and AdamW's temporaries: one partition's worth with
-      foreach (torch's default on CUDA), two of the largest tensor without (on CPU). Returns those step temporaries'
-      bytes (in c.transient).
+            foreach: bool, offload_optimizer: bool = False, reduce_bucket: float = REDUCE_BUCKET_DEFAULT,
+            overlap_comm: bool = False) -> float:
+    """Parameters, gradients, masters, moments and the steps' temporaries of `trainable` parameters (the largest of
+    them `largest`), as DeepSpeed 0.19 lays them out, at the larger of the backward's and the optimizer step's peaks
+    (measured with live tensor bytes: tests/e2e/test_plan_engine.py, benchmarks/plan_terms.py):
+    - ZeRO-0: the module's gradients (bf16: BF16_Optimizer's fp32 accumulators too); AdamW steps each tensor, its
+      temporaries two of the largest (torch's foreach AdamW on CUDA: one partition's worth).
+    - ZeRO-1/2: DeepSpeed reduces the gradients through a bucket of reduce_bucket_size elements, allocated whole
+      whatever the model's size (two with overlap_comm), and copies the rank's share into a gradient partition.
+      Backward, ZeRO-1: the module's gradients, all alive at the boundary until each is copied into the bucket, beside
+      the partition; ZeRO-2: one module gradient at a time beside the bucket and the partition. Beyond one rank the
+      reduce-scatter holds half a filled bucket more (gloo, measured). At the step the rank's fp32 gradient partition
+      (a bf16 run's is freed once converted) and AdamW's temporaries over the one flat fp32 partition it steps: two
+      of it (foreach: one).
+    - ZeRO-3: the rank's gradient partition (module gradients are freed as they are reduced), and at the step a bf16
+      run's fp32 gradient partition and AdamW's temporaries.
+    Returns the step's temporaries (in c.transient).
     offload_optimizer (a CUDA device with zero_optimization.offload_optimizer cpu): the masters, moments and the rank's
     fp32 gradient partition are in host memory (c.host), and the step runs there (DeepSpeedCPUAdam, in place: no
     temporaries on the device); the device keeps the parameters, the module's gradients and the reduction bucket."""
     shard = n if stage >= 1 else 1
     c.parameters = trainable * p / (n if stage >= 3 else 1)
-    if stage == 0:
-        c.gradients = trainable * p + (trainable * 4 if precision == "bf16" else 0)
-    elif stage in (1, 2):
-        c.gradients = 2 * trainable * p + (trainable * p / n if stage == 2 else 0)
-    else:
-        c.gradients = trainable * p / n
     if not (stage == 0 and precision == "fp32"):
         c.masters = trainable * 4 / shard
     c.moments = trainable * 8 / shard
+    if stage in (1, 2):
+        buckets = reduce_bucket * p * (2 if overlap_comm else 1)
+        filled = min(reduce_bucket, trainable) * p
+        partition = trainable * p / n
+        scatter = 0.5 * filled if n > 1 else 0.0
+        if stage == 1:
+            backward = trainable * p - filled + buckets + partition + scatter
+        else:
+            backward = (largest * p if reduce_bucket < trainable else 0.0) + buckets + partition + scatter
+        adam = trainable * 4 / n if foreach else 2 * 4 * trainable / n
+        step = trainable * 4 / n + adam
+        if offload_optimizer:
+            c.host += c.masters + c.moments + trainable * 4 / n
+            c.gradients = backward - (partition if stage == 2 else 0.0)
+            c.masters = c.moments = c.transient = 0.0
+        else:
+            c.gradients, c.transient = (backward, 0.0) if backward >= step else (trainable * 4 / n, adam)
+        return c.transient
+    c.gradients = trainable * p + (trainable * 4 if precision == "bf16" else 0) if stage == 0 else trainable * p / n
     step_grad = trainable * 4 / shard if precision == "bf16" and stage >= 1 else 0
     c.transient = step_grad + (trainable * 4 / shard if foreach else 2 * 4 * largest)
-    if offload_optimizer:
-        partition = trainable * p / n if stage >= 2 else 0.0  # the reduced gradient partition, fp32 on the host
+    if offload_optimizer:  # ZeRO-3: its gradient partition goes to the host too
         c.host += c.masters + c.moments + trainable * 4 / shard
-        c.gradients -= partition
-        c.masters = c.moments = c.transient = 0.0
+        c.gradients = c.masters = c.moments = c.transient = 0.0
     return c.transient
 
 
@@ -192,6 +220,24 @@ def _params_offloaded(c: Components) -> Components:
     device): the device holds only the gathered parameters (zero3_buffers)."""
     return Components(**{**c.__dict__, "parameters": 0.0, "frozen_w": 0.0,
                          "host": c.host + c.parameters + c.frozen_w})
+
+
+def _between_steps(steps: Components, step_temporaries: float, stage: int, heap_returns: bool, accelerator: str,
+                   trainable: int, p: int) -> Components:
+    """`steps` as a process holds it between two steps: without the activations, and without what the steps freed
+    where the memory goes back (glibc hands large blocks back at once: ZeRO-1/2's flat gradient buffers and the step's
+    temporaries over its flat partition; the rest where the trainer fixes the heap threshold, `heap_returns`). On
+    CUDA the caching allocator keeps what the steps freed. ZeRO-1's module gradients are tensors of each parameter's
+    size, below glibc's threshold: the heap keeps their pages unless the threshold is fixed."""
+    held = Components(**{**steps.__dict__, "activations": 0.0})
+    if accelerator == "cuda":
+        return held
+    if stage in (1, 2):
+        held.gradients = trainable * p if stage == 1 and not heap_returns else 0.0
+        held.transient = 0.0
+        return held
+    held.transient -= step_temporaries if heap_returns else 0.0
+    return held
 
 
 def engine_gradients(trainable: int, p: int, stage: int, precision: str, n: int) -> float:
@@ -257,39 +303,50 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     else:
         build.parameters = counts.total * 4
     plan.phases["build"] = build = _params_offloaded(build) if offload_param else build
+    zero = ds_config.get("zero_optimization", {})
+    reduce_bucket = float(zero.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT))
+    overlap_comm = bool(zero.get("overlap_comm", stage == 3))  # DeepSpeed's default: on at ZeRO-3 only
+    between = {}  # each steps phase as it stands between two steps: what a checkpoint or a restart runs beside
     if not wrapped or method.switch_step > 0:
         full = Components(runtime=runtime)
         step_temporaries = _states(full, counts.total, counts.largest_trainable_full, p, stage, precision, ranks,
-                                   foreach, offload_optimizer)
+                                   foreach, offload_optimizer, reduce_bucket, overlap_comm)
         full.activations = activation_bytes(counts, tokens, p, 0, checkpointing, held_per_saved)
         full.transient += zero3_buffers(ds_config, p, counts.total)
-        plan.phases["full-rank steps"] = _params_offloaded(full) if offload_param else full
+        plan.phases["full-rank steps"] = full = _params_offloaded(full) if offload_param else full
+        between["full-rank steps"] = _between_steps(full, step_temporaries, stage, heap_returns, accelerator,
+                                                    counts.total, p)
     if wrapped:
         frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
         low = Components(frozen_w=frozen / shard, runtime=runtime)
         step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
-                                   foreach, offload_optimizer)
+                                   foreach, offload_optimizer, reduce_bucket, overlap_comm)
         low.activations = activation_bytes(counts, tokens, p, rank, checkpointing, held_per_saved)
         low.transient += zero3_buffers(ds_config, p, low_rank_trainable)
         plan.phases["low-rank steps"] = low = _params_offloaded(low) if offload_param else low
-        restart = Components(**{**low.__dict__, "activations": 0.0})
-        restart.transient += 3 * 4 * counts.largest - (step_temporaries if heap_returns else 0)  # one layer's merge
+        between["low-rank steps"] = _between_steps(low, step_temporaries, stage, heap_returns, accelerator,
+                                                   low_rank_trainable, p)
+        restart = Components(**between["low-rank steps"].__dict__)
+        restart.transient += 3 * 4 * counts.largest  # one layer's merge in fp32
         plan.phases["restart"] = restart
     first = plan.phases.get("full-rank steps") or plan.phases["low-rank steps"]
     first_trainable = counts.total if "full-rank steps" in plan.phases else low_rank_trainable
     steps_trainable = low_rank_trainable if wrapped else counts.total
     engine = Components(**{**first.__dict__, "gradients": engine_gradients(first_trainable, p, stage, precision, ranks),
                            "moments": 0.0, "activations": 0.0, "transient": 0.0})
+    if stage in (1, 2) and not offload_optimizer:
+        # DeepSpeed flattens the parameters (the module's and the flat copy, at once), then clones the rank's
+        # partition into the fp32 masters (a cast's copy beside them)
+        engine.transient = max(first_trainable * p - engine.masters, engine.masters)
     model_build = build
     if engine.total > build.total:  # the engine made over it (gradients and Adam's moments come with the first step)
         plan.phases["build"] = build = engine
     steps = plan.phases.get("low-rank steps") or plan.phases["full-rank steps"]
-    # What the steps freed stays with the process where the allocator keeps it (the CUDA caching allocator; glibc's
-    # heap, except where the trainer has freed memory returned at once: CPU ranks on ZeRO-3 or with a stored W): the
-    # checkpoint's peak is then the steps' without their activations.
-    checkpoint = Components(**{**steps.__dict__, "activations": 0.0})
-    checkpoint.transient -= step_temporaries if heap_returns else 0
-    plan.phases["checkpoint"] = checkpoint
+    # A checkpoint runs beside the steps' state between two steps: the low-rank steps' (or a full-rank run's), and
+    # with a warm start the full-rank one's too (the switch's reference checkpoint, checkpoint.at_switch; a stop).
+    if len(between) == 2:
+        plan.phases["full-rank checkpoint"] = between["full-rank steps"]
+    plan.phases["checkpoint"] = between["low-rank steps" if wrapped else "full-rank steps"]
     # A new process: the model is built again and the engine made, then the checkpoint is loaded from memory-mapped
     # files (checkpoint.memory_mapped_loads). What is copied out of a mapping is resident twice while it is mapped: the
     # parameters and the fp32 masters, and on ZeRO-3 the rank's shards of W; below ZeRO-3 each wrapped layer's W
@@ -309,16 +366,22 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     copies = 2.75 * 4 * counts.largest if wrapped and base_dtype in ("int8", "fp8") else 0.0
     plan.phases["export"] = Components(transient=max(1.5 * 4 * largest, copies),
                                        runtime=EXPORT_BASELINE if accelerator == "cpu" else 0.0)
+    plan.phases = {name: plan.phases[name] for name in PHASES if name in plan.phases}
     return plan
 
 
-CHANGES = ("activation checkpointing", "micro-batch", "base_dtype", "stage", "offload (CUDA)", "ranks")
+CHANGES = ("reduce bucket", "activation checkpointing", "micro-batch", "base_dtype", "stage", "offload (CUDA)",
+           "ranks")
+# The reduce bucket the cheapest fix tries on ZeRO-1/2 (elements): a tenth of DeepSpeed's default, still far above
+# the all-reduce sizes that keep a link busy.
+SMALL_REDUCE_BUCKET = 5 * 10**7
 
 
 def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes: float, counts: Counts,
                  accelerator: str = "cpu"):
     """(what to change, its plan) for the first change that fits `device_bytes`, tried in order of what it costs:
-    activation checkpointing selective, then full (a recompute), a smaller micro-batch (utilisation), relora.base_dtype int8 (a
+    on ZeRO-1/2 a smaller reduce bucket (DeepSpeed allocates it whole: 5e8 elements by default), activation
+    checkpointing selective, then full (a recompute), a smaller micro-batch (utilisation), relora.base_dtype int8 (a
     rounding of W, low-rank methods on ZeRO-0/1/2), the next ZeRO stage (communication), on a CUDA device the
     optimizer offloaded to CPU memory, then the parameters too (ZeRO-3; PCIe traffic each step), more ranks (hardware,
     up to 1024). None when nothing does."""
@@ -331,6 +394,11 @@ def cheapest_fit(cfg, ds_config: dict, ranks: int, vocab_size: int, device_bytes
         return plan if plan.peak <= device_bytes else None
 
     stage = dsc.zero_stage(ds_config)
+    zero = ds_config.get("zero_optimization", {})
+    if stage in (1, 2) and float(zero.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT)) > SMALL_REDUCE_BUCKET:
+        d = {**ds_config, "zero_optimization": {**zero, "reduce_bucket_size": SMALL_REDUCE_BUCKET}}
+        if (plan := fits(cfg, d, ranks)):
+            return f"zero_optimization.reduce_bucket_size: {SMALL_REDUCE_BUCKET}", plan
     modes = {"none": ("selective", "full"), "selective": ("full",)}.get(cfg.train.activation_checkpointing, ())
     for mode in modes:  # selective recomputes the MLPs only: cheaper than full
         c = copy.deepcopy(cfg)

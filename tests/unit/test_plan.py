@@ -47,7 +47,19 @@ def test_terms_follow_the_stage_and_precision(counts):
                                                                                  8 * t)
     z2 = planner.make_plan(_cfg(), _ds(2), 2, VOCAB, counts).phases["low-rank steps"]
     assert z2.parameters == 2 * t and z2.frozen_w == 2 * counts.wrapped  # replicated below ZeRO-3
-    assert z2.gradients == 2 * 2 * t + 2 * t / 2 and z2.masters == 4 * t / 2 and z2.moments == 8 * t / 2
+    assert z2.masters == 4 * t / 2 and z2.moments == 8 * t / 2
+    # the backward holds the peak: DeepSpeed's default bucket (5e8 elements, allocated whole), the rank's gradient
+    # partition, and half the filled bucket (the whole model) while it is reduce-scattered
+    assert (z2.gradients, z2.transient) == (2 * 5e8 + 2 * t / 2 + 0.5 * 2 * t, 0)
+    small = _ds(2)
+    small["zero_optimization"]["reduce_bucket_size"] = 10**6
+    z2 = planner.make_plan(_cfg(), small, 2, VOCAB, counts).phases["low-rank steps"]
+    # a small bucket: the step holds the peak, the fp32 gradient partition and AdamW's two temporaries of it
+    assert (z2.gradients, z2.transient) == (4 * t / 2, 2 * 4 * t / 2)
+    overlap = _ds(2)
+    overlap["zero_optimization"]["overlap_comm"] = True
+    assert planner.make_plan(_cfg(), overlap, 2, VOCAB, counts).phases["low-rank steps"].gradients == \
+        2 * 2 * 5e8 + 2 * t / 2 + 0.5 * 2 * t  # two buckets
     z3 = planner.make_plan(_cfg(), _ds(3), 4, VOCAB, counts).phases["low-rank steps"]
     assert z3.parameters == 2 * t / 4 and z3.frozen_w == 2 * counts.wrapped / 4 and z3.masters == 4 * t / 4
 
@@ -153,9 +165,16 @@ def test_the_cheapest_fix_is_the_first_that_fits(counts):
     assert change == "train.activation_checkpointing: full" and fixed.peak == checkpointed
     short, int8_short = _cfg(), _cfg(base_dtype="int8")  # short sequences: W, not activations, is what to shrink
     short.data.seq_len = int8_short.data.seq_len = 64
-    plain = planner.make_plan(short, _ds(2, micro=1), 1, VOCAB, counts).peak
-    int8 = planner.make_plan(int8_short, _ds(2, micro=1), 1, VOCAB, counts).peak
-    change, fixed = planner.cheapest_fit(short, _ds(2, micro=1), 1, VOCAB, (int8 + plain) / 2, counts)
+    ds = _ds(2, micro=1)
+    plain = planner.make_plan(short, ds, 1, VOCAB, counts).peak
+    ds["zero_optimization"]["reduce_bucket_size"] = planner.SMALL_REDUCE_BUCKET
+    small_bucket = planner.make_plan(short, ds, 1, VOCAB, counts).peak
+    int8 = planner.make_plan(int8_short, ds, 1, VOCAB, counts).peak
+    assert int8 < small_bucket < plain
+    change, fixed = planner.cheapest_fit(short, _ds(2, micro=1), 1, VOCAB, (small_bucket + plain) / 2, counts)
+    assert change == f"zero_optimization.reduce_bucket_size: {planner.SMALL_REDUCE_BUCKET}"
+    assert fixed.peak == small_bucket  # DeepSpeed's default bucket (5e8 elements, allocated whole): the first lever
+    change, fixed = planner.cheapest_fit(short, ds, 1, VOCAB, (int8 + small_bucket) / 2, counts)
     assert change == "relora.base_dtype: int8" and fixed.peak == int8
     assert planner.cheapest_fit(cfg, ds, 1, VOCAB, 0.1 * GIB, counts) is None  # below the runtime: nothing fits
 
@@ -170,10 +189,10 @@ def test_offload_moves_the_optimizer_and_parameters_to_the_host_on_cuda(counts):
     t = counts.total - counts.wrapped + counts.adapters
     plain = planner.make_plan(_cfg(), _ds(2), 1, VOCAB, counts, "cuda").phases["low-rank steps"]
     off = planner.make_plan(_cfg(), _offload(_ds(2)), 1, VOCAB, counts, "cuda").phases["low-rank steps"]
-    # masters 4t, moments 8t and the fp32 gradient partition 4t on the host; the bf16 partition (2t) and the step's
-    # temporaries (fp32 gradient 4t, foreach AdamW 4t) leave the device
+    # masters 4t, moments 8t and the fp32 gradient partition 4t on the host; the bf16 partition (2t) leaves the
+    # device, and the step runs on the host (no temporaries on the device)
     assert (off.masters, off.moments, off.host) == (0, 0, 16 * t)
-    assert off.gradients == plain.gradients - 2 * t and off.transient == plain.transient - 8 * t
+    assert off.gradients == plain.gradients - 2 * t and off.transient == 0
     assert off.parameters == plain.parameters and off.frozen_w == plain.frozen_w
     cpu_plain = planner.make_plan(_cfg(), _ds(2), 1, VOCAB, counts, "cpu")
     cpu_off = planner.make_plan(_cfg(), _offload(_ds(2)), 1, VOCAB, counts, "cpu")
@@ -188,6 +207,7 @@ def test_on_one_gpu_the_cheapest_fix_may_be_offload(counts):
     short.data.seq_len = 64
     short.train.activation_checkpointing = "full"
     ds = _ds(2, micro=1)
+    ds["zero_optimization"]["reduce_bucket_size"] = 2 * 10**7  # a bucket sized for one GPU: not the lever
     plain = planner.make_plan(short, ds, 1, VOCAB, counts, "cuda").peak
     offloaded = planner.make_plan(short, _offload(ds), 1, VOCAB, counts, "cuda").peak
     int8_short = copy.deepcopy(short)
