@@ -78,6 +78,8 @@ class Trainer:
         self.tokens_per_step = tokens_per_step
         self.train_tokens = train_tokens  # tokens in one epoch of the training data (None: a stream)
         self.summary = {"evals": [], "losses": {}, "grad_norms": {}, "restarts": []}
+        self.stop = StopSignals([])  # this rank's stop signals (train() hands its own)
+        self.signalled = 0  # the largest stop signal the ranks have agreed on (0: none): the loop ends before a step
 
     def fire(self, hook: str, *args) -> None:
         for callback in self.callbacks:
@@ -114,20 +116,24 @@ def train(cfg, *, keep_engine: bool = False, stop: StopSignals | None = None) ->
     (checkpoint.stop_signals), a caller from Python may: without it the process's signals keep their own handling.
     The engine is destroyed before returning (its memory freed); keep_engine: it is returned as summary["engine"]
     instead, live (its DeepSpeed engine; the caller destroys it: tests that look at the trained model)."""
-    stop = stop or StopSignals([])  # no signals: `received` stays 0
     trainer = setup(cfg)
+    trainer.stop = stop or StopSignals([])  # no signals: `received` stays 0
     total_steps = trainer.cfg.train.total_steps
     batches = iter(trainer.batches)
     try:
         trainer.fire("on_start")
-        signalled = int(max(over_ranks(stop.received, trainer.engine.device)))  # in setup: stop before any step
-        while trainer.state.step < total_steps and not signalled:
+        # a signal in setup: stop before any step; one the ranks agree on during an event (an evaluation) or a step
+        # (its all-reduce carries it): before the next step
+        trainer.signalled = int(max(over_ranks(trainer.stop.received, trainer.engine.device)))
+        while trainer.state.step < total_steps and not trainer.signalled:
             trainer.fire("pre_step")  # evaluation at step 0, the reference checkpoint, the switch and restarts
+            if trainer.signalled:
+                break
             step = trainer.state.step
             lr = trainer.cfg.schedule.lr * trainer.method.lr_multiplier(step)
             logs = (step + 1) % trainer.cfg.log.every == 0 or step + 1 == total_steps
-            loss, grad_norm, signalled = trainer.engine.step(batches, lr=lr, step=step + 1, grad_norm=logs,
-                                                             stop_signal=stop.received)  # any rank's signal
+            loss, grad_norm, trainer.signalled = trainer.engine.step(
+                batches, lr=lr, step=step + 1, grad_norm=logs, stop_signal=trainer.stop.received)
             trainer.state.step += 1
             trainer.state.tokens_seen += trainer.tokens_per_step
             trainer.fire("post_step", StepResult(loss, grad_norm, lr, logs))  # logging, evaluation, checkpoints
@@ -136,7 +142,7 @@ def train(cfg, *, keep_engine: bool = False, stop: StopSignals | None = None) ->
         trainer.metrics.close()
         trainer.engine.destroy()
         raise
-    stopped = signal_name(signalled) if trainer.state.step < total_steps else None
+    stopped = signal_name(trainer.signalled) if trainer.state.step < total_steps else None
     if stopped:
         trainer.metrics.log_event("stop", trainer.state.step, signal=stopped)
         trainer.fire("on_stop")  # the checkpoint to resume from

@@ -38,7 +38,7 @@ class StepLogging(Callback):
 
     def on_event(self, trainer, name: str, fields: dict) -> None:
         trainer.metrics.log_event(name, trainer.state.step, **fields)
-        if name == "eval":
+        if name == "eval" and "loss" in fields:  # not an evaluation a stop signal abandoned
             trainer.summary["evals"].append({"step": trainer.state.step, **fields})
         elif name == "restart":
             trainer.summary["restarts"].append({"step": trainer.state.step, **fields})

@@ -80,8 +80,8 @@ class TrainEngine:
             self.layout.check_moments(self.adapters())
         return loss, norm, signalled
 
-    def evaluate(self, batches: list[dict]) -> dict:
-        return evaluate(self.ds, batches)
+    def evaluate(self, batches: list[dict], stop_signal=None) -> dict:
+        return evaluate(self.ds, batches, stop_signal)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def save(self, checkpoint_dir: str, *, step: int, state: dict, keep_last: int, reference: bool = False) -> str:
@@ -138,11 +138,20 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool,
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[dict]) -> dict:
-    """Mean held-out loss over `batches` (this rank's share), averaged over ranks; and perplexity."""
+def evaluate(engine, batches: list[dict], stop_signal=None) -> dict:
+    """Mean held-out loss over `batches` (this rank's share), averaged over ranks; and perplexity.
+
+    stop_signal: a callable returning this rank's stop signal (relora_ds/stop.py; 0: none). Before each batch the
+    ranks agree on the largest (one small all-reduce a batch), and at the first they abandon the evaluation together:
+    {"stopped": signal number}. A scheduler's warning leaves seconds, not a long evaluation's minutes."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # on the device: NCCL reduces there
     for batch in batches:
+        if stop_signal is not None:
+            flag = torch.tensor([float(stop_signal())], dtype=torch.float64, device=engine.device)
+            if (signalled := int(dist.all_reduce(flag, "max").item())):
+                engine.train()
+                return {"stopped": signalled}
         loss = engine(**_move(batch, engine.device)).loss
         total[0] += loss.double() * batch["input_ids"].numel()
         total[1] += batch["input_ids"].numel()

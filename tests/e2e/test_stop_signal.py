@@ -123,3 +123,49 @@ def test_trainer_train_from_python_leaves_the_signals_alone(tmp_path, monkeypatc
     own = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
     assert trainer.train(cfg)["stopped"] is None
     assert seen == [own] * 7
+
+
+def test_a_signal_during_an_evaluation_abandons_it_and_the_resumed_run_owes_it(tmp_path, monkeypatch):
+    """A signal that comes while the held-out set is evaluated ends the evaluation at the next batch (every rank
+    agrees on it there) instead of after the whole set, the run stops before the next step with its checkpoint, and
+    the resumed run makes the abandoned evaluation before its first step: the same loss as the uninterrupted run's,
+    and the same steps after it."""
+    from relora_ds.engine.train_module import TrainEngine
+
+    files = write_corpus(tmp_path)
+    ds = write_ds_config(tmp_path, stage=2)
+    fields = {**FIELDS, "train.eval_every": 3, "train.eval_batches": 4}
+
+    def config(name, **more):
+        return tiny_run_config(tmp_path, *files, ds, **{**fields, "train.output_dir": str(tmp_path / name), **more})
+
+    reference = trainer.train(config("reference"))
+    evaluate, calls, read = TrainEngine.evaluate, [], []
+
+    def evaluate_and_signal(self, batches, stop_signal=None):
+        calls.append(len(calls))
+
+        def reading():  # the signal comes once the third evaluation (step 6) has read its first batch
+            for i, batch in enumerate(batches):
+                read.append(i)
+                yield batch
+                if i == 0 and len(calls) == 3:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+        return evaluate(self, reading(), stop_signal)
+
+    monkeypatch.setattr(TrainEngine, "evaluate", evaluate_and_signal)
+    with StopSignals(["SIGUSR1"]) as stop:
+        stopped = trainer.train(config("stopped"), stop=stop)
+    assert stopped["stopped"] == "SIGUSR1" and stopped["step"] == 6
+    assert read[-2:] == [0, 1]  # abandoned before its second batch was evaluated, not after all four
+    records = read_metrics(str(tmp_path / "stopped"))
+    assert [(r["step"], r.get("abandoned")) for r in records if r.get("event") == "eval"] == [
+        (0, None), (3, None), (6, "SIGUSR1")]
+    assert [r["step"] for r in records if r.get("event") == "stop"] == [6]
+    assert [e["step"] for e in stopped["evals"]] == [0, 3]  # the abandoned one is no result
+
+    monkeypatch.setattr(TrainEngine, "evaluate", evaluate)
+    resumed = trainer.train(config("stopped", **{"train.resume": True}))
+    assert resumed["stopped"] is None and resumed["step"] == 10
+    assert resumed["evals"] == [e for e in reference["evals"] if e["step"] >= 6]  # step 6's owed, then 9 and 10
+    assert resumed["losses"] == {s: v for s, v in reference["losses"].items() if s > 6}

@@ -4,6 +4,7 @@ a resume continues in O(1) on any world size, new weights start a new phase, and
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -129,15 +130,16 @@ def test_a_mixtures_held_out_sets_are_evaluated_one_by_one_and_weighted():
     assert firsts == [[2, 6], [10_002], [20_002, 20_006, 20_010]]  # each source's own rows, in file order
 
     class Engine:  # the loss of a batch: its source's index + 1
-        def evaluate(self, batches):
+        def evaluate(self, batches, stop_signal=None):
             return {"loss": float(int(batches[0]["input_ids"][0, 0]) // 10_000 + 1), "perplexity": 0.0}
 
-    result = Evaluation(sets, every=1)._evaluate(Engine())
+    trainer = types.SimpleNamespace(engine=Engine(), stop=types.SimpleNamespace(received=0), signalled=0)
+    result = Evaluation(sets, every=1)._evaluate(trainer)
     assert result == {"loss": 0.25 * 1 + 0.25 * 2 + 0.5 * 3, "perplexity": pytest.approx(np.exp(2.25)),
                       "loss_src0": 1.0, "loss_src1": 2.0, "loss_src2": 3.0}
     single = loader.held_out_sets(Rows(0, 8), micro_batch_size=2, max_batches=2, rank=0, world_size=1)
     assert [(name, weight, len(b)) for name, weight, b in single] == [(None, 1.0, 2)]
-    assert Evaluation(single, every=1)._evaluate(Engine()) == {"loss": 1.0, "perplexity": 0.0}
+    assert Evaluation(single, every=1)._evaluate(trainer) == {"loss": 1.0, "perplexity": 0.0}
     assert loader.held_out_sets(None, micro_batch_size=2, max_batches=2, rank=0, world_size=1) == []
     with pytest.raises(DataError, match=r"data.mixture 'src1': validation data: 4 packed sequences are fewer than one "
                                         r"micro-batch per rank \(micro_batch_size 5 x world_size 1\)"):
