@@ -164,7 +164,7 @@ REDUCE_BUCKET_DEFAULT = 5e8
 
 def _states(c: Components, trainable: int, largest: int, p: int, stage: int, precision: str, n: int,
             foreach: bool, offload_optimizer: bool = False, reduce_bucket: float = REDUCE_BUCKET_DEFAULT,
-            overlap_comm: bool = False) -> float:
+            overlap_comm: bool = False, heap_keeps: bool = False) -> float:
     """Parameters, gradients, masters, moments and the steps' temporaries of `trainable` parameters (the largest of
     them `largest`), as DeepSpeed 0.19 lays them out, at the larger of the backward's and the optimizer step's peaks
     (measured with live tensor bytes: tests/e2e/test_plan_engine.py, benchmarks/plan_terms.py):
@@ -176,7 +176,8 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
       the partition; ZeRO-2: one module gradient at a time beside the bucket and the partition. Beyond one rank the
       reduce-scatter holds half a filled bucket more (gloo, measured). At the step the rank's fp32 gradient partition
       (a bf16 run's is freed once converted) and AdamW's temporaries over the one flat fp32 partition it steps: two
-      of it (foreach: one).
+      of it (foreach: one). heap_keeps (a CPU process whose heap keeps what it frees, memory.returns_freed_host_memory
+      false): ZeRO-1's module gradients, freed as they are copied into the bucket, stay resident through the step.
     - ZeRO-3: the rank's gradient partition (module gradients are freed as they are reduced), and at the step a bf16
       run's fp32 gradient partition and AdamW's temporaries.
     Returns the step's temporaries (in c.transient).
@@ -198,13 +199,13 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
         else:
             backward = (largest * p if reduce_bucket < trainable else 0.0) + buckets + partition + scatter
         adam = trainable * 4 / n if foreach else 2 * 4 * trainable / n
-        step = trainable * 4 / n + adam
+        step = trainable * 4 / n + adam + (trainable * p if stage == 1 and heap_keeps else 0.0)
         if offload_optimizer:
             c.host += c.masters + c.moments + trainable * 4 / n
             c.gradients = backward - (partition if stage == 2 else 0.0)
             c.masters = c.moments = c.transient = 0.0
         else:
-            c.gradients, c.transient = (backward, 0.0) if backward >= step else (trainable * 4 / n, adam)
+            c.gradients, c.transient = (backward, 0.0) if backward >= step else (step - adam, adam)
         return c.transient
     c.gradients = trainable * p + (trainable * 4 if precision == "bf16" else 0) if stage == 0 else trainable * p / n
     step_grad = trainable * 4 / shard if precision == "bf16" and stage >= 1 else 0
@@ -283,6 +284,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     # Offload moves memory off a CUDA device; on the CPU accelerator it is the same memory (and not counted apart).
     offload_optimizer, offload_param = dsc.offloaded(ds_config) if accelerator == "cuda" else (False, False)
     heap_returns = returns_freed_host_memory(stage, method.stores_weight, accelerator == "cuda")
+    heap_keeps = accelerator == "cpu" and not heap_returns  # glibc's heap keeps the pages of small freed tensors
     runtime = RUNTIME_BASELINE if accelerator == "cpu" else 0.0
     held_per_saved = ACTIVATION_HELD_PER_SAVED if accelerator == "cpu" else 1.0
     wrapped = method.switch_step is not None
@@ -310,7 +312,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     if not wrapped or method.switch_step > 0:
         full = Components(runtime=runtime)
         step_temporaries = _states(full, counts.total, counts.largest_trainable_full, p, stage, precision, ranks,
-                                   foreach, offload_optimizer, reduce_bucket, overlap_comm)
+                                   foreach, offload_optimizer, reduce_bucket, overlap_comm, heap_keeps)
         full.activations = activation_bytes(counts, tokens, p, 0, checkpointing, held_per_saved)
         full.transient += zero3_buffers(ds_config, p, counts.total)
         plan.phases["full-rank steps"] = full = _params_offloaded(full) if offload_param else full
@@ -320,7 +322,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
         low = Components(frozen_w=frozen / shard, runtime=runtime)
         step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
-                                   foreach, offload_optimizer, reduce_bucket, overlap_comm)
+                                   foreach, offload_optimizer, reduce_bucket, overlap_comm, heap_keeps)
         low.activations = activation_bytes(counts, tokens, p, rank, checkpointing, held_per_saved)
         low.transient += zero3_buffers(ds_config, p, low_rank_trainable)
         plan.phases["low-rank steps"] = low = _params_offloaded(low) if offload_param else low
@@ -338,6 +340,8 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         # DeepSpeed flattens the parameters (the module's and the flat copy, at once), then clones the rank's
         # partition into the fp32 masters (a cast's copy beside them)
         engine.transient = max(first_trainable * p - engine.masters, engine.masters)
+        if p < 4 and heap_keeps:  # the module's parameters cast to bf16 one by one, on the heap, freed at the flatten
+            engine.transient += first_trainable * p
     model_build = build
     if engine.total > build.total:  # the engine made over it (gradients and Adam's moments come with the first step)
         plan.phases["build"] = build = engine
