@@ -1,6 +1,7 @@
 """What one rank sees, every rank acts on (2 gloo ranks, ZeRO-2). A stop signal that reaches one rank stops every rank
 after the same step: both save the one checkpoint, return the same step and the same signal, and the run resumed from
-it finishes with the losses of the uninterrupted run. checkpoint.every_minutes goes by rank 0's clock alone. Without
+it finishes with the losses of the uninterrupted run; one that reaches one rank during an evaluation ends it on both
+at the same batch. checkpoint.every_minutes goes by rank 0's clock alone. Without
 the agreement the other rank would take the next step, or a save, alone and hang in its collectives."""
 
 import os
@@ -42,8 +43,29 @@ def _scenario(rank, world_size, directory, files, ds):
     tag_dir = os.path.join(directory, "stopped", "checkpoints", checkpoint.tag_for(5))
     checkpoint.verify(tag_dir, checksums=False)
     resumed = run("stopped", **{"train.resume": True})
+
+    from relora_ds.engine.train_module import TrainEngine
+
+    evaluate, calls = TrainEngine.evaluate, []
+
+    def evaluate_and_signal(self, batches, stop_signal=None):  # rank 1 alone, during the evaluation at step 3
+        calls.append(len(calls))
+
+        def reading():
+            for i, batch in enumerate(batches):
+                yield batch
+                if rank == 1 and i == 0 and len(calls) == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, reading(), stop_signal)
+
+    TrainEngine.evaluate = evaluate_and_signal
+    try:
+        abandoned = run("abandoned", **{"train.eval_every": 3, "train.eval_batches": 8})
+    finally:
+        TrainEngine.evaluate = evaluate
     return {"stopped": (stopped["step"], stopped["stopped"], stopped["checkpoint"]),
-            "reference": reference["losses"], "resumed": resumed["losses"], "resumed_step": resumed["step"]}
+            "reference": reference["losses"], "resumed": resumed["losses"], "resumed_step": resumed["step"],
+            "abandoned": (abandoned["step"], abandoned["stopped"], [e["step"] for e in abandoned["evals"]])}
 
 
 def test_a_signal_on_one_rank_stops_both_at_the_same_checkpoint(tmp_path):
@@ -55,6 +77,8 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_checkpoint(tmp_path):
     for r in results:
         assert r["resumed_step"] == 9
         assert r["resumed"] == pytest.approx({s: v for s, v in r["reference"].items() if s > 5}, rel=1e-6)
+    # signalled during an evaluation: both ranks abandon it at the same batch and stop before step 4
+    assert [r["abandoned"] for r in results] == [(3, "SIGTERM", [0])] * 2
 
 
 def _timed(rank, world_size, directory, files, ds):
