@@ -28,6 +28,7 @@ ROOT = os.path.dirname(HERE)
 CGROUP = f"/sys/fs/cgroup/memory/relora-ds-analyze-memory-{os.getpid()}"
 # The checkout first (relora_ds importable from any working directory).
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+from relora_ds.files import atomic_write  # noqa: E402
 
 
 def make_models(preset: str, workdir: str) -> int:
@@ -131,10 +132,8 @@ def main(argv=None) -> int:
                      f"{gib(r['peak_rss_anon_bytes'])} | {gib(r['peak_rss_bytes'])} | {charged} | {r['summary_line']} |")
     name = f"{record['date']}-analyze-memory-{args.preset}-cpu"
     out_dir = os.path.join(HERE, "results")
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(record, f, indent=2)
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out_dir, name + ".json"), json.dumps(record, indent=2))
+    atomic_write(os.path.join(out_dir, name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["exit_code"] == 0 for r in runs) else 1
 

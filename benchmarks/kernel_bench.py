@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from relora_ds.files import atomic_write  # noqa: E402
 
 # hidden, intermediate (paper Table 1 for 1.3B; LLaMA-7B)
 MODELS = {"1.3b": (2048, 5461), "7b": (4096, 11008)}
@@ -164,10 +165,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
     stem = os.path.join(args.out, f"kernels_{slug}_{env['date'][:10]}")
-    with open(stem + ".md", "w") as fh:
-        fh.write(table)
-    with open(stem + ".json", "w") as fh:
-        json.dump({"environment": env, "args": vars(args), "rows": rows}, fh, indent=2)
+    atomic_write(stem + ".md", table)
+    atomic_write(stem + ".json", json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=2))
     print(f"wrote {stem}.md and {stem}.json")
     return 0
 

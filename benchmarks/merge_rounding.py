@@ -20,6 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from relora_ds.files import atomic_write  # noqa: E402
 from relora_ds.relora import quant  # noqa: E402
 
 SIZE, RANK, MERGES, SEEDS = 1024, 64, 20, 3
@@ -74,10 +75,9 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     stem = os.path.join(ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-merge-rounding")
-    with open(stem + ".json", "w") as f:
-        json.dump({"rows": rows, "size": SIZE, "rank": RANK, "merges": MERGES, "seeds": SEEDS}, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
+    atomic_write(stem + ".json", json.dumps({"rows": rows, "size": SIZE, "rank": RANK, "merges": MERGES,
+                                             "seeds": SEEDS}, indent=1))
+    atomic_write(stem + ".md", text)
     return 0
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 from relora_ds.dist import free_port  # noqa: E402
 from relora_ds.engine import runtime, zero  # noqa: E402
 from relora_ds.engine.restart import merge_into_weight, relora_restart  # noqa: E402
+from relora_ds.files import atomic_write  # noqa: E402
 from relora_ds.model.build import build_model  # noqa: E402
 from relora_ds.relora.layer import ReLoRALinear  # noqa: E402
 from relora_ds.model.families import target_modules_of
@@ -159,9 +160,7 @@ def worker(repeats: int, output: str) -> None:
         "tiny": tiny,
         "zero3_big_layer": big,
     }
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write(output, json.dumps(result, indent=2))
     print(f"\nwrote {output}")
 
 

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, ROOT)
 from relora_ds.dist import free_port  # noqa: E402
+from relora_ds.files import atomic_write  # noqa: E402
 GIB = 2**30
 
 
@@ -415,11 +416,9 @@ def main(argv=None) -> int:
     record["summary"] = summarize(args, worlds, model, bare)
     os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, f"{record['date']}-scale-{args.tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1)
+    atomic_write(stem + ".json", json.dumps(record, indent=1))
     text = markdown(record)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
+    atomic_write(stem + ".md", text)
     print(text)
     print(f"written: {stem}.json, {stem}.md")
     return 0

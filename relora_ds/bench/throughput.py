@@ -34,6 +34,7 @@ from relora_ds.dist import free_port
 from relora_ds.bench import report as rep
 from relora_ds.bench.worker import MODES, TRITON_MODE, mode_method, worker_main
 from relora_ds.engine import ds_config as dsc
+from relora_ds.files import atomic_write
 
 DEFAULT_RESULTS_DIR = os.path.join("benchmarks", "results")
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -341,10 +342,8 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     stem = f"{now.date().isoformat()}-{rep.device_label(hw)}-{args.preset}" + (f"-{args.tag}" if args.tag else "")
     path = os.path.join(args.results_dir, stem)
-    with open(path + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(path + ".md", "w") as f:
-        f.write(table)
+    atomic_write(path + ".json", json.dumps(report, indent=2))
+    atomic_write(path + ".md", table)
     rep.plot(report, path + ".png")
     print(f"wrote {path}.json, .md and .png")
     return 0
