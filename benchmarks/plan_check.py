@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 from relora_ds.config import RunConfig  # noqa: E402
 from relora_ds.files import atomic_write  # noqa: E402
 from relora_ds.memory import GIB  # noqa: E402
-from relora_ds.tools.plan import make_plan  # noqa: E402
+from relora_ds.plan import make_plan  # noqa: E402
 
 
 def plan_phase(row: dict, warm_start: int) -> str | None:

@@ -2,7 +2,7 @@
 """`relora-ds plan`'s ZeRO-1/2 terms against what a DeepSpeed engine allocates: for ZeRO-1 and 2, fp32 and bf16, a
 reduce bucket below and above the model's size, the bytes a rank allocates (relora_ds.memory.heap_bytes: glibc's
 mallinfo2 sampled after every torch op) while the model is built and the engine made, and while it steps, beside the
-plan's (`tools/plan._states`: parameters, gradients, masters, moments and the step's temporaries) for the same model
+plan's (`relora_ds/plan._states`: parameters, gradients, masters, moments and the step's temporaries) for the same model
 and rank count. Activations are a few KiB (micro-batch 1, 4 tokens). One process, or N ranks under torchrun:
 
     python benchmarks/plan_terms.py                                   # one rank
@@ -29,7 +29,7 @@ from relora_ds.engine import runtime  # noqa: E402
 from relora_ds.files import atomic_write  # noqa: E402
 from relora_ds.memory import heap_bytes  # noqa: E402
 from relora_ds.model.build import build_model  # noqa: E402
-from relora_ds.tools import plan as planner  # noqa: E402
+from relora_ds import plan as planner  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 4096

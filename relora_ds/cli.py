@@ -122,7 +122,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Per-rank memory of each phase of a run, before it runs (relora_ds/tools/plan.py)."""
+    """Per-rank memory of each phase of a run, before it runs (relora_ds/plan.py)."""
     from relora_ds.tools.plan import run_plan
 
     print(run_plan(args.config, args.overrides, args.deepspeed_config, args.ranks, args.device_memory,

@@ -28,7 +28,7 @@ from relora_ds.fields import setting
 from relora_ds.files import atomic_write
 from relora_ds.progress import clock, draws_bar, is_terminal, make_bar
 
-EVENTS = ("switch", "restart", "eval", "checkpoint", "resume", "memory", "data", "stop")
+EVENTS = ("switch", "restart", "eval", "checkpoint", "resume", "memory", "data", "stop", "plan")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -233,7 +233,7 @@ class Metrics:
             self._print(self.step_line(step, values))
 
     def log_event(self, event: str, step: int, **values) -> None:
-        """Record one event (switch, restart, eval, checkpoint, resume, memory, data, stop) and print it on one line."""
+        """Record one event (EVENTS) and print it on one line."""
         if event not in EVENTS:
             raise ValueError(f"metrics event must be one of {', '.join(EVENTS)}, got {event!r}")
         if not self.active:

@@ -10,6 +10,7 @@ restart layout, and holds no method names.
 import copy
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +29,12 @@ from relora_ds.engine import checkpoint, ds_config as dsc, run_dir, runtime
 from relora_ds.engine.train_module import mean_over_ranks, optimizer_bytes, over_ranks, start_engine
 from relora_ds.errors import NonFiniteError, RunError
 from relora_ds.fields import setting
-from relora_ds.memory import PhaseMemory, fix_heap_threshold, returns_freed_host_memory
+from relora_ds.files import atomic_write
+from relora_ds.memory import GIB, PhaseMemory, fix_heap_threshold, returns_freed_host_memory
 from relora_ds.metrics import Metrics
 from relora_ds.model.build import CHECKPOINTING, describe, enable_activation_checkpointing, meta_model
 from relora_ds.model.counts import flops_per_token, parameter_counts
+from relora_ds.plan import make_plan, rank_device_bytes
 from relora_ds.stop import StopSignals, check_finished, signal_name
 
 
@@ -227,6 +230,14 @@ def setup(cfg) -> Trainer:
         raise RunError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({len(tokenizer)} tokens, data.tokenizer); raise it or leave it unset")
     check_model_settings(cfg, method, vocab_size, ds_config)  # before any rank reads data or builds anything
+    device = runtime.device()
+    plan = make_plan(cfg, ds_config, world, vocab_size, accelerator=device.type)
+    capacity = rank_device_bytes(device)
+    if rank == 0 and capacity is not None and plan.peak > capacity:
+        worst = max(plan.phases, key=lambda name: plan.phases[name].total)
+        print(f"warning: relora-ds plan puts this run's peak at {plan.peak / GIB:.2f} GiB per rank ({worst}), more "
+              f"than the {capacity / GIB:.2f} GiB a rank has here; `relora-ds plan --config ... --device-memory "
+              f"{capacity / GIB:.0f}GiB` names the cheapest change that fits", file=sys.stderr, flush=True)
     cache_dir = os.path.join(out, "cache")
     train_set = data_loader.dataset_from_config(cfg.data, tokenizer, split="train", cache_dir=cache_dir)
     # Tokens in one epoch of the training data: known for map-style (packed) data, not for a stream.
@@ -238,7 +249,6 @@ def setup(cfg) -> Trainer:
     eval_sets = data_loader.held_out_sets(val_set, micro_batch_size=micro_bs, max_batches=cfg.train.eval_batches,
                                           rank=rank, world_size=world)
 
-    device = runtime.device()
     phases = PhaseMemory(device)
     def prepare_model(model) -> None:
         check_seq_len(cfg, model.config.max_position_embeddings)
@@ -251,8 +261,7 @@ def setup(cfg) -> Trainer:
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         cfg.save(os.path.join(out, "config.yaml"))
-        with open(os.path.join(out, "ds_config.json"), "w") as f:
-            json.dump(ds_config, f, indent=2)
+        atomic_write(os.path.join(out, "ds_config.json"), json.dumps(ds_config, indent=2))
     metrics = Metrics(out, total_steps=cfg.train.total_steps, rank=rank, every=cfg.log.every,
                       progress=cfg.log.progress, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                       wandb_entity=cfg.log.wandb_entity, run_name=cfg.log.run_name, tags=cfg.log.tags,
@@ -267,7 +276,8 @@ def setup(cfg) -> Trainer:
                  DataSkip(skip.parse(cfg.data.skip), grad_accum, tokens_per_step),  # after the switch's checkpoint
                  *method.callbacks(),
                  LossPlot(out),
-                 MemoryEvents(phases, build_peak, resumed=start.resume, over_ranks=lambda v: over_ranks(v, device))]
+                 MemoryEvents(phases, build_peak, resumed=start.resume, over_ranks=lambda v: over_ranks(v, device),
+                              plan=plan)]
     trainer = Trainer(cfg, method, engine, batches, metrics, callbacks, tokens_per_step=tokens_per_step,
                       train_tokens=train_tokens)
     if start.saved is not None:
@@ -276,6 +286,9 @@ def setup(cfg) -> Trainer:
         metrics.truncate_after(trainer.state.step)
         metrics.log_event("resume", trainer.state.step, path=start.tag,
                           **({"universal": True} if start.universal else {}))  # written on another world size
+    metrics.log_event("plan", trainer.state.step, peak_gib=round(plan.peak / GIB, 3),
+                      device_gib=round(capacity / GIB, 3) if capacity is not None else None,
+                      phases_gib={name: round(c.total / GIB, 3) for name, c in plan.phases.items()})
     if train_tokens:
         metrics.log_event("data", trainer.state.step, train_tokens=train_tokens)
     if (sources := mixture.described(train_set)) is not None:

@@ -371,3 +371,25 @@ def test_low_rank_lr_scale_applies_after_the_switch_only(corpus, tmp_path):
         scale = 1.5 if step - 1 >= cfg.relora.warm_start_steps else 1.0
         assert lr == pytest.approx(cfg.schedule.lr * multiplier(step - 1) * scale), step
     assert any(step - 1 >= 4 and lr > 0 for step, lr in logged.items())
+
+
+def test_every_run_logs_its_plan_and_checks_it_phase_by_phase(corpus, tmp_path, monkeypatch, capsys):
+    """The trainer plans the run before building it (relora_ds/plan.py): a `plan` record with each phase's per-rank
+    prediction, and beside each measured phase the plan models its prediction (plan_gib), close to the measured peak
+    even for a tiny model, where the runtime is most of it (a term far off, like a bucket counted whole that a CPU
+    rank never touches, shows here). A rank with less memory than the plan's peak is warned before the build."""
+    _, train_file, val_file = corpus
+    cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path, stage=2),
+                          **{"train.total_steps": 10, "checkpoint.every": 4})
+    monkeypatch.setattr(trainer, "rank_device_bytes", lambda device: 2**20)
+    trainer.train(cfg)
+    assert "warning: relora-ds plan puts this run's peak at" in capsys.readouterr().err
+    records = read_metrics(cfg.train.output_dir)
+    [plan] = [r for r in records if r.get("event") == "plan"]
+    assert plan["device_gib"] == round(2**20 / 2**30, 3)
+    assert set(plan["phases_gib"]) == {"build", "full-rank steps", "full-rank checkpoint", "low-rank steps",
+                                       "restart", "checkpoint", "resume", "export"}
+    checked = [(r["phase"], r["peak_gib"] / r["plan_gib"]) for r in records
+               if r.get("event") == "memory" and "plan_gib" in r]
+    assert {phase for phase, _ in checked} == {"build", "steps", "checkpoint", "restart"}
+    assert all(0.7 < ratio < 1.3 for _, ratio in checked), checked

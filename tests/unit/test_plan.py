@@ -9,7 +9,7 @@ import pytest
 from relora_ds import cli
 from relora_ds.config import RunConfig
 from relora_ds.memory import GIB
-from relora_ds.tools import plan as planner
+from relora_ds import plan as planner
 
 VOCAB = 8192
 
@@ -48,17 +48,16 @@ def test_terms_follow_the_stage_and_precision(counts):
     z2 = planner.make_plan(_cfg(), _ds(2), 2, VOCAB, counts).phases["low-rank steps"]
     assert z2.parameters == 2 * t and z2.frozen_w == 2 * counts.wrapped  # replicated below ZeRO-3
     assert z2.masters == 4 * t / 2 and z2.moments == 8 * t / 2
-    # the backward holds the peak: DeepSpeed's default bucket (5e8 elements, allocated whole), the rank's gradient
+    # a CPU rank: of DeepSpeed's default bucket (5e8 elements) only the part the model's gradients fill is resident,
+    # so the step holds the peak: the fp32 gradient partition and AdamW's two temporaries of it
+    assert (z2.gradients, z2.transient) == (4 * t / 2, 2 * 4 * t / 2)
+    z2 = planner.make_plan(_cfg(), _ds(2), 2, VOCAB, counts, "cuda").phases["low-rank steps"]
+    # a CUDA device counts the bucket's whole allocation: the backward holds the peak, the bucket, the rank's gradient
     # partition, and half the filled bucket (the whole model) while it is reduce-scattered
     assert (z2.gradients, z2.transient) == (2 * 5e8 + 2 * t / 2 + 0.5 * 2 * t, 0)
-    small = _ds(2)
-    small["zero_optimization"]["reduce_bucket_size"] = 10**6
-    z2 = planner.make_plan(_cfg(), small, 2, VOCAB, counts).phases["low-rank steps"]
-    # a small bucket: the step holds the peak, the fp32 gradient partition and AdamW's two temporaries of it
-    assert (z2.gradients, z2.transient) == (4 * t / 2, 2 * 4 * t / 2)
     overlap = _ds(2)
     overlap["zero_optimization"]["overlap_comm"] = True
-    assert planner.make_plan(_cfg(), overlap, 2, VOCAB, counts).phases["low-rank steps"].gradients == \
+    assert planner.make_plan(_cfg(), overlap, 2, VOCAB, counts, "cuda").phases["low-rank steps"].gradients == \
         2 * 2 * 5e8 + 2 * t / 2 + 0.5 * 2 * t  # two buckets
     z1 = _ds(1)
     z1["zero_optimization"]["reduce_bucket_size"] = 10**6
@@ -174,15 +173,15 @@ def test_the_cheapest_fix_is_the_first_that_fits(counts):
     short, int8_short = _cfg(), _cfg(base_dtype="int8")  # short sequences: W, not activations, is what to shrink
     short.data.seq_len = int8_short.data.seq_len = 64
     ds = _ds(2, micro=1)
-    plain = planner.make_plan(short, ds, 1, VOCAB, counts).peak
+    plain = planner.make_plan(short, ds, 1, VOCAB, counts, "cuda").peak
     ds["zero_optimization"]["reduce_bucket_size"] = planner.SMALL_REDUCE_BUCKET
-    small_bucket = planner.make_plan(short, ds, 1, VOCAB, counts).peak
-    int8 = planner.make_plan(int8_short, ds, 1, VOCAB, counts).peak
+    small_bucket = planner.make_plan(short, ds, 1, VOCAB, counts, "cuda").peak
+    int8 = planner.make_plan(int8_short, ds, 1, VOCAB, counts, "cuda").peak
     assert int8 < small_bucket < plain
-    change, fixed = planner.cheapest_fit(short, _ds(2, micro=1), 1, VOCAB, (small_bucket + plain) / 2, counts)
+    change, fixed = planner.cheapest_fit(short, _ds(2, micro=1), 1, VOCAB, (small_bucket + plain) / 2, counts, "cuda")
     assert change == f"zero_optimization.reduce_bucket_size: {planner.SMALL_REDUCE_BUCKET}"
     assert fixed.peak == small_bucket  # DeepSpeed's default bucket (5e8 elements, allocated whole): the first lever
-    change, fixed = planner.cheapest_fit(short, ds, 1, VOCAB, (int8 + small_bucket) / 2, counts)
+    change, fixed = planner.cheapest_fit(short, ds, 1, VOCAB, (int8 + small_bucket) / 2, counts, "cuda")
     assert change == "relora.base_dtype: int8" and fixed.peak == int8
     assert planner.cheapest_fit(cfg, ds, 1, VOCAB, 0.1 * GIB, counts) is None  # below the runtime: nothing fits
 
