@@ -270,7 +270,11 @@ def setup(cfg) -> Trainer:
     model_flops = flops_per_token_full(cfg, engine.module)  # wrapped or not: the same linears, counted as built
     peak_flops = peak_flops_per_device(cfg, ds_config, engine.device)
     mfu_per_tokens_per_s = model_flops / peak_flops / world if model_flops and peak_flops else None
-    callbacks = [StepLogging(tokens_per_step, mfu_per_tokens_per_s, lambda v: mean_over_ranks(v, engine.device)),
+    sources = mixture.described(train_set)
+    if sources is not None:
+        engine.track_sources(len(sources))
+    callbacks = [StepLogging(tokens_per_step, mfu_per_tokens_per_s, lambda v: mean_over_ranks(v, engine.device),
+                             [source["name"] for source in sources] if sources is not None else None),
                  Evaluation(eval_sets, cfg.train.eval_every),
                  Checkpointing(cfg.checkpoint, out, method.reference_step(), lambda v: over_ranks(v, device)),
                  DataSkip(skip.parse(cfg.data.skip), grad_accum, tokens_per_step),  # after the switch's checkpoint
@@ -291,7 +295,7 @@ def setup(cfg) -> Trainer:
                       phases_gib={name: round(c.total / GIB, 3) for name, c in plan.phases.items()})
     if train_tokens:
         metrics.log_event("data", trainer.state.step, train_tokens=train_tokens)
-    if (sources := mixture.described(train_set)) is not None:
+    if sources is not None:
         metrics.log_event("data", trainer.state.step, mixture=sources)
     return trainer
 

@@ -1,4 +1,5 @@
-"""The step records (loss, lr, grad norm, tokens/s, MFU) and the event records of the run, into trainer.metrics
+"""The step records (loss, lr, grad norm, tokens/s, MFU; with a data.mixture each source's training loss per token
+since the previous record, `loss_<name>`) and the event records of the run, into trainer.metrics
 (relora_ds/metrics.py: the JSONL file, the progress bar, wandb, TensorBoard); and the run summary's losses."""
 
 import time
@@ -9,10 +10,12 @@ from relora_ds.callbacks.base import Callback
 class StepLogging(Callback):
     name = "logging"
 
-    def __init__(self, tokens_per_step: int, mfu_per_tokens_per_s: float | None, mean_over_ranks):
+    def __init__(self, tokens_per_step: int, mfu_per_tokens_per_s: float | None, mean_over_ranks,
+                 source_names: list[str] | None = None):
         # MFU = tokens/s per device × full-rank FLOPs per token / peak FLOP/s per device (None: left out of the log)
         self.tokens_per_step, self.mfu_per_tokens_per_s = tokens_per_step, mfu_per_tokens_per_s
         self.mean_over_ranks = mean_over_ranks  # value → mean over the ranks (a collective)
+        self.source_names = source_names  # a data.mixture's (the engine sums each one's loss: track_sources)
         self.last_step = self.last_time = None
 
     def on_start(self, trainer) -> None:
@@ -29,6 +32,8 @@ class StepLogging(Callback):
         values = {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "tokens_seen": trainer.state.tokens_seen, "tokens_per_s": tokens_per_s,
                   "mfu": tokens_per_s * self.mfu_per_tokens_per_s if self.mfu_per_tokens_per_s else None}
+        if self.source_names:
+            values.update(zip([f"loss_{name}" for name in self.source_names], trainer.engine.take_source_losses()))
         trainer.metrics.log_step(step, **{k: v for k, v in values.items() if v is not None},
                                  next_restart=trainer.method.next_event(step))
         trainer.summary["losses"][step] = loss

@@ -2,7 +2,8 @@
 
     build_dataset(source, ...)          -> PackedDataset (random access) or StreamingPackedDataset
     dataset_from_config(cfg.data, ...)  -> the same for the train / validation role (None: no validation)
-    DistributedBatches(dataset, ...)    iterator of {"input_ids", "labels"} LongTensor[mb, seq_len]
+    DistributedBatches(dataset, ...)    iterator of {"input_ids", "labels"} LongTensor[mb, seq_len] (a mixture:
+                                        and "source", each row's source index, LongTensor[mb])
     eval_batches(dataset, ...)          fixed held-out batches, this rank's share
     stream_batches / iterate_tokens     a source as the trainer streams it, for benchmarks and tools
 
@@ -323,9 +324,13 @@ class DistributedBatches:
             ids = self._mixture.next_batch()
         else:
             ids = next(self._stream) if self.streaming else self.dataset.get_batch(self._next_indices())
+        sources = None
+        if isinstance(ids, tuple):  # a mixture's: each row's source index
+            ids, sources = ids
         self.micro_step += 1
         self.tokens_seen += self.global_batch * self.dataset.seq_len
-        return {"input_ids": ids, "labels": ids.clone()}
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        return batch if sources is None else {**batch, "source": sources}
 
     def _next_indices(self) -> np.ndarray:
         if self.position + self.global_batch > len(self.dataset):

@@ -187,9 +187,11 @@ class MixtureOrder:
         self.position += self.world * self.mb
         return picks
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch and each row's source (its index in the mixture)."""
         mine = self.skip()[self.rank * self.mb:(self.rank + 1) * self.mb]
-        return read_rows(self.dataset.components, mine, self.dataset.seq_len, self._position)
+        sources = torch.tensor([d for d, _ in mine], dtype=torch.long)
+        return read_rows(self.dataset.components, mine, self.dataset.seq_len, self._position), sources
 
     def _position(self, d: int, k: int) -> int:
         n = len(self.dataset.components[d])
@@ -261,8 +263,9 @@ class MixedSource:
 
 
 class MixedShareBatches:
-    """One reader's micro-batches of a MixedSource, each with the reader's state after it: its share of every source
-    (stream.ShareBatches, one window at a time), row by row by the greedy rule over the reader's own rows.
+    """One reader's micro-batches of a MixedSource, each as (rows, each row's source index) with the reader's state
+    after it: its share of every source (stream.ShareBatches, one window at a time), row by row by the greedy rule
+    over the reader's own rows.
 
     state: {"position": the reader's rows handed out, "rows": each source's, "weights",
             "phase": {"position", "rows"}, "shares": [each source's ShareBatches state]}"""
@@ -287,7 +290,8 @@ class MixedShareBatches:
             for d, _ in picks:
                 window, shares[d] = next(windows[d])
                 batch.append(window)
-            yield torch.cat(batch), {"position": position, "rows": list(rows), "weights": self.src.weights,
+            sources = torch.tensor([d for d, _ in picks], dtype=torch.long)
+            yield (torch.cat(batch), sources), {"position": position, "rows": list(rows), "weights": self.src.weights,
                                      "phase": {"position": phase_start, "rows": list(phase_rows)},
                                      "shares": list(shares)}
 

@@ -97,7 +97,8 @@ class _Readers(torch.utils.data.IterableDataset):
             for batch, state in reader_batches(self.src, tokenizer=self.tokenizer, seq_len=self.seq_len,
                                                micro_batch_size=self.mb, reader=reader, readers=self.readers,
                                                state=self.states[local]):
-                yield batch.numpy(), state  # pickled through the pipe: cheaper than a shared-memory file per batch
+                # pickled through the pipe: cheaper than a shared-memory file per batch
+                yield (tuple(t.numpy() for t in batch) if isinstance(batch, tuple) else batch.numpy()), state
         except DataError as e:
             yield _Failure(str(e))
         except Exception as e:  # noqa: BLE001 - anything else still reaches the trainer as one line
@@ -108,7 +109,8 @@ class _Readers(torch.utils.data.IterableDataset):
 
 
 class RankStream:
-    """This rank's micro-batches of a stream (LongTensor[mb, seq_len]); resumable through local_state()."""
+    """This rank's micro-batches of a stream (LongTensor[mb, seq_len]; of a mixture, with each row's source index:
+    (rows, LongTensor[mb])); resumable through local_state()."""
 
     def __init__(self, src, *, tokenizer, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
                  num_workers: int = 0, prefetch_batches: int = 16):
@@ -123,7 +125,7 @@ class RankStream:
         self.turn = 0  # the local reader that serves the next batch
         self._it: Iterator | None = None
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
             self._it = self._start()
         try:
@@ -142,7 +144,9 @@ class RankStream:
             self.close()
             raise DataError(item.message)
         batch, state = item
-        if isinstance(batch, np.ndarray):
+        if isinstance(batch, tuple):  # a mixture's rows and their sources
+            batch = tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in batch)
+        elif isinstance(batch, np.ndarray):
             batch = torch.from_numpy(batch)
         self.states[self.turn] = state
         self.turn = (self.turn + 1) % self.per_rank

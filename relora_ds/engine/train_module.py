@@ -28,6 +28,7 @@ class TrainEngine:
         self.ds = None       # the DeepSpeed engine
         self.layout = None   # zero.Layout of the adapters, for the restart (None without adapters)
         self.wrapped = False  # whether the module holds adapters (set with each engine; saved with every checkpoint)
+        self.source_sums = None  # a mixture's per-source [loss sum, tokens] since they were last taken (track_sources)
 
     # --- the engine ------------------------------------------------------------------------------------------
     def build(self, model: torch.nn.Module) -> None:
@@ -75,10 +76,21 @@ class TrainEngine:
         relora_ds/stop.py recorded); checks the adapters' moments after the first step that makes them (ZeRO-0)."""
         runtime.set_lr(self.ds, lr)
         loss, norm, signalled = train_step(self.ds, batches, self.grad_accum, step=step, grad_norm=grad_norm,
-                                           stop_signal=stop_signal)
+                                           stop_signal=stop_signal, source_sums=self.source_sums)
         if self.layout is not None and not self.layout.moments_checked:
             self.layout.check_moments(self.adapters())
         return loss, norm, signalled
+
+    def track_sources(self, count: int) -> None:
+        """Sum each source's training loss from here (a mixture's `count` sources; batches carry each row's)."""
+        self.source_sums = torch.zeros(2, count, dtype=torch.float64, device=self.device)
+
+    def take_source_losses(self) -> list[float | None]:
+        """Each source's mean training loss per token over every rank since the last call (None: no rows of it),
+        and start again (a collective)."""
+        losses, tokens = dist.all_reduce(self.source_sums).tolist()
+        self.source_sums.zero_()
+        return [loss / count if count > 0 else None for loss, count in zip(losses, tokens)]
 
     def evaluate(self, batches: list[dict], stop_signal=None) -> dict:
         return evaluate(self.ds, batches, stop_signal)
@@ -96,7 +108,7 @@ class TrainEngine:
 
 
 def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool,
-               stop_signal: int = 0) -> tuple[torch.Tensor, float | None, int]:
+               stop_signal: int = 0, source_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None, int]:
     """One optimizer step of the DeepSpeed `engine` over `grad_accum` micro-batches: (this rank's mean loss as a 0-dim
     tensor on the device, the global gradient norm or None, the largest `stop_signal` over the ranks). `relora-ds
     train` and `relora-ds bench` both step through this function.
@@ -108,10 +120,19 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool,
     signal (relora_ds/stop.py), so every rank learns of a signal any rank got, at no extra cost; the global gradient
     norm that DeepSpeed computes in its step (ZeRO-1/2/3, bf16) is the same on every rank. No graph outlives the
     step (its backward hooks hold the engine): the sum is of detached losses.
+
+    source_sums (2 × sources, float64, on the device): a mixture's batches name each row's source ("source"); each
+    row's loss sum and token count are added to its source's column (row_loss_sums, from the logits the forward made).
     """
     loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
     for micro in range(grad_accum):
-        loss = engine(**_move(next(batches), engine.device)).loss
+        batch = _move(next(batches), engine.device)
+        sources = batch.pop("source", None)
+        out = engine(**batch)
+        loss = out.loss
+        if sources is not None and source_sums is not None:
+            source_sums.index_add_(1, sources, torch.stack(row_loss_sums(out.logits, batch["labels"])).double())
+        del out  # the logits: not held through the backward
         engine.backward(loss)
         loss_sum += loss.detach().float()
         del loss
@@ -135,6 +156,21 @@ def train_step(engine, batches, grad_accum: int, *, step: int, grad_norm: bool,
         raise NonFiniteError(f"training stopped at step {step}: the gradient norm is {norm}; the newest complete "
                              f"checkpoint is kept (lower schedule.lr or set train.max_grad_norm)", step)
     return loss_sum / grad_accum, norm if grad_norm else None, int(signalled)
+
+
+@torch.no_grad()
+def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's summed next-token cross-entropy, its counted tokens): the loss the model computed, per row (labels
+    shifted by one, -100 ignored), in fp32 over `chunk` positions at a time (no fp32 copy of all the logits)."""
+    rows, length, vocab = logits.shape
+    total = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    for start in range(0, length - 1, chunk):
+        end = min(length - 1, start + chunk)
+        target = labels[:, start + 1:end + 1]
+        loss = torch.nn.functional.cross_entropy(logits[:, start:end].reshape(-1, vocab).float(), target.reshape(-1),
+                                                 ignore_index=-100, reduction="none")
+        total += loss.view(rows, -1).sum(1)
+    return total, (labels[:, 1:] != -100).sum(1).float()
 
 
 @torch.no_grad()

@@ -46,6 +46,10 @@ def test_a_mixture_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     assert [(d["name"], d["source"], d["weight"]) for d in data[0]["mixture"]] == [
         ("plain", plain, 0.75), ("upper", upper, 0.25)]
     assert all(d["num_tokens"] > 0 for d in data[0]["mixture"])
+    steps = [r for r in records if "event" not in r]
+    for r in steps:  # each source's training loss per token: one micro-batch of 2 rows a step, 3 : 1
+        present = [r[key] for key in ("loss_plain", "loss_upper") if key in r]
+        assert present and min(present) - 1e-4 <= r["loss"] <= max(present) + 1e-4
     evals = [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [0, 4, 8]
     for r in evals:  # each source's held-out loss, and their mean by the mixture's weights

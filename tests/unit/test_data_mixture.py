@@ -51,6 +51,15 @@ def test_every_prefix_holds_each_source_within_a_row_of_its_weight():
     assert {d for d, _ in mixture.assign([0.0, 1.0], [0, 0], 0, [0, 0], 0, 50)} == {1}  # weight 0: never
 
 
+def test_each_row_names_its_source():
+    """A mixture's batches carry each row's source index (the trainer sums each source's loss with it)."""
+    batches = _batches(_blend(), mb=4, rank=1, world=2)
+    for _ in range(20):
+        batch = next(batches)
+        assert batch["source"].tolist() == [int(row[0]) // 10_000 for row in batch["input_ids"]]
+    assert "source" not in next(_batches(Rows(0, 50)))  # one source: nothing to name
+
+
 def test_each_source_has_epochs_of_its_own_each_a_permutation():
     batches = _batches(_blend(), mb=4)
     seen = _take(batches, 70)  # 280 rows: 175, 35, 70 by weight
@@ -252,7 +261,10 @@ def test_a_streamed_mixture_blends_each_readers_rows_and_resumes_exactly(tmp_pat
                                          world_size=1, seed=0, num_workers=workers)
 
     batches = make()
-    seen = [next(batches)["input_ids"] for _ in range(12)]
+    seen = [next(batches) for _ in range(12)]
+    assert all([["a", "b"][d] for d in batch["source"].tolist()] == _sources_of(tok, batch["input_ids"])
+               for batch in seen)  # each row's source index, as the trainer reads it
+    seen = [batch["input_ids"] for batch in seen]
     assert [_sources_of(tok, batch) for batch in seen[:2]] == [["a", "a", "b", "a"], ["a", "a", "b", "a"]]
     assert sum(_sources_of(tok, batch).count("a") for batch in seen) == 36  # 48 rows at 0.75
     state = json.loads(json.dumps(batches.state_dict()))
@@ -263,7 +275,9 @@ def test_a_streamed_mixture_blends_each_readers_rows_and_resumes_exactly(tmp_pat
     resumed.load_state_dict(state)
     assert all(torch.equal(x, next(resumed)["input_ids"]) for x in after)
     with make(workers=2) as two:  # 2 readers in 2 workers: each its own blend, resumable the same way
-        first = [next(two)["input_ids"] for _ in range(6)]
+        first = [next(two) for _ in range(6)]
+        assert all(batch["source"].tolist() == [0, 0, 1, 0] for batch in first)  # through the workers' pipes
+        first = [batch["input_ids"] for batch in first]
         two_state = json.loads(json.dumps(two.state_dict()))
         later = [next(two)["input_ids"] for _ in range(4)]
     assert [_sources_of(tok, batch) for batch in first] == [["a", "a", "b", "a"]] * 6
