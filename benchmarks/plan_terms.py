@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""`relora-ds plan`'s ZeRO-1/2 terms against what a DeepSpeed engine allocates: for ZeRO-1 and 2, fp32 and bf16, a
-reduce bucket below and above the model's size, the bytes a rank allocates (relora_ds.memory.heap_bytes: glibc's
+"""`relora-ds plan`'s ZeRO-0/1/2 terms against what a DeepSpeed engine allocates: for ZeRO-0, 1 and 2, fp32 and bf16,
+on ZeRO-1/2 a reduce bucket below and above the model's size, the bytes a rank allocates (relora_ds.memory.heap_bytes: glibc's
 mallinfo2 sampled after every torch op) while the model is built and the engine made, and while it steps, beside the
 plan's (`relora_ds/plan._states`: parameters, gradients, masters, moments and the step's temporaries) for the same model
 and rank count. Activations are a few KiB (micro-batch 1, 4 tokens). One process, or N ranks under torchrun:
@@ -33,7 +33,8 @@ from relora_ds import plan as planner  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 4096
-CASES = [(stage, bf16, bucket) for stage in (1, 2) for bf16 in (False, True) for bucket in (0.25, 8.0)]
+CASES = ([(0, bf16, 0.25) for bf16 in (False, True)]
+         + [(stage, bf16, bucket) for stage in (1, 2) for bf16 in (False, True) for bucket in (0.25, 8.0)])
 
 
 def ds_config(stage: int, bf16: bool, bucket: int) -> dict:
@@ -53,7 +54,7 @@ def train(engine, steps: int) -> None:
 def warm_up(preset: str) -> None:
     """An engine of each kind made and stepped once: the first of a process imports DeepSpeed's modules and builds
     its ops, and the first bf16 matmuls of a shape fill oneDNN's caches (MiB that are not the engine's)."""
-    for stage, bf16 in ((1, False), (1, True), (2, False), (2, True)):
+    for stage, bf16 in ((0, False), (0, True), (1, False), (1, True), (2, False), (2, True)):
         engine = runtime.make_engine(build_model(preset, VOCAB, attn_implementation="sdpa", seed=0),
                                      ds_config(stage, bf16, 10**6))
         train(engine, 1)
@@ -81,9 +82,8 @@ def measure(stage: int, bf16: bool, bucket_over_model: float, preset: str = "20m
     c = planner.Components(runtime=0.0)
     planner._states(c, trainable, largest, p, stage, "bf16" if bf16 else "fp32", ranks, foreach=False,
                     reduce_bucket=bucket)
-    # make_plan's build: the model in fp32, then the engine (the flat copy beside the module's parameters, the masters
-    # and a cast's copy of them)
-    engine_made = c.parameters + c.masters + max(trainable * p - c.masters, c.masters)
+    # make_plan's build: the model in fp32, then the engine made over it
+    engine_made = planner.engine_made(c, trainable, p, stage, "bf16" if bf16 else "fp32", ranks).total
     return {"stage": stage, "precision": "bf16" if bf16 else "fp32", "bucket_over_model": bucket_over_model,
             "ranks": ranks, "parameters": trainable, "made": made, "made_plan": max(4 * trainable, engine_made),
             "steps": steps, "steps_plan": c.total}
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         return 0
     ranks = rows[0]["ranks"]
     mib = 2**20
-    lines = ["# `relora-ds plan`'s ZeRO-1/2 terms against a DeepSpeed engine's allocations", "",
+    lines = ["# `relora-ds plan`'s ZeRO-0/1/2 terms against a DeepSpeed engine's allocations", "",
              f"{datetime.date.today().isoformat()} · {platform.machine()} · {os.cpu_count()} cores · torch "
              f"{torch.__version__} · preset {args.preset} ({rows[0]['parameters'] / 1e6:.2f} M parameters, vocabulary "
              f"{VOCAB}) · {ranks} rank{'s' * (ranks > 1)}, rank 0's bytes", "",

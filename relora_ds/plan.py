@@ -158,8 +158,10 @@ def activation_bytes(counts: Counts, tokens: int, p: int, rank: int, checkpointi
     return tokens * (held_per_saved * layers + 12 * counts.vocab)
 
 
-# DeepSpeed's reduction bucket of ZeRO-1/2 (elements) when the JSON sets none.
+# DeepSpeed's reduction bucket of ZeRO-1/2 (elements) when the JSON sets none, and the flat copies ZeRO-0 all-reduces
+# gradients through (engine.MEMORY_OPT_ALLREDUCE_SIZE, not configurable).
 REDUCE_BUCKET_DEFAULT = 5e8
+ALLREDUCE_BUCKET = 5e8
 
 
 def _states(c: Components, trainable: int, largest: int, p: int, stage: int, precision: str, n: int,
@@ -169,7 +171,9 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
     them `largest`), as DeepSpeed 0.19 lays them out, at the larger of the backward's and the optimizer step's peaks
     (measured with live tensor bytes: tests/e2e/test_plan_engine.py, benchmarks/plan_terms.py):
     - ZeRO-0: the module's gradients (bf16: BF16_Optimizer's fp32 accumulators too); AdamW steps each tensor, its
-      temporaries two of the largest (torch's foreach AdamW on CUDA: one partition's worth).
+      temporaries two of the largest (torch's foreach AdamW on CUDA: one partition's worth). Beyond one rank an fp32
+      run all-reduces the module's gradients through flat copies of up to 5e8 elements (DeepSpeed's
+      MEMORY_OPT_ALLREDUCE_SIZE; BF16_Optimizer reduces its accumulators in place): the larger of that and AdamW's.
     - ZeRO-1/2: DeepSpeed reduces the gradients through a bucket of reduce_bucket_size elements, allocated whole
       whatever the model's size (two with overlap_comm), and copies the rank's share into a gradient partition.
       Backward, ZeRO-1: the module's gradients, all alive at the boundary until each is copied into the bucket, beside
@@ -212,6 +216,8 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
     c.gradients = trainable * p + (trainable * 4 if precision == "bf16" else 0) if stage == 0 else trainable * p / n
     step_grad = trainable * 4 / shard if precision == "bf16" and stage >= 1 else 0
     c.transient = step_grad + (trainable * 4 / shard if foreach else 2 * 4 * largest)
+    if stage == 0 and precision == "fp32" and n > 1:
+        c.transient = max(c.transient, min(ALLREDUCE_BUCKET, trainable) * p)
     if offload_optimizer:  # ZeRO-3: its gradient partition goes to the host too
         c.host += c.masters + c.moments + trainable * 4 / shard
         c.gradients = c.masters = c.moments = c.transient = 0.0
@@ -241,6 +247,22 @@ def _between_steps(steps: Components, step_temporaries: float, stage: int, heap_
         return held
     held.transient -= step_temporaries if heap_returns else 0.0
     return held
+
+
+def engine_made(steps: Components, trainable: int, p: int, stage: int, precision: str, n: int,
+                offload_optimizer: bool = False) -> Components:
+    """What making the DeepSpeed engine over `trainable` parameters holds at its peak, from the steps' Components:
+    the parameters, masters and the gradient buffers it makes at once (`engine_gradients`); ZeRO-1/2 flatten the
+    parameters (the module's and the flat copy at once), then clone the rank's partition into the fp32 masters (a
+    cast's copy beside them); ZeRO-0 bf16 (BF16_Optimizer) steps once over zero gradients to make Adam's moments: the
+    steps' peak. Other engines make their moments with the first step."""
+    engine = Components(**{**steps.__dict__, "gradients": engine_gradients(trainable, p, stage, precision, n),
+                           "moments": 0.0, "activations": 0.0, "transient": 0.0})
+    if stage in (1, 2) and not offload_optimizer:
+        engine.transient = max(trainable * p - engine.masters, engine.masters)
+    elif stage == 0 and precision == "bf16":
+        engine = Components(**{**steps.__dict__, "activations": 0.0})
+    return engine
 
 
 def engine_gradients(trainable: int, p: int, stage: int, precision: str, n: int) -> float:
@@ -338,14 +360,9 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     first = plan.phases.get("full-rank steps") or plan.phases["low-rank steps"]
     first_trainable = counts.total if "full-rank steps" in plan.phases else low_rank_trainable
     steps_trainable = low_rank_trainable if wrapped else counts.total
-    engine = Components(**{**first.__dict__, "gradients": engine_gradients(first_trainable, p, stage, precision, ranks),
-                           "moments": 0.0, "activations": 0.0, "transient": 0.0})
-    if stage in (1, 2) and not offload_optimizer:
-        # DeepSpeed flattens the parameters (the module's and the flat copy, at once), then clones the rank's
-        # partition into the fp32 masters (a cast's copy beside them)
-        engine.transient = max(first_trainable * p - engine.masters, engine.masters)
-        if p < 4 and heap_keeps:  # the module's parameters cast to bf16 one by one, on the heap, freed at the flatten
-            engine.transient += first_trainable * p
+    engine = engine_made(first, first_trainable, p, stage, precision, ranks, offload_optimizer)
+    if stage in (1, 2) and not offload_optimizer and p < 4 and heap_keeps:
+        engine.transient += first_trainable * p  # the module's parameters cast one by one, on the heap, then flattened
     model_build = build
     if engine.total > build.total:  # the engine made over it (gradients and Adam's moments come with the first step)
         plan.phases["build"] = build = engine
@@ -360,14 +377,12 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     # parameters and the fp32 masters, and on ZeRO-3 the rank's shards of W; below ZeRO-3 each wrapped layer's W
     # (stored, or the frozen Parameter) goes through a mapping of its own, one W at a time
     # (engine/checkpoint.copy_stored_weights). Adam's moments stay mapped, untouched, until the first step reads them.
-    resume = Components(**{**steps.__dict__, "gradients": engine_gradients(steps_trainable, p, stage, precision, ranks),
-                           "moments": 0.0, "activations": 0.0, "transient": 0.0})
+    made = engine_made(steps, steps_trainable, p, stage, precision, ranks, offload_optimizer)
+    loaded = Components(**{**made.__dict__, "transient": 0.0})
     one_w_at_a_time = wrapped and stage < 3
-    resume.transient = (resume.parameters + resume.masters
-                        + (w_bytes * counts.largest if one_w_at_a_time else resume.frozen_w))
-    if model_build.total > resume.total:
-        resume = Components(**model_build.__dict__)
-    plan.phases["resume"] = resume
+    loaded.transient = (loaded.parameters + loaded.masters
+                        + (w_bytes * counts.largest if one_w_at_a_time else loaded.frozen_w))
+    plan.phases["resume"] = max((model_build, made, loaded), key=lambda c: c.total)
     # The export: one tensor at a time in fp32; an int8/fp8 W is dequantized whole beside its stored form, then merged
     # (s·B·A beside it) and cast for writing.
     largest = max(counts.largest, counts.vocab * counts.hidden)
