@@ -8,9 +8,11 @@ and rank count. Activations are a few KiB (micro-batch 1, 4 tokens). One process
     python benchmarks/plan_terms.py                                   # one rank
     torchrun --nproc_per_node 2 benchmarks/plan_terms.py              # two gloo ranks (rank 0's bytes)
     python benchmarks/plan_terms.py --out /tmp/o                      # results directory (default benchmarks/results)
+    python benchmarks/plan_terms.py --cases 0:bf16:0.25,2:fp32:8      # stage:precision:bucket/model of some cases
 
 Writes <date>-plan-terms-<N>rank.{json,md} from rank 0. A benchmark, not a test (tests/e2e/test_plan_engine.py runs
-the one-rank cases).
+five one-rank cases). Run it in a process of its own: glibc's mallinfo2 walks the heap, so sampling it after every op
+in a long-lived process with a large, fragmented heap (a test session's) takes minutes.
 """
 
 import argparse
@@ -93,12 +95,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="20m", help="model preset (default 20m)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
+    p.add_argument("--cases", default=None, help="comma-separated stage:precision:bucket-over-model (default: all)")
     args = p.parse_args(argv)
+    cases = CASES if args.cases is None else [
+        (int(stage), precision == "bf16", float(bucket))
+        for stage, precision, bucket in (case.split(":") for case in args.cases.split(","))]
     runtime.init_distributed()
     import torch.distributed as dist
 
     warm_up(args.preset)
-    rows = [measure(stage, bf16, bucket, args.preset) for stage, bf16, bucket in CASES]
+    rows = [measure(stage, bf16, bucket, args.preset) for stage, bf16, bucket in cases]
     if dist.get_rank() != 0:
         return 0
     ranks = rows[0]["ranks"]

@@ -111,7 +111,9 @@ def heap_bytes():
     """A torch dispatch mode that tracks the peak of the bytes this process has allocated (glibc's mallinfo2: heap
     chunks in use plus mmapped blocks) above what it held on entry, sampled after every torch op. It sees every
     allocation, however a tensor came by its storage (DeepSpeed moves gradients by assigning `.data`), and Python's
-    objects besides; not work memory a kernel frees within one op. glibc only (Linux).
+    objects besides; not work memory a kernel frees within one op. glibc only (Linux). mallinfo2 walks the heap's free
+    lists: in a long-lived process with a large, fragmented heap each sample costs milliseconds, so measure in a
+    process of its own (benchmarks/plan_terms.py).
 
         with heap_bytes() as heap:
             work()

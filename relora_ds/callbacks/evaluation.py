@@ -26,8 +26,9 @@ class Evaluation(Callback):
 
     def _evaluate(self, trainer) -> dict:
         results = []
+        watch = (lambda: trainer.stop.received) if trainer.stop.signals else None  # the same on every rank
         for name, weight, batches in self.sets:
-            result = trainer.engine.evaluate(batches, stop_signal=lambda: trainer.stop.received)
+            result = trainer.engine.evaluate(batches, stop_signal=watch)
             if "stopped" in result:  # every rank, at the same batch
                 trainer.signalled, self.owed = result["stopped"], True
                 return {"abandoned": signal_name(result["stopped"])}

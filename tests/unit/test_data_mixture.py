@@ -142,7 +142,7 @@ def test_a_mixtures_held_out_sets_are_evaluated_one_by_one_and_weighted():
         def evaluate(self, batches, stop_signal=None):
             return {"loss": float(int(batches[0]["input_ids"][0, 0]) // 10_000 + 1), "perplexity": 0.0}
 
-    trainer = types.SimpleNamespace(engine=Engine(), stop=types.SimpleNamespace(received=0), signalled=0)
+    trainer = types.SimpleNamespace(engine=Engine(), stop=types.SimpleNamespace(received=0, signals=[]), signalled=0)
     result = Evaluation(sets, every=1)._evaluate(trainer)
     assert result == {"loss": 0.25 * 1 + 0.25 * 2 + 0.5 * 3, "perplexity": pytest.approx(np.exp(2.25)),
                       "loss_src0": 1.0, "loss_src1": 2.0, "loss_src2": 3.0}
