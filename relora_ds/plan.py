@@ -169,7 +169,7 @@ def _states(c: Components, trainable: int, largest: int, p: int, stage: int, pre
             overlap_comm: bool = False, heap_keeps: bool = False, touched_only: bool = False) -> float:
     """Parameters, gradients, masters, moments and the steps' temporaries of `trainable` parameters (the largest of
     them `largest`), as DeepSpeed 0.19 lays them out, at the larger of the backward's and the optimizer step's peaks
-    (measured with live tensor bytes: tests/e2e/test_plan_engine.py, benchmarks/plan_terms.py):
+    (checked against the bytes a real engine allocates: benchmarks/plan_terms.py, tests/e2e/test_plan_engine.py):
     - ZeRO-0: the module's gradients (bf16: BF16_Optimizer's fp32 accumulators too); AdamW steps each tensor, its
       temporaries two of the largest (torch's foreach AdamW on CUDA: one partition's worth). Beyond one rank an fp32
       run all-reduces the module's gradients through flat copies of up to 5e8 elements (DeepSpeed's

@@ -1,7 +1,10 @@
 """Short real runs of the trainer in this process (world size 1, DeepSpeed on the CPU)."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ import torch
 from relora_ds import trainer
 from relora_ds.errors import RunError
 from relora_ds.engine import checkpoint
-from tests.helpers.runs import ds_config, read_metrics, tiny_run_config, write_corpus, write_ds_config
+from tests.helpers.runs import cpu_env, ds_config, read_metrics, tiny_run_config, write_corpus, write_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -377,19 +382,31 @@ def test_every_run_logs_its_plan_and_checks_it_phase_by_phase(corpus, tmp_path, 
     """The trainer plans the run before building it (relora_ds/plan.py): a `plan` record with each phase's per-rank
     prediction, and beside each measured phase the plan models its prediction (plan_gib), close to the measured peak
     even for a tiny model, where the runtime is most of it (a term far off, like a bucket counted whole that a CPU
-    rank never touches, shows here). A rank with less memory than the plan's peak is warned before the build."""
+    rank never touches, shows here). The run is a process of its own, as a run is: the peaks are its resident set's.
+    A rank with less memory than the plan's peak is warned before the build."""
     _, train_file, val_file = corpus
     cfg = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path, stage=2),
                           **{"train.total_steps": 10, "checkpoint.every": 4})
-    monkeypatch.setattr(trainer, "rank_device_bytes", lambda device: 2**20)
-    trainer.train(cfg)
-    assert "warning: relora-ds plan puts this run's peak at" in capsys.readouterr().err
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    run = subprocess.run([sys.executable, "-m", "relora_ds", "train", "--config", str(config)], env=cpu_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "warning: relora-ds plan" not in run.stderr
     records = read_metrics(cfg.train.output_dir)
     [plan] = [r for r in records if r.get("event") == "plan"]
-    assert plan["device_gib"] == round(2**20 / 2**30, 3)
     assert set(plan["phases_gib"]) == {"build", "full-rank steps", "full-rank checkpoint", "low-rank steps",
                                        "restart", "checkpoint", "resume", "export"}
     checked = [(r["phase"], r["peak_gib"] / r["plan_gib"]) for r in records
                if r.get("event") == "memory" and "plan_gib" in r]
     assert {phase for phase, _ in checked} == {"build", "steps", "checkpoint", "restart"}
     assert all(0.7 < ratio < 1.3 for _, ratio in checked), checked
+
+    monkeypatch.setattr(trainer, "rank_device_bytes", lambda device: 2**20)
+    small = tiny_run_config(tmp_path, train_file, val_file, write_ds_config(tmp_path, stage=2),
+                            **{"train.total_steps": 7, "train.eval_every": 0,
+                               "train.output_dir": str(tmp_path / "small")})
+    trainer.train(small)
+    assert "warning: relora-ds plan puts this run's peak at" in capsys.readouterr().err
+    [plan] = [r for r in read_metrics(str(tmp_path / "small")) if r.get("event") == "plan"]
+    assert plan["device_gib"] == round(2**20 / 2**30, 3)
