@@ -332,12 +332,13 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
     zero = ds_config.get("zero_optimization", {})
     reduce_bucket = float(zero.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT))
     overlap_comm = bool(zero.get("overlap_comm", stage == 3))  # DeepSpeed's default: on at ZeRO-3 only
+    layout = dict(foreach=foreach, offload_optimizer=offload_optimizer, reduce_bucket=reduce_bucket,
+                  overlap_comm=overlap_comm, heap_keeps=heap_keeps, touched_only=accelerator == "cpu")
     between = {}  # each steps phase as it stands between two steps: what a checkpoint or a restart runs beside
     if not wrapped or method.switch_step > 0:
         full = Components(runtime=runtime)
         step_temporaries = _states(full, counts.total, counts.largest_trainable_full, p, stage, precision, ranks,
-                                   foreach, offload_optimizer, reduce_bucket, overlap_comm, heap_keeps,
-                                   accelerator == "cpu")
+                                   **layout)
         full.activations = activation_bytes(counts, tokens, p, 0, checkpointing, held_per_saved)
         full.transient += zero3_buffers(ds_config, p, counts.total)
         plan.phases["full-rank steps"] = full = _params_offloaded(full) if offload_param else full
@@ -347,8 +348,7 @@ def make_plan(cfg, ds_config: dict, ranks: int, vocab_size: int, counts: Counts 
         frozen = counts.wrapped * w_bytes + (4 * counts.wrapped_rows if base_dtype in ("int8", "fp8") else 0)
         low = Components(frozen_w=frozen / shard, runtime=runtime)
         step_temporaries = _states(low, low_rank_trainable, counts.largest_trainable_low, p, stage, precision, ranks,
-                                   foreach, offload_optimizer, reduce_bucket, overlap_comm, heap_keeps,
-                                   accelerator == "cpu")
+                                   **layout)
         low.activations = activation_bytes(counts, tokens, p, rank, checkpointing, held_per_saved)
         low.transient += zero3_buffers(ds_config, p, low_rank_trainable)
         plan.phases["low-rank steps"] = low = _params_offloaded(low) if offload_param else low

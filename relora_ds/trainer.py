@@ -120,7 +120,8 @@ def train(cfg, *, keep_engine: bool = False, stop: StopSignals | None = None) ->
     The engine is destroyed before returning (its memory freed); keep_engine: it is returned as summary["engine"]
     instead, live (its DeepSpeed engine; the caller destroys it: tests that look at the trained model)."""
     trainer = setup(cfg)
-    trainer.stop = stop or StopSignals([])  # no signals: `received` stays 0
+    if stop is not None:  # else the trainer's own, with no signals: `received` stays 0
+        trainer.stop = stop
     total_steps = trainer.cfg.train.total_steps
     batches = iter(trainer.batches)
     try:

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests.helpers.runs import cpu_env
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,9 +24,8 @@ CASES = "0:bf16:0.25,1:fp32:8,1:bf16:0.25,2:fp32:0.25,2:bf16:8"
 
 
 def test_the_plan_holds_what_deepspeed_allocates(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plan_terms.py"), "--cases", CASES,
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=cpu_env())
     assert result.returncode == 0, result.stderr[-2000:]
     [path] = glob.glob(str(tmp_path / "*-plan-terms-1rank.json"))
     rows = json.load(open(path))
